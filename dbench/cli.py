@@ -1,0 +1,146 @@
+"""The command line: thin wrappers that parse flags and call dbench's functions."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import click
+
+from dbench.config import ENGINES, RunConfig
+from dbench.errors import DbenchError
+from dbench.optim import SCHEDULES
+
+# Flags that change what a run computes; --resume takes them from the run instead.
+_RUN_FLAGS = (
+    "method", "opt", "model", "dataset", "data_dir", "download", "gpus", "devices", "engine", "split",
+    "epochs", "batch_size", "lr", "lr_schedule", "milestones", "lr_gamma", "momentum", "nesterov",
+    "weight_decay", "seed", "out",
+)
+
+
+def _int_list(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers (e.g. 150,225)") from None
+
+
+def _options(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE (e.g. --opt hidden=64)")
+        out[key.strip().replace("-", "_")] = text.strip()
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """dbench: compare decoupled backpropagation methods in time, memory and accuracy."""
+
+
+D = RunConfig()  # the defaults, shown in --help
+
+
+@main.command()
+@click.option("--method", default=D.method, show_default=True, help="Training method (see `dbench list`).")
+@click.option("--opt", "opt", multiple=True, callback=_options, metavar="KEY=VALUE",
+              help="A method option, repeatable (see `dbench list`).")
+@click.option("--model", default=D.model, show_default=True, help="Model (see `dbench list`).")
+@click.option("--dataset", default=D.dataset, show_default=True, help="Data set (see `dbench list`).")
+@click.option("--data-dir", type=click.Path(path_type=str), default=None, help="Folder holding the data set's files.")
+@click.option("--download", is_flag=True, help="Fetch the data set into --data-dir (needs internet).")
+@click.option("--gpus", type=int, default=D.gpus, show_default=True, help="K: number of modules; module k on device k.")
+@click.option("--devices", default=None, metavar="LIST",
+              help="Explicit device per module, e.g. cuda:0,cuda:0 (the only way to share a device).")
+@click.option("--engine", type=click.Choice(ENGINES), default=D.engine, show_default=True,
+              help="local: every module in this process.")
+@click.option("--split", default=D.split, show_default=True,
+              help="How to cut the model: blocks, params, time, or cut points like 4,8.")
+@click.option("--epochs", type=int, default=D.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
+@click.option("--lr", type=float, default=D.lr, show_default=True, help="Initial learning rate.")
+@click.option("--lr-schedule", type=click.Choice(SCHEDULES), default=D.lr_schedule, show_default=True)
+@click.option("--milestones", callback=_int_list, default=None, metavar="E1,E2",
+              help="Epochs where the step schedule multiplies the lr by --lr-gamma [default: 50%,75% of epochs].")
+@click.option("--lr-gamma", type=float, default=D.lr_gamma, show_default=True)
+@click.option("--momentum", type=float, default=D.momentum, show_default=True)
+@click.option("--nesterov", is_flag=True, help="Nesterov momentum.")
+@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
+@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory [default: results/<method>-<model>-<dataset>-k<K>-s<seed>-<time>].")
+@click.option("--resume", type=click.Path(path_type=Path), default=None, metavar="RUN_DIR",
+              help="Continue an unfinished run from its last finished epoch (settings come from the run).")
+@click.option("--quiet", is_flag=True, help="No progress bar: one plain line per epoch.")
+@click.pass_context
+def run(ctx: click.Context, resume: Path | None, quiet: bool, **flags) -> None:
+    """Train one model with one method on K devices and record the run."""
+    from dbench import run as runner  # heavy imports (torch) only when a command needs them
+
+    if resume is not None:
+        given = [f for f in _RUN_FLAGS if ctx.get_parameter_source(f) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise DbenchError(
+                f"--resume takes every setting from {resume / 'config.json'}; drop --{given[0].replace('_', '-')}"
+            )
+        path = runner.resume(resume, quiet=quiet)
+    else:
+        out = flags.pop("out")
+        flags["method_options"] = flags.pop("opt")
+        flags["milestones"] = flags["milestones"] or []
+        flags["devices"] = flags["devices"].split(",") if flags["devices"] else None
+        path = runner.start(RunConfig(**flags), out, quiet=quiet)
+    click.echo(f"run saved in {path}")
+
+
+@main.command("list")
+def list_() -> None:
+    """Methods (with options), models (parameters, blocks) and data sets."""
+    from dbench.models.base import describe
+    from dbench.registry import DATASETS, METHODS, MODELS
+
+    click.echo("methods:")
+    for name, cls in METHODS.items():
+        click.echo(f"  {name:<10} {cls.summary}")
+        for f in dataclasses.fields(cls.Options):
+            doc = f.metadata.get("help", "")
+            click.echo(f"  {'':<10}   --opt {f.name}={f.default!r}  {doc}")
+    click.echo("models:")
+    click.echo(f"  {'name':<10} {'params':>12} {'blocks':>7}")
+    for name, _ in MODELS.items():
+        info = describe(name)
+        click.echo(f"  {name:<10} {info['params']:>12,} {info['blocks']:>7}")
+    click.echo("data sets:")
+    for name, spec in DATASETS.items():
+        click.echo(f"  {name:<10} {spec.num_classes:>4} classes  {spec.description}")
+
+
+def entry() -> None:
+    """Console entry point: user errors are one line on stderr and exit code 2."""
+    from dbench.run import RunInterrupted
+
+    try:
+        main(standalone_mode=False)
+    except DbenchError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        sys.exit(0)
+    except click.UsageError as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except RunInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)

@@ -1,0 +1,99 @@
+"""RunConfig: every setting of one run, typed, validated, and saved with the run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbench.errors import DbenchError
+from dbench.optim import SCHEDULES, LRSchedule, OptimConfig
+
+ENGINES = ("local",)
+
+
+@dataclass
+class RunConfig:
+    """Defaults here are the defaults of ``dbench run`` (one place to read them).
+
+    The default run trains the small ``cnn`` on the built-in ``synthetic`` data
+    with BP on one device: about a minute on a 2-core CPU.
+    """
+
+    method: str = "bp"
+    method_options: dict[str, str] = field(default_factory=dict)
+    model: str = "cnn"
+    dataset: str = "synthetic"
+    data_dir: str | None = None
+    download: bool = False
+    gpus: int = 1
+    devices: list[str] | None = None
+    engine: str = "local"
+    split: str = "blocks"
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 0.05
+    lr_schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+    @property
+    def optim(self) -> OptimConfig:
+        return OptimConfig(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
+
+    def resolved_milestones(self) -> list[int]:
+        """Step schedule without explicit milestones: ÷gamma at 50% and 75% of the epochs."""
+        if self.lr_schedule != "step" or self.milestones:
+            return list(self.milestones)
+        return sorted({m for m in (self.epochs // 2, (3 * self.epochs) // 4) if 0 < m < self.epochs})
+
+    def schedule(self, steps_per_epoch: int) -> LRSchedule:
+        return LRSchedule(
+            kind=self.lr_schedule,
+            lr=self.lr,
+            epochs=self.epochs,
+            steps_per_epoch=steps_per_epoch,
+            milestones=tuple(self.resolved_milestones()),
+            gamma=self.lr_gamma,
+        )
+
+    def validate(self) -> None:
+        _positive_int("--epochs", self.epochs)
+        _positive_int("--batch-size", self.batch_size)
+        _positive_int("--gpus", self.gpus)
+        if self.seed < 0:
+            raise DbenchError(f"bad --seed {self.seed}: must be >= 0")
+        if self.engine not in ENGINES:
+            raise DbenchError(f"unknown engine {self.engine!r}; known: {', '.join(ENGINES)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise DbenchError(f"unknown lr schedule {self.lr_schedule!r}; known: {', '.join(SCHEDULES)}")
+        self.optim.validate()
+        if self.lr_schedule == "step" and not self.resolved_milestones():
+            raise DbenchError(
+                f"--lr-schedule step over {self.epochs} epoch(s) has no milestone to drop the lr at: "
+                "pass --milestones, more --epochs, or another schedule"
+            )
+        self.schedule(steps_per_epoch=1).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DbenchError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _positive_int(flag: str, value: int) -> None:
+    if value < 1:
+        raise DbenchError(f"bad {flag} {value}: must be an integer >= 1")

@@ -1,0 +1,169 @@
+"""The per-module rule that every method writes once and every engine drives.
+
+A method is a subclass of :class:`Stage`. One instance lives with each module
+(on that module's device, or in that module's process). Its ``train_step`` is a
+generator: it computes, and when it needs to talk to a neighbour it yields a
+:class:`Send` or a :class:`Recv` and lets the engine move the tensor.
+
+Channels, seen from stage k:
+    UP     activations: ``Send(UP, h)`` goes to stage k+1, ``Recv(UP)`` takes what k-1 sent.
+    DOWN   error gradients: ``Send(DOWN, d)`` goes to k-1, ``Recv(DOWN)`` takes what k+1 sent.
+    ERROR  the output error (DFA): ``Send(ERROR, e)`` from the top stage reaches every
+           other stage, ``Recv(ERROR)`` takes it.
+
+Every channel is first in, first out, and a message is a value (the engine
+detaches it: a graph never crosses a stage boundary). A stage therefore
+computes from nothing but its own state and the ordered streams it receives,
+which makes the network of stages a Kahn process network: the order in which an
+engine runs the stages cannot change any number. That is why the sequential
+local engine and the process-per-module engine must agree exactly.
+
+Methods differ only in which signal a module learns from and when it arrives
+(see ALGORITHMS.md): BP waits for this iteration's gradient from above, DDG and
+FR consume the one sent in the previous iteration, DNI uses its own synthetic
+gradient, DFA the broadcast output error.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generator, Union
+
+import torch
+from torch import nn
+
+from dbench.errors import DbenchError
+from dbench.optim import OptimConfig
+
+UP = "up"
+DOWN = "down"
+ERROR = "error"
+CHANNELS = (UP, DOWN, ERROR)
+
+
+@dataclass(frozen=True)
+class Send:
+    channel: str
+    tensor: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Recv:
+    channel: str
+
+
+Op = Union[Send, Recv]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What the top stage reports for the batch whose loss it computed."""
+
+    loss: torch.Tensor  # 0-dim, detached, on the top stage's device
+    logits: torch.Tensor  # detached
+
+
+StepProgram = Generator[Op, Any, "StepOutput | None"]
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This method takes no options."""
+
+
+class Stage:
+    """Module ``index`` of ``num_stages``: its weights, optimizer and method state.
+
+    Subclasses set ``summary`` (one line for ``dbench list``), optionally
+    ``Options`` (a frozen dataclass whose fields, defaults and docstring are the
+    method's documented options) and implement :meth:`train_step`.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(
+        self,
+        index: int,
+        num_stages: int,
+        module: nn.Module,
+        device: torch.device,
+        optim: OptimConfig,
+        loss_fn: nn.Module,
+        options: Any = None,
+    ):
+        self.index = index
+        self.num_stages = num_stages
+        self.device = torch.device(device)
+        self.module = module.to(self.device)
+        self.loss_fn = loss_fn
+        self.options = options if options is not None else self.Options()
+        self.optimizer = optim.make(self.module.parameters())
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    def train_step(self, t: int, x: torch.Tensor | None, y: torch.Tensor) -> StepProgram:
+        """One training iteration ``t`` of this module.
+
+        ``x`` is the input batch for the first stage and None for the others;
+        ``y`` (the labels) is given to every stage on its device. The top stage
+        returns a :class:`StepOutput`; the others return None.
+        """
+        raise NotImplementedError
+
+    def apply_update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @torch.no_grad()
+    def predict(self, h: torch.Tensor) -> torch.Tensor:
+        return self.module(h)
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue training exactly; methods with state extend it."""
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def parse_options(stage_cls: type[Stage], raw: dict[str, str]) -> Any:
+    """Turn ``{"name": "text"}`` from the command line into the method's Options."""
+    fields = {f.name: f for f in dataclasses.fields(stage_cls.Options)}
+    values: dict[str, Any] = {}
+    for key, text in raw.items():
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise DbenchError(f"option {key!r} does not apply to method {stage_cls.name!r}; its options: {known}")
+        kind = type(fields[key].default)
+        try:
+            values[key] = _parse_value(kind, text)
+        except ValueError:
+            raise DbenchError(f"bad value {text!r} for option {key!r} of {stage_cls.name!r}: expected {kind.__name__}") from None
+    options = stage_cls.Options(**values)
+    check = getattr(options, "validate", None)
+    if check is not None:
+        check()
+    return options
+
+
+def _parse_value(kind: type, text: str) -> Any:
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    return kind(text)

@@ -1,0 +1,87 @@
+"""Optimizer settings and the learning-rate schedule, shared by every method."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from dbench.errors import DbenchError
+
+SCHEDULES = ("step", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD as the papers use it: one optimizer per module with these settings."""
+
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+
+    def validate(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise DbenchError(f"bad learning rate {self.lr}: must be a finite number > 0")
+        if not 0 <= self.momentum < 1:
+            raise DbenchError(f"bad momentum {self.momentum}: must be in [0, 1)")
+        if self.nesterov and self.momentum == 0:
+            raise DbenchError("--nesterov needs a momentum > 0 (got momentum 0)")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise DbenchError(f"bad weight decay {self.weight_decay}: must be a finite number >= 0")
+
+    def make(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
+        # foreach=False keeps the update a plain per-tensor loop: identical
+        # numbers whatever the grouping of parameters into modules, which is what
+        # lets a K-module run equal the unsplit one bit for bit.
+        return torch.optim.SGD(
+            params,
+            lr=self.lr,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            weight_decay=self.weight_decay,
+            foreach=False,
+        )
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning rate as a function of the global iteration.
+
+    ``step``: multiply by ``gamma`` at each milestone epoch (the papers' ÷10 at
+    150 and 225 of 300). ``cosine``: half a cosine from ``lr`` to 0 over the run,
+    evaluated every iteration. ``constant``: ``lr`` throughout.
+    """
+
+    kind: str
+    lr: float
+    epochs: int
+    steps_per_epoch: int
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+
+    def validate(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise DbenchError(f"unknown lr schedule {self.kind!r}; known: {', '.join(SCHEDULES)}")
+        if self.kind == "step":
+            ms = list(self.milestones)
+            if not ms:
+                raise DbenchError("--lr-schedule step needs milestones (e.g. --milestones 150,225)")
+            if ms != sorted(set(ms)) or ms[0] <= 0 or ms[-1] >= self.epochs:
+                raise DbenchError(
+                    f"bad milestones {','.join(map(str, ms))}: need increasing epochs strictly between 0 and {self.epochs}"
+                )
+            if not 0 < self.gamma < 1:
+                raise DbenchError(f"bad lr gamma {self.gamma}: must be in (0, 1)")
+        elif self.milestones:
+            raise DbenchError(f"milestones apply only to --lr-schedule step, not {self.kind!r}")
+
+    def lr_at(self, iteration: int) -> float:
+        if self.kind == "constant":
+            return self.lr
+        if self.kind == "step":
+            epoch = iteration // self.steps_per_epoch
+            return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        total = self.epochs * self.steps_per_epoch
+        return 0.5 * self.lr * (1 + math.cos(math.pi * iteration / total))

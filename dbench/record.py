@@ -1,0 +1,118 @@
+"""The run directory: what a run writes, written atomically, and read back to resume.
+
+results/<run-id>/
+    config.json       the resolved RunConfig, partition and devices
+    environment.json  versions, devices, git revision
+    metrics.jsonl     one JSON row per epoch ("kind": "epoch")
+    summary.json      status (running|complete|interrupted|failed|diverged) and results
+    checkpoint.pt     trainer state after the last finished epoch (for --resume)
+
+Every file is replaced atomically (write a temporary file beside it, then
+rename), so a crash or Ctrl-C never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dbench.errors import DbenchError
+
+CONFIG = "config.json"
+ENVIRONMENT = "environment.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DbenchError(f"{path} is missing: not a dbench run directory") from None
+    except json.JSONDecodeError as e:
+        raise DbenchError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: Path, files: dict[str, Any]) -> "RunDir":
+        """Make the directory with its first files in one rename, so it never exists half-made."""
+        path = Path(path)
+        if path.exists():
+            raise DbenchError(f"run directory {path} already exists: pass --resume {path} to continue it, or another --out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            for name, obj in files.items():
+                atomic_write_json(staging / name, obj)
+            os.rename(staging, path)
+        except BaseException:
+            for f in staging.iterdir():
+                f.unlink()
+            staging.rmdir()
+            raise
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: Path) -> "RunDir":
+        run = cls(path)
+        if not (run.path / CONFIG).is_file():
+            raise DbenchError(f"cannot resume {path}: no {CONFIG} there (not a dbench run directory)")
+        return run
+
+    def read(self, name: str) -> Any:
+        return read_json(self.path / name)
+
+    def write(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.path / name, obj)
+
+    def metrics(self) -> list[dict]:
+        path = self.path / METRICS
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        atomic_write_bytes(self.path / METRICS, text.encode())
+
+    def save_checkpoint(self, state: dict) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", dir=self.path)
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path / CHECKPOINT)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def load_checkpoint(self) -> dict | None:
+        path = self.path / CHECKPOINT
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)

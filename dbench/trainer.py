@@ -1,0 +1,98 @@
+"""The Python API: a trainer built from already-split modules, driven step by step.
+
+    import torch
+    from torch import nn
+    from dbench import Trainer
+
+    modules = [nn.Sequential(nn.Flatten(), nn.Linear(3072, 256), nn.ReLU()), nn.Linear(256, 10)]
+    trainer = Trainer(modules, method="bp", lr=0.05, momentum=0.9)
+    loss = trainer.step(x, y)          # loss of the batch the top module computed
+    logits = trainer.predict(x_test)
+
+The command line builds exactly this object; nothing it does is out of reach here.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from dbench.engine import LocalEngine
+from dbench.errors import DbenchError
+from dbench.method import Stage, StepOutput, parse_options
+from dbench.optim import OptimConfig
+from dbench.registry import METHODS
+
+
+class Trainer:
+    """Train ``modules`` (module k on ``devices[k]``) with a registered method.
+
+    ``options`` are the method's options, either its ``Options`` dataclass or a
+    ``{name: text}`` dict as given on the command line.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        method: str = "bp",
+        *,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        loss: nn.Module | None = None,
+        devices: Sequence[torch.device | str] | None = None,
+        options: Any = None,
+    ):
+        if not modules:
+            raise DbenchError("a trainer needs at least one module")
+        devices = list(devices) if devices is not None else ["cpu"] * len(modules)
+        if len(devices) != len(modules):
+            raise DbenchError(f"got {len(devices)} devices for {len(modules)} modules: give one device per module")
+        optim = OptimConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        optim.validate()
+        stage_cls: type[Stage] = METHODS.get(method)
+        if options is None or isinstance(options, dict):
+            options = parse_options(stage_cls, {k: str(v) for k, v in (options or {}).items()})
+        loss_fn = loss if loss is not None else nn.CrossEntropyLoss()
+        self.method = method
+        self.stages = [
+            stage_cls(k, len(modules), m, torch.device(d), optim, loss_fn, options)
+            for k, (m, d) in enumerate(zip(modules, devices))
+        ]
+        self.engine = LocalEngine(self.stages)
+        self.iteration = 0
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return [s.device for s in self.stages]
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [s.module for s in self.stages]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One training iteration; returns the (detached, 0-dim) loss of the batch it computed."""
+        return self.step_output(x, y).loss
+
+    def step_output(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        self.engine.train()
+        out = self.engine.train_step(self.iteration, x, y)
+        self.iteration += 1
+        return out
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits in eval mode (BatchNorm uses running statistics)."""
+        self.engine.eval()
+        return self.engine.predict(x)
+
+    def set_lr(self, lr: float) -> None:
+        self.engine.set_lr(lr)
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "engine": self.engine.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        self.engine.load_state_dict(state["engine"])

@@ -1,0 +1,38 @@
+"""BP: plain backpropagation across K modules, the baseline every method is compared with."""
+from __future__ import annotations
+
+from dbench.method import DOWN, UP, Recv, Send, Stage, StepOutput, StepProgram
+from dbench.registry import METHODS
+
+
+@METHODS.register("bp")
+class BackProp(Stage):
+    """Forward 1..K, loss, backward K..1 with the exact error gradient of this batch.
+
+    Module k updates with the true gradient of batch t, after module k+1 has
+    sent it ``δ_k^t``; with modules on K devices only one device works at a time.
+    """
+
+    name = "bp"
+    summary = "backpropagation: every module waits for this batch's exact gradient (baseline)"
+
+    def train_step(self, t, x, y) -> StepProgram:
+        if not self.is_first:
+            x = yield Recv(UP)
+            x.requires_grad_()
+        out = self.module(x)
+        result = None
+        if self.is_last:
+            loss = self.loss_fn(out, y)
+            loss.backward()
+            result = StepOutput(loss=loss.detach(), logits=out.detach())
+        else:
+            yield Send(UP, out)
+            grad = yield Recv(DOWN)  # waits for δ_k of this same batch
+            out.backward(grad)
+        if not self.is_first:
+            # Send δ_{k-1} before updating, so the module below can start its
+            # backward while this one steps.
+            yield Send(DOWN, x.grad)
+        self.apply_update()
+        return result

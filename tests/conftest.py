@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny models and generated batches, all on the CPU."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+
+def tiny_blocks(seed: int = 0, batchnorm: bool = True) -> list[nn.Module]:
+    """Five blocks of a small CNN on 3x8x8 inputs: enough structure for every split."""
+    torch.manual_seed(seed)
+    norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
+    return [
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(8), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), norm(8), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), norm(16), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), norm(16), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)),
+    ]
+
+
+def batches(n: int, batch: int = 16, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+
+
+def group(blocks: list[nn.Module], ranges: list[tuple[int, int]]) -> list[nn.Module]:
+    blocks = copy.deepcopy(blocks)
+    return [nn.Sequential(*blocks[a:b]) for a, b in ranges]
+
+
+@pytest.fixture
+def blocks() -> list[nn.Module]:
+    return tiny_blocks()

@@ -1,0 +1,117 @@
+"""The command line: bad input is one line, exit code 2, no traceback, nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DBENCH = str(Path(sys.executable).parent / "dbench")  # the console script of this environment
+
+from dbench import cli
+
+
+def run_cli(args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["dbench", *args])
+    try:
+        cli.entry()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+BAD = [
+    (["run", "--method", "nope"], "unknown method 'nope'; known methods: bp"),
+    (["run", "--model", "resnet7"], "unknown model 'resnet7'; known models:"),
+    (["run", "--dataset", "mnist"], "unknown dataset 'mnist'; known datasets: cifar10, cifar100, synthetic"),
+    (["run", "--model", "mlp", "--gpus", "4"], "cannot cut mlp (3 blocks) into 4 modules: K must be at most 3"),
+    (["run", "--gpus", "0"], "bad --gpus 0: must be an integer >= 1"),
+    (["run", "--lr", "-0.1"], "bad learning rate -0.1: must be a finite number > 0"),
+    (["run", "--lr", "abc"], "'abc' is not a valid float"),
+    (["run", "--batch-size", "0"], "bad --batch-size 0: must be an integer >= 1"),
+    (["run", "--epochs", "0"], "bad --epochs 0: must be an integer >= 1"),
+    (["run", "--momentum", "1.5"], "bad momentum 1.5: must be in [0, 1)"),
+    (["run", "--weight-decay", "-1"], "bad weight decay -1.0"),
+    (["run", "--seed", "-3"], "bad --seed -3"),
+    (["run", "--lr-schedule", "linear"], "'linear' is not one of 'step', 'cosine', 'constant'"),
+    (["run", "--lr-schedule", "step", "--milestones", "5,2", "--epochs", "6"], "bad milestones 5,2"),
+    (["run", "--milestones", "x"], "not a comma-separated list of integers"),
+    (["run", "--split", "fast"], "bad --split 'fast'"),
+    (["run", "--gpus", "2", "--split", "3,5"], "2 cut points make 3 modules, but --gpus is 2"),
+    (["run", "--devices", "tpu:0"], "bad device 'tpu:0': expected cpu or cuda:N"),
+    (["run", "--gpus", "2", "--devices", "cpu"], "--devices names 1 devices but --gpus is 2"),
+    (["run", "--opt", "width=3"], "option 'width' does not apply to method 'bp'"),
+    (["run", "--dataset", "cifar10"], "--data-dir"),
+    (["run", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["run", "--data-dir", "/tmp"], "do not apply to data set 'synthetic'"),
+    (["run", "--bogus"], "No such option '--bogus'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]
+    assert "Traceback" not in err + out
+    assert list(tmp_path.iterdir()) == []  # no run directory, no results/
+
+
+def test_existing_out_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "taken").mkdir()
+    code, _, err = run_cli(["run", "--out", str(tmp_path / "taken")], monkeypatch, capsys)
+    assert code == 2 and "already exists" in err
+
+
+def test_resume_refuses_new_settings(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(["run", "--resume", str(tmp_path), "--lr", "0.1"], monkeypatch, capsys)
+    assert code == 2 and "drop --lr" in err
+
+
+def test_resume_of_a_non_run_directory(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(["run", "--resume", str(tmp_path)], monkeypatch, capsys)
+    assert code == 2 and "not a dbench run directory" in err
+
+
+def test_list_shows_methods_models_and_datasets(monkeypatch, capsys):
+    code, out, _ = run_cli(["list"], monkeypatch, capsys)
+    assert code == 0
+    assert "bp" in out and "resnet110" in out and "synthetic" in out and "cifar100" in out
+    resnet20 = next(line for line in out.splitlines() if line.split()[:1] == ["resnet20"])
+    assert resnet20.split()[1:] == ["272,474", "11"]
+
+
+def test_console_script_end_to_end(tmp_path):
+    """The installed `dbench` command: a short real run, its files, and a bad flag."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [DBENCH, "run", "--model", "mlp", "--gpus", "2", "--epochs", "1", "--quiet", "--out", str(out)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "running the 2 module(s) on the CPU" in done.stdout
+    assert "epoch 1/1" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt", "config.json", "environment.json", "metrics.jsonl", "summary.json"
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["epochs_done"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["partition"] == [[0, 2], [2, 3]]
+    assert config["devices"] == ["cpu", "cpu"]
+    env_record = json.loads((out / "environment.json").read_text())
+    assert env_record["torch"] and "revision" in env_record["git"]
+
+    bad = subprocess.run([DBENCH, "run", "--method", "nope"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr

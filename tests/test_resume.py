@@ -1,0 +1,64 @@
+"""A run stopped after an epoch and resumed ends with the numbers of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dbench import run as runner
+from dbench.config import RunConfig
+from dbench.errors import DbenchError
+
+TIMING = {"train_seconds", "eval_seconds", "epoch_seconds", "samples_per_s"}
+
+
+def numbers(path):
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def stop_after(epoch):
+    def hook(done):
+        if done == epoch:
+            raise KeyboardInterrupt  # what Ctrl-C raises
+
+    return hook
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_resume_equals_uninterrupted(tmp_path, schedule):
+    cfg = dict(model="mlp", gpus=2, epochs=3, lr_schedule=schedule, batch_size=256, seed=3)
+    whole = runner.start(RunConfig(**cfg), tmp_path / "whole", quiet=True)
+
+    cut = tmp_path / "cut"
+    with pytest.raises(runner.RunInterrupted):
+        runner.start(RunConfig(**cfg), cut, quiet=True, on_epoch_end=stop_after(1))
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_done"] == 1
+    assert len(numbers(cut)) == 1
+
+    runner.resume(cut, quiet=True)
+    assert numbers(cut) == numbers(whole)
+    assert json.loads((cut / "summary.json").read_text())["status"] == "complete"
+    with pytest.raises(DbenchError, match="already complete"):
+        runner.resume(cut, quiet=True)
+
+
+def test_same_seed_same_numbers(tmp_path):
+    cfg = dict(model="mlp", epochs=1, batch_size=256, seed=5)
+    a = runner.start(RunConfig(**cfg), tmp_path / "a", quiet=True)
+    b = runner.start(RunConfig(**cfg), tmp_path / "b", quiet=True)
+    c = runner.start(RunConfig(**{**cfg, "seed": 6}), tmp_path / "c", quiet=True)
+    assert numbers(a) == numbers(b)
+    assert numbers(a) != numbers(c)
+
+
+def test_failure_marks_the_run_failed(tmp_path):
+    def boom(done):
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        runner.start(RunConfig(model="mlp", epochs=2, batch_size=256), tmp_path / "f", quiet=True, on_epoch_end=boom)
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "disk on fire" in summary["error"]
+    assert not [p for p in (tmp_path / "f").iterdir() if p.name.startswith(".")]  # no temporary files left
