@@ -30,7 +30,7 @@ class RunConfig:
     devices: list[str] | None = None
     engine: str = "local"
     split: str = "blocks"
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 128
     lr: float = 0.05
     lr_schedule: str = "cosine"

@@ -25,6 +25,7 @@ gradient, DFA the broadcast output error.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generator, Union
@@ -118,6 +119,23 @@ class Stage:
         """
         raise NotImplementedError
 
+    def top_step(self, x: torch.Tensor | None, y: torch.Tensor) -> StepProgram:
+        """The top module in every method but DFA: forward, loss, true backward, update.
+
+        Sends the error gradient at its input down (unless it is also the
+        first module) before it updates, so the module below can start.
+        """
+        if not self.is_first:
+            x = yield Recv(UP)
+            x.requires_grad_()
+        out = self.module(x)
+        loss = self.loss_fn(out, y)
+        loss.backward()
+        if not self.is_first:
+            yield Send(DOWN, x.grad)
+        self.apply_update()
+        return StepOutput(loss=loss.detach(), logits=out.detach())
+
     def apply_update(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -137,6 +155,26 @@ class Stage:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module):
+    """Inside, BatchNorm layers normalize with batch statistics but leave their running statistics alone.
+
+    For recomputations (FR's replay): the batch was already counted once, when
+    it was first played. Detaching the buffers is what ``F.batch_norm`` reads as
+    "no running statistics to update"; they are put back untouched.
+    """
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
+            saved.append((m, m.running_mean, m.running_var, m.num_batches_tracked))
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    try:
+        yield
+    finally:
+        for m, mean, var, count in saved:
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
 
 
 def parse_options(stage_cls: type[Stage], raw: dict[str, str]) -> Any:

@@ -76,10 +76,10 @@ def prepare(cfg: RunConfig, ranges: Ranges | None = None) -> Setup:
     spec = DATASETS.get(cfg.dataset)
     split = parse_split(cfg.split)
     check_k(cfg.gpus, describe(cfg.model)["blocks"], cfg.model)
-    if isinstance(split, list):
-        check_k_cuts = len(split) + 1
-        if check_k_cuts != cfg.gpus:
-            raise DbenchError(f"bad --split {cfg.split}: {len(split)} cut points make {check_k_cuts} modules, but --gpus is {cfg.gpus}")
+    if isinstance(split, list) and len(split) + 1 != cfg.gpus:
+        raise DbenchError(
+            f"bad --split {cfg.split}: {len(split)} cut points make {len(split) + 1} modules, but --gpus is {cfg.gpus}"
+        )
     devices, note = resolve_devices(cfg.gpus, cfg.devices)
     if not spec.needs_data_dir and (cfg.data_dir or cfg.download):
         raise DbenchError(f"--data-dir/--download do not apply to data set {cfg.dataset!r} (it is generated)")
@@ -129,7 +129,7 @@ def start(cfg: RunConfig, out: Path | None = None, *, quiet: bool = False,
     if out is not None and out.exists():
         raise DbenchError(f"run directory {out} already exists: pass --resume {out} to continue it, or another --out")
     setup = prepare(cfg)
-    _note(setup, quiet)
+    _note(setup)
     run = RunDir.create(
         out or default_run_dir(cfg),
         {
@@ -151,7 +151,7 @@ def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], Non
     if status == "complete":
         raise DbenchError(f"run {path} is already complete ({cfg.epochs} epochs); nothing to resume")
     setup = prepare(cfg, ranges=[tuple(r) for r in record["partition"]])
-    _note(setup, quiet)
+    _note(setup)
     checkpoint = run.load_checkpoint()
     done = 0
     if checkpoint is not None:
@@ -166,7 +166,7 @@ def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], Non
     return run.path
 
 
-def _note(setup: Setup, quiet: bool) -> None:
+def _note(setup: Setup) -> None:
     if setup.device_note:
         # Said once and never silenced: the user asked for devices and gets the CPU.
         print(setup.device_note)

@@ -1,7 +1,7 @@
 """BP: plain backpropagation across K modules, the baseline every method is compared with."""
 from __future__ import annotations
 
-from dbench.method import DOWN, UP, Recv, Send, Stage, StepOutput, StepProgram
+from dbench.method import DOWN, UP, Recv, Send, Stage, StepProgram
 from dbench.registry import METHODS
 
 
@@ -17,22 +17,18 @@ class BackProp(Stage):
     summary = "backpropagation: every module waits for this batch's exact gradient (baseline)"
 
     def train_step(self, t, x, y) -> StepProgram:
+        if self.is_last:
+            return (yield from self.top_step(x, y))
         if not self.is_first:
             x = yield Recv(UP)
             x.requires_grad_()
         out = self.module(x)
-        result = None
-        if self.is_last:
-            loss = self.loss_fn(out, y)
-            loss.backward()
-            result = StepOutput(loss=loss.detach(), logits=out.detach())
-        else:
-            yield Send(UP, out)
-            grad = yield Recv(DOWN)  # waits for δ_k of this same batch
-            out.backward(grad)
+        yield Send(UP, out)
+        grad = yield Recv(DOWN)  # waits for δ_k of this same batch
+        out.backward(grad)
         if not self.is_first:
             # Send δ_{k-1} before updating, so the module below can start its
             # backward while this one steps.
             yield Send(DOWN, x.grad)
         self.apply_update()
-        return result
+        return None

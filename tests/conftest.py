@@ -34,3 +34,13 @@ def group(blocks: list[nn.Module], ranges: list[tuple[int, int]]) -> list[nn.Mod
 @pytest.fixture
 def blocks() -> list[nn.Module]:
     return tiny_blocks()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

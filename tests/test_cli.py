@@ -26,7 +26,7 @@ def run_cli(args, monkeypatch, capsys):
 
 
 BAD = [
-    (["run", "--method", "nope"], "unknown method 'nope'; known methods: bp"),
+    (["run", "--method", "nope"], "unknown method 'nope'; known methods: "),
     (["run", "--model", "resnet7"], "unknown model 'resnet7'; known models:"),
     (["run", "--dataset", "mnist"], "unknown dataset 'mnist'; known datasets: cifar10, cifar100, synthetic"),
     (["run", "--model", "mlp", "--gpus", "4"], "cannot cut mlp (3 blocks) into 4 modules: K must be at most 3"),

@@ -1,0 +1,104 @@
+"""DDG: decoupled parallel backpropagation with delayed gradients (Huo, Gu, Yang, Huang, ICML 2018)."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from dbench.method import DOWN, UP, Recv, Send, Stage, StepProgram
+from dbench.registry import METHODS
+
+
+@dataclass
+class _Stored:
+    """One iteration's forward, kept until its delayed gradient arrives."""
+
+    x: torch.Tensor  # the module's input
+    weights: dict[str, torch.Tensor]  # the weights the forward used (a snapshot)
+    buffers: dict[str, torch.Tensor]  # the BN buffers as they were before the forward
+    out: torch.Tensor  # the output, with its autograd graph
+
+
+@METHODS.register("ddg")
+class DelayedGradients(Stage):
+    """Forward with a graph now, backpropagate the delayed ``δ_k`` through that old graph later.
+
+    Module k (0-based, delay ``d = K-1-k``) keeps the graph of its last ``d+1``
+    forwards. At iteration t it receives the ``δ_k`` that module k+1 computed at
+    t-1, which belongs to the batch of iteration t-d, backpropagates it through
+    the stored graph of that iteration and so gets the gradient at the weights
+    of that iteration; ``δ_{k-1}`` goes down (used at t+1). The top module has
+    no delay. Module k makes no update in its first d iterations.
+
+    The optimizer updates the parameters in place, which would invalidate the
+    old graphs (autograd's version check). So every forward of a delayed module
+    runs on a snapshot of the current weights and buffers (``functional_call``),
+    and that snapshot is kept with its graph: ``d+1`` weight copies are part of
+    DDG's memory, next to the ``d+1`` graphs.
+    """
+
+    name = "ddg"
+    summary = "delayed gradients: backprop late gradients through stored graphs at the stale weights"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay = self.num_stages - 1 - self.index
+        self.stored: deque[_Stored] = deque()
+
+    def train_step(self, t, x, y) -> StepProgram:
+        if self.is_last:
+            return (yield from self.top_step(x, y))
+        if not self.is_first:
+            x = yield Recv(UP)
+            x.requires_grad_()
+        weights = {n: p.detach().clone().requires_grad_() for n, p in self.module.named_parameters()}
+        # BatchNorm's backward reads the running statistics it was given, so the
+        # graph gets copies of the buffers too; the updated copies then become
+        # the module's statistics (one update per batch, as in BP).
+        before = {n: b.clone() for n, b in self.module.named_buffers()}
+        out, after = self._forward(x, weights, before)
+        with torch.no_grad():
+            for name, b in self.module.named_buffers():
+                b.copy_(after[name])
+        yield Send(UP, out)
+        self.stored.append(_Stored(x, weights, before, out))
+        if len(self.stored) <= self.delay:
+            return None  # warm-up: no gradient has reached this module yet
+        grad = yield Recv(DOWN)  # δ_k from module k+1 at t-1, for the batch of iteration t-d
+        old = self.stored.popleft()
+        old.out.backward(grad)
+        for name, p in self.module.named_parameters():
+            p.grad = old.weights[name].grad
+        if not self.is_first:
+            yield Send(DOWN, old.x.grad)
+        self.apply_update()
+        return None
+
+    def _forward(self, x, weights, buffers):
+        """Forward on given weights and on copies of given buffers; returns the output and the updated copies."""
+        copies = {n: b.clone() for n, b in buffers.items()}
+        return functional_call(self.module, {**weights, **copies}, (x,)), copies
+
+    def state_dict(self) -> dict:
+        # A graph cannot be saved; its inputs, weights and buffers can, and
+        # rebuild it exactly (same ops on the same values).
+        kept = [{"x": s.x.detach(), "weights": {n: w.detach() for n, w in s.weights.items()}, "buffers": s.buffers}
+                for s in self.stored]
+        return {**super().state_dict(), "stored": kept}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.stored.clear()
+        was_training = self.module.training
+        self.module.train()  # the graphs were built in training mode
+        for s in state["stored"]:
+            x = s["x"].to(self.device)
+            if not self.is_first:
+                x.requires_grad_()
+            weights = {n: w.to(self.device).requires_grad_() for n, w in s["weights"].items()}
+            buffers = {n: b.to(self.device) for n, b in s["buffers"].items()}
+            out, _ = self._forward(x, weights, buffers)
+            self.stored.append(_Stored(x, weights, buffers, out))
+        self.module.train(was_training)

@@ -1,0 +1,447 @@
+"""Tests for dbench.data: the synthetic set, the CIFAR reader and the device loader."""
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import cifar_archive  # tests/ is on sys.path under pytest's default import mode
+from dbench.data import DataSplits, DeviceLoader, channel_stats, cifar, synthetic
+from dbench.data.loader import PAD, augment, draw_augmentation, epoch_generator
+from dbench.errors import DbenchError
+from dbench.registry import DATASETS
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registered_specs():
+    assert {"synthetic", "cifar10", "cifar100"} <= set(DATASETS.names())
+    expected = {"synthetic": (10, False), "cifar10": (10, True), "cifar100": (100, True)}
+    for name, (classes, needs_dir) in expected.items():
+        spec = DATASETS.get(name)
+        assert spec.name == name
+        assert spec.num_classes == classes
+        assert spec.needs_data_dir is needs_dir
+        assert spec.description and "\n" not in spec.description
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+@pytest.fixture(scope="module")
+def synth() -> DataSplits:
+    return DATASETS.get("synthetic").load(None, False)
+
+
+def test_synthetic_shapes_and_dtypes(synth):
+    assert synth.name == "synthetic" and synth.num_classes == 10
+    assert synth.train_x.shape == (10_000, 3, 32, 32) and synth.train_x.dtype == torch.uint8
+    assert synth.test_x.shape == (2_000, 3, 32, 32) and synth.test_x.dtype == torch.uint8
+    assert synth.train_y.shape == (10_000,) and synth.train_y.dtype == torch.int64
+    assert synth.test_y.shape == (2_000,) and synth.test_y.dtype == torch.int64
+    assert synth.train_x.is_contiguous() and synth.test_x.is_contiguous()
+    # The images use the range without saturating much.
+    assert 0.02 < synth.std[0] < 0.3
+    assert (synth.train_x == 0).float().mean() < 0.01 and (synth.train_x == 255).float().mean() < 0.01
+
+
+def test_synthetic_is_deterministic(synth):
+    again = synthetic.generate()
+    for field in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(synth, field), getattr(again, field)), field
+    assert synth.mean == again.mean and synth.std == again.std
+
+
+SYNTHETIC_SHA256 = "21aa4b15ae7bf9f5f200374ad77f7904e1331e0681bf0dd3920c20fb6bb038dd"
+
+
+def test_synthetic_fingerprint(synth):
+    # Pins the exact bytes of the data set: results are only comparable across
+    # machines and versions if this holds. If it fails after a deliberate change
+    # to the generator, update the value (and say so: old results are stale).
+    digest = hashlib.sha256()
+    for t in (synth.train_x, synth.train_y, synth.test_x, synth.test_y):
+        digest.update(t.numpy().tobytes())
+    assert digest.hexdigest() == SYNTHETIC_SHA256
+
+
+def test_synthetic_class_balance(synth):
+    train_counts = torch.bincount(synth.train_y, minlength=10)
+    test_counts = torch.bincount(synth.test_y, minlength=10)
+    assert train_counts.min() >= 900 and train_counts.max() <= 1100  # balanced up to label noise
+    assert torch.equal(test_counts, torch.full((10,), 200))  # test labels are clean
+
+
+def test_synthetic_mean_std_from_data(synth):
+    x = synth.train_x.double() / 255
+    assert np.allclose(synth.mean, x.mean(dim=(0, 2, 3)).tolist(), atol=1e-9)
+    assert np.allclose(synth.std, x.std(dim=(0, 2, 3), unbiased=False).tolist(), atol=1e-9)
+
+
+def test_synthetic_not_trivially_separable(synth):
+    # A nearest-class-mean classifier on raw pixels: the task must be learnable
+    # from more than chance but far from solved by a linear-ish rule.
+    x_train = synth.train_x.flatten(1).float()
+    x_test = synth.test_x.flatten(1).float()
+    means = torch.stack([x_train[synth.train_y == c].mean(0) for c in range(10)])
+    accuracy = (torch.cdist(x_test, means).argmin(1) == synth.test_y).float().mean().item()
+    assert 0.14 < accuracy < 0.5, accuracy
+
+
+# --------------------------------------------------------------------------- channel_stats
+
+
+def test_channel_stats_matches_direct_computation():
+    x = torch.randint(0, 256, (7, 3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean, std = channel_stats(x)
+    xf = x.double() / 255
+    assert np.allclose(mean, xf.mean(dim=(0, 2, 3)).tolist(), atol=1e-12)
+    assert np.allclose(std, xf.std(dim=(0, 2, 3), unbiased=False).tolist(), atol=1e-12)
+
+
+# --------------------------------------------------------------------------- loader
+
+MEAN = (0.4, 0.5, 0.6)
+STD = (0.2, 0.25, 0.3)
+
+
+def _toy(n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(n)  # label = index, so batches reveal the order
+    return x, y
+
+
+def _loader(x, y, batch_size=4, train=True, seed=0, device=CPU) -> DeviceLoader:
+    return DeviceLoader(x, y, batch_size, device, mean=MEAN, std=STD, train=train, seed=seed)
+
+
+def _normalize_reference(x_uint8: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x_uint8.float() / 255 - mean) / std
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_loader_batches_and_partial_last(train):
+    x, y = _toy(10)
+    loader = _loader(x, y, batch_size=4, train=train)
+    assert len(loader) == 3 and loader.num_samples == 10
+    batches = list(loader.epoch(0))
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
+    for images, labels in batches:
+        assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+        assert labels.dtype == torch.int64
+    # Every sample exactly once per epoch.
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == list(range(10))
+
+
+def test_loader_len_exact_multiple():
+    x, y = _toy(8)
+    assert len(_loader(x, y, batch_size=4)) == 2
+    assert len(_loader(x, y, batch_size=100)) == 1
+
+
+def test_loader_rejects_bad_batch_size():
+    x, y = _toy(4)
+    with pytest.raises(DbenchError, match="batch size"):
+        _loader(x, y, batch_size=0)
+
+
+def test_eval_loader_in_order_unaugmented():
+    x, y = _toy(10)
+    loader = _loader(x, y, batch_size=4, train=False)
+    images = torch.cat([b[0] for b in loader.epoch(0)])
+    labels = torch.cat([b[1] for b in loader.epoch(5)])
+    assert torch.equal(labels, y)
+    assert torch.allclose(images, _normalize_reference(x), atol=1e-5)
+    assert torch.equal(images, torch.cat([b[0] for b in loader.epoch(3)]))  # epoch does not matter
+
+
+def _collect(loader: DeviceLoader, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(loader.epoch(epoch))
+    return torch.cat([b[0] for b in batches]).cpu(), torch.cat([b[1] for b in batches]).cpu()
+
+
+def test_train_epochs_depend_only_on_seed_and_epoch():
+    x, y = _toy(10)
+    first = _loader(x, y)
+    for e in range(3):
+        _collect(first, e)
+    late = _collect(first, 3)
+    fresh = _collect(_loader(x, y), 3)  # epoch 3 without running 0..2 (a resumed run)
+    assert torch.equal(late[0], fresh[0]) and torch.equal(late[1], fresh[1])
+    e0, e1 = _collect(first, 0), _collect(first, 1)
+    assert not torch.equal(e0[1], e1[1])  # a new permutation
+    assert not torch.equal(e0[0], e1[0])
+    other_seed = _collect(_loader(x, y, seed=1), 0)
+    assert not torch.equal(e0[0], other_seed[0])
+
+
+def test_epoch_generator_distinguishes_seed_epoch_pairs():
+    draws = {tuple(torch.rand(4, generator=epoch_generator(s, e)).tolist()) for s in range(3) for e in range(3)}
+    assert len(draws) == 9  # in particular (0, 1) and (1, 0) differ
+
+
+def _reference_augment(image: np.ndarray, dy: int, dx: int, flip: bool) -> np.ndarray:
+    """Straightforward per-image CIFAR augmentation on a (3, 32, 32) array."""
+    padded = np.pad(image, ((0, 0), (PAD, PAD), (PAD, PAD)))
+    crop = padded[:, dy:dy + 32, dx:dx + 32]
+    return crop[:, :, ::-1] if flip else crop
+
+
+def test_train_augmentation_matches_reference():
+    x, y = _toy(10)
+    loader = _loader(x, y, batch_size=4, seed=7)
+    images, labels = _collect(loader, 2)
+    order, dy, dx, flip = loader.epoch_plan(2)
+    assert torch.equal(labels, y[order])
+    expected = np.stack([
+        _reference_augment(x[i].numpy(), int(dy[k]), int(dx[k]), bool(flip[k]))
+        for k, i in enumerate(order.tolist())
+    ])
+    assert torch.allclose(images, _normalize_reference(torch.from_numpy(expected)), atol=1e-5)
+
+
+def test_augment_special_cases():
+    x, _ = _toy(3)
+    n = x.shape[0]
+    centre = torch.full((n,), PAD)
+    no = torch.zeros(n, dtype=torch.bool)
+    assert torch.equal(augment(x, centre, centre, no), x)
+    assert torch.equal(augment(x, centre, centre, ~no), x.flip(-1))
+    # Top-left offset: the image moves down-right, zeros enter at the top and left.
+    shifted = augment(x, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64), no)
+    assert torch.equal(shifted[:, :, PAD:, PAD:], x[:, :, :-PAD, :-PAD])
+    assert shifted[:, :, :PAD].eq(0).all() and shifted[:, :, :, :PAD].eq(0).all()
+
+
+def test_draw_augmentation_ranges():
+    dy, dx, flip = draw_augmentation(torch.Generator().manual_seed(0), 20_000)
+    for d in (dy, dx):
+        assert d.min() == 0 and d.max() == 2 * PAD
+        assert torch.bincount(d).min() > 1800  # ~uniform over the 9 values (20000/9 = 2222 expected)
+    assert 0.48 < flip.float().mean() < 0.52
+
+
+@pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
+def test_cuda_loader_matches_cpu():
+    x, y = _toy(10)
+    cpu = _collect(_loader(x, y, seed=3), 1)
+    gpu_loader = _loader(x, y, seed=3, device=torch.device("cuda"))
+    images, labels = next(iter(gpu_loader.epoch(1)))
+    assert images.device.type == "cuda" and labels.device.type == "cuda"
+    gpu = _collect(gpu_loader, 1)
+    assert torch.equal(cpu[1], gpu[1])
+    assert torch.allclose(cpu[0], gpu[0], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- CIFAR reader
+
+
+def test_checksums_match_torchvision():
+    tv = torchvision.datasets
+    for name, cls in (("cifar10", tv.CIFAR10), ("cifar100", tv.CIFAR100)):
+        theirs = {f"{cls.base_folder}/{f}": md5 for f, md5 in cls.train_list + cls.test_list}
+        theirs[f"{cls.base_folder}/{cls.meta['filename']}"] = cls.meta["md5"]
+        assert cifar.CHECKSUMS[name] == theirs
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setitem(cifar.CHECKSUMS, "cifar10", cifar_archive.write_cifar10(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setitem(cifar.CHECKSUMS, "cifar100", cifar_archive.write_cifar100(tmp_path))
+    return tmp_path
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _raw(path: Path) -> dict:
+    with path.open("rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def test_generated_archive_has_python2_format(cifar10_dir):
+    # Loaded the two ways the real files load: str keys with latin1, bytes keys with bytes.
+    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_1"
+    assert set(_raw(path)) == {"batch_label", "labels", "data", "filenames"}
+    with path.open("rb") as f:
+        assert set(pickle.load(f, encoding="bytes")) == {b"batch_label", b"labels", b"data", b"filenames"}
+
+
+def test_read_cifar10(cifar10_dir):
+    splits = DATASETS.get("cifar10").load(cifar10_dir, False)
+    assert splits.name == "cifar10" and splits.num_classes == 10
+    assert splits.train_x.shape == (20, 3, 32, 32) and splits.test_x.shape == (10, 3, 32, 32)
+    folder = cifar10_dir / "cifar-10-batches-py"
+    batches = [_raw(folder / f"data_batch_{i}") for i in range(1, 6)]
+    data = np.concatenate([b["data"] for b in batches])
+    labels = sum((b["labels"] for b in batches), [])
+    assert torch.equal(splits.train_x, torch.from_numpy(data).view(-1, 3, 32, 32))
+    assert splits.train_y.tolist() == labels
+    assert splits.test_y.tolist() == _raw(folder / "test_batch")["labels"]
+    # Channel-major rows: the first 1024 bytes are the red plane.
+    assert torch.equal(splits.train_x[0, 0].flatten(), torch.from_numpy(data[0, :1024]))
+    assert np.allclose(splits.mean, (splits.train_x.double() / 255).mean(dim=(0, 2, 3)).tolist())
+
+
+def test_read_cifar100(cifar100_dir):
+    splits = DATASETS.get("cifar100").load(cifar100_dir, False)
+    assert splits.num_classes == 100
+    assert splits.train_x.shape == (20, 3, 32, 32) and splits.test_x.shape == (10, 3, 32, 32)
+    raw = _raw(cifar100_dir / "cifar-100-python" / "train")
+    assert splits.train_y.tolist() == raw["fine_labels"]
+    assert torch.equal(splits.train_x, torch.from_numpy(raw["data"]).view(-1, 3, 32, 32))
+
+
+def test_torchvision_reads_generated_archive(cifar10_dir, monkeypatch):
+    # torchvision checks its own md5 list; give it the generated files' sums.
+    sums = cifar.CHECKSUMS["cifar10"]
+    cls = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", sums[f"cifar-10-batches-py/data_batch_{i}"]]
+                                            for i in range(1, 6)])
+    monkeypatch.setattr(cls, "test_list", [["test_batch", sums["cifar-10-batches-py/test_batch"]]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": sums["cifar-10-batches-py/batches.meta"]})
+    theirs = cls(root=str(cifar10_dir), train=True, download=False)
+    ours = cifar.read_cifar(cifar.CIFAR10, cifar10_dir)
+    assert np.array_equal(theirs.data, ours.train_x.permute(0, 2, 3, 1).numpy())  # theirs is HWC
+    assert theirs.targets == ours.train_y.tolist()
+    assert theirs.classes == cifar_archive.CIFAR10_NAMES
+
+
+def _error(data_dir, name="cifar10", download=False) -> str:
+    with pytest.raises(DbenchError) as info:
+        DATASETS.get(name).load(data_dir, download)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_cifar_needs_data_dir():
+    assert "--data-dir" in _error(None)
+    assert "cifar-100-python" in _error(None, "cifar100")
+
+
+def test_missing_data_directory(tmp_path):
+    missing = tmp_path / "nope"
+    message = _error(missing)
+    assert str(missing) in message and "--data-dir" in message and "cifar-10-batches-py" in message
+
+
+def test_missing_archive_folder(tmp_path):
+    message = _error(tmp_path)
+    assert "cifar-10-batches-py" in message and str(tmp_path) in message
+
+
+def test_missing_file(cifar10_dir):
+    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_3"
+    path.unlink()
+    message = _error(cifar10_dir)
+    assert str(path) in message and "missing" in message
+
+
+def test_checksum_mismatch(cifar10_dir):
+    path = cifar10_dir / "cifar-10-batches-py" / "test_batch"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    message = _error(cifar10_dir)
+    assert str(path) in message and "checksum mismatch" in message
+    assert cifar.CHECKSUMS["cifar10"]["cifar-10-batches-py/test_batch"] in message
+
+
+def test_truncated_file(cifar10_dir, monkeypatch):
+    # With a matching checksum, so that the reader itself meets the damage.
+    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_2"
+    data = path.read_bytes()[:1000]
+    path.write_bytes(data)
+    monkeypatch.setitem(cifar.CHECKSUMS["cifar10"], "cifar-10-batches-py/data_batch_2", _md5(data))
+    message = _error(cifar10_dir)
+    assert str(path) in message and "cannot unpickle" in message
+
+
+def _replace(data_dir: Path, relative: str, obj: dict, monkeypatch, name="cifar10") -> Path:
+    path = data_dir / relative
+    md5 = cifar_archive.rewrite(path, obj)
+    monkeypatch.setitem(cifar.CHECKSUMS[name], relative, md5)
+    return path
+
+
+@pytest.mark.parametrize("data, expected", [
+    (np.zeros((4, 3071), np.uint8), "(4, 3071)"),
+    (np.zeros((4, 3072), np.int16), "int16"),
+    (np.zeros((4, 32, 32, 3), np.uint8), "(4, 32, 32, 3)"),
+])
+def test_wrong_data_shape_or_dtype(cifar10_dir, monkeypatch, data, expected):
+    batch = {"batch_label": "x", "labels": [0, 1, 2, 3], "data": data, "filenames": ["a"] * 4}
+    path = _replace(cifar10_dir, "cifar-10-batches-py/data_batch_1", batch, monkeypatch)
+    message = _error(cifar10_dir)
+    assert str(path) in message and expected in message and "(N, 3072)" in message
+
+
+def test_wrong_labels(cifar10_dir, monkeypatch):
+    data = np.zeros((4, 3072), np.uint8)
+    path = _replace(cifar10_dir, "cifar-10-batches-py/data_batch_1",
+                    {"labels": [0, 1, 2, 10], "data": data}, monkeypatch)
+    assert "[0, 9]" in _error(cifar10_dir)
+    _replace(cifar10_dir, "cifar-10-batches-py/data_batch_1", {"labels": [0, 1, 2], "data": data}, monkeypatch)
+    assert "expected 4 integers" in _error(cifar10_dir)
+    _replace(cifar10_dir, "cifar-10-batches-py/data_batch_1", {"data": data}, monkeypatch)
+    message = _error(cifar10_dir)
+    assert str(path) in message and "'labels'" in message
+
+
+def test_wrong_meta(cifar100_dir, monkeypatch):
+    path = _replace(cifar100_dir, "cifar-100-python/meta", {"fine_label_names": ["a"] * 10}, monkeypatch, "cifar100")
+    message = _error(cifar100_dir, "cifar100")
+    assert str(path) in message and "100 class names" in message
+
+
+def test_not_a_pickle(cifar10_dir, monkeypatch):
+    path = cifar10_dir / "cifar-10-batches-py" / "batches.meta"
+    path.write_bytes(b"<html>404 not found</html>\n")
+    monkeypatch.setitem(cifar.CHECKSUMS["cifar10"], "cifar-10-batches-py/batches.meta",
+                        _md5(path.read_bytes()))
+    assert "cannot unpickle" in _error(cifar10_dir)
+
+
+def test_download_failure_is_one_line_error(tmp_path, monkeypatch):
+    class Offline:
+        def __init__(self, root, train, download):
+            raise URLError(OSError(-3, "Temporary failure in name resolution\nmore"))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    message = _error(tmp_path / "new", download=True)
+    assert "download" in message and "www.cs.toronto.edu" in message and "name resolution" in message
+
+
+def test_download_then_read(tmp_path, monkeypatch):
+    # Stand-in for torchvision fetching the archive: it writes the same layout.
+    calls = []
+
+    class FakeCIFAR100:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            monkeypatch.setitem(cifar.CHECKSUMS, "cifar100", cifar_archive.write_cifar100(Path(root)))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
+    splits = DATASETS.get("cifar100").load(tmp_path / "fresh", True)
+    assert calls == [(str(tmp_path / "fresh"), False, True)]
+    assert splits.train_x.shape == (20, 3, 32, 32)
+
