@@ -12,6 +12,8 @@ rename), so a crash or Ctrl-C never leaves a half-written file.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -84,6 +86,20 @@ class RunDir:
         if not (run.path / CONFIG).is_file():
             raise DbenchError(f"cannot resume {path}: no {CONFIG} there (not a dbench run directory)")
         return run
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the run for this process: a second process training it would interleave writes.
+
+        The lock is on config.json, which is written once and never replaced,
+        so no lock file is left behind; the OS drops it if the process dies.
+        """
+        with open(self.path / CONFIG, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DbenchError(f"run {self.path} is being trained by another process; wait for it or stop it first") from None
+            yield
 
     def read(self, name: str) -> Any:
         return read_json(self.path / name)

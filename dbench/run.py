@@ -138,13 +138,20 @@ def start(cfg: RunConfig, out: Path | None = None, *, quiet: bool = False,
             SUMMARY: summarize(cfg, [], "running"),
         },
     )
-    _train(setup, run, [], 0, quiet, on_epoch_end)
+    with run.exclusive():
+        _train(setup, run, [], 0, quiet, on_epoch_end)
     return run.path
 
 
 def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], None] | None = None) -> Path:
     """Continue a run from its last finished epoch; same numbers as if it had never stopped."""
     run = RunDir.open(path)
+    with run.exclusive():
+        return _resume(run, quiet, on_epoch_end)
+
+
+def _resume(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | None) -> Path:
+    path = run.path
     record = run.read(CONFIG)
     cfg = RunConfig.from_dict(record["run"], source=str(path / CONFIG))
     status = run.read(SUMMARY).get("status")

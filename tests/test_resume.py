@@ -62,3 +62,15 @@ def test_failure_marks_the_run_failed(tmp_path):
     summary = json.loads((tmp_path / "f" / "summary.json").read_text())
     assert summary["status"] == "failed" and "disk on fire" in summary["error"]
     assert not [p for p in (tmp_path / "f").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_a_run_in_use_cannot_be_resumed_twice(tmp_path):
+    from dbench.record import RunDir
+
+    with pytest.raises(runner.RunInterrupted):
+        runner.start(RunConfig(model="mlp", epochs=2, batch_size=256), tmp_path / "r", quiet=True,
+                     on_epoch_end=stop_after(1))
+    with RunDir.open(tmp_path / "r").exclusive():  # as another process training it would hold it
+        with pytest.raises(DbenchError, match="being trained by another process"):
+            runner.resume(tmp_path / "r", quiet=True)
+    runner.resume(tmp_path / "r", quiet=True)  # free again
