@@ -93,8 +93,10 @@ class Stage:
         optim: OptimConfig,
         loss_fn: nn.Module,
         options: Any = None,
+        num_classes: int | None = None,
     ):
         self.index = index
+        self.num_classes = num_classes  # what the labels range over (cDNI's conditioning)
         self.num_stages = num_stages
         self.device = torch.device(device)
         self.module = module.to(self.device)

@@ -105,6 +105,7 @@ def prepare(cfg: RunConfig, ranges: Ranges | None = None) -> Setup:
         weight_decay=cfg.weight_decay,
         devices=devices,
         options=options,
+        num_classes=splits.num_classes,
     )
     return Setup(
         config=cfg, splits=splits, train=train, test=test, ranges=ranges, trainer=trainer,

@@ -29,7 +29,8 @@ class Trainer:
     """Train ``modules`` (module k on ``devices[k]``) with a registered method.
 
     ``options`` are the method's options, either its ``Options`` dataclass or a
-    ``{name: text}`` dict as given on the command line.
+    ``{name: text}`` dict as given on the command line. ``num_classes`` is
+    needed by methods that read the labels as input (cDNI).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class Trainer:
         loss: nn.Module | None = None,
         devices: Sequence[torch.device | str] | None = None,
         options: Any = None,
+        num_classes: int | None = None,
     ):
         if not modules:
             raise DbenchError("a trainer needs at least one module")
@@ -58,7 +60,7 @@ class Trainer:
         loss_fn = loss if loss is not None else nn.CrossEntropyLoss()
         self.method = method
         self.stages = [
-            stage_cls(k, len(modules), m, torch.device(d), optim, loss_fn, options)
+            stage_cls(k, len(modules), m, torch.device(d), optim, loss_fn, options, num_classes)
             for k, (m, d) in enumerate(zip(modules, devices))
         ]
         self.engine = LocalEngine(self.stages)

@@ -1,0 +1,160 @@
+"""DNI and cDNI: decoupled neural interfaces with synthetic gradients (Jaderberg et al., ICML 2017)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbench.errors import DbenchError
+from dbench.method import DOWN, UP, Recv, Send, Stage, StepProgram
+from dbench.registry import METHODS
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """Options of the synthetic-gradient models."""
+
+    hidden: int = field(default=64, metadata={"help": "channels (conv features) or units (flat features) of each hidden layer"})
+    layers: int = field(default=2, metadata={"help": "hidden layers of the synthesizer"})
+    synth_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the synthesizers"})
+
+    def validate(self) -> None:
+        if self.hidden < 1:
+            raise DbenchError(f"bad hidden {self.hidden}: must be >= 1")
+        if self.layers < 0:
+            raise DbenchError(f"bad layers {self.layers}: must be >= 0")
+        if not (self.synth_lr > 0 and math.isfinite(self.synth_lr)):
+            raise DbenchError(f"bad synth_lr {self.synth_lr}: must be a finite number > 0")
+
+
+class Synthesizer(nn.Module):
+    """Predicts the error gradient at a module's output from that output (and, for cDNI, the labels).
+
+    Conv features (N, C, H, W): ``layers`` resolution-preserving conv3x3-BN-ReLU
+    layers, then a conv3x3 back to C channels; flat features (N, F): the same
+    with linear layers. The last layer starts at zero, so the first synthetic
+    gradient is exactly 0. With labels, the one-hot vector is appended as
+    constant channels (or units).
+    """
+
+    def __init__(self, shape: tuple[int, ...], hidden: int, layers: int, num_classes: int = 0):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.num_classes = num_classes
+        conv = len(self.shape) == 3
+        channels = self.shape[0]
+        widths = [channels + num_classes] + [hidden] * layers
+        body: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:]):
+            if conv:
+                body += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+            else:
+                body += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU()]
+        last = nn.Conv2d(widths[-1], channels, 3, padding=1) if conv else nn.Linear(widths[-1], channels)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*body, last)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes:
+            onehot = F.one_hot(y, self.num_classes).to(h.dtype)
+            if h.dim() == 4:
+                onehot = onehot[:, :, None, None].expand(-1, -1, *h.shape[2:])
+            h = torch.cat([h, onehot], dim=1)
+        return self.net(h)
+
+
+@METHODS.register("dni")
+class SyntheticGradients(Stage):
+    """Module k < K updates at once with a predicted gradient ``δ̂_k = M_k(h_k)``.
+
+    Forward stays sequential; the update is unlocked: module k backpropagates
+    ``δ̂_k`` through its own graph, sends the resulting gradient at its input
+    down (the regression target of module k-1's synthesizer: bootstrapping),
+    and updates without waiting. Then it receives the gradient that module k+1
+    produced at its input for this batch (the true error when k+1 is the top
+    module, else k+1's synthetic gradient backpropagated through it) and
+    trains ``M_k`` to regress it: ``mean((δ̂_k − target)²)``. The target
+    arrives as a value (messages carry no graph), so it is detached.
+
+    Scale: the loss is a batch mean, so a true ``δ_k`` is O(1/batch). ``M_k``
+    predicts the per-sample gradient ``batch·δ_k`` and its output is divided
+    by the batch size; this keeps the regression target O(1) per sample. The
+    synthesizers are trained with Adam (``synth_lr``), as in the paper, and
+    their parameters, compute and memory are DNI's own.
+    """
+
+    name = "dni"
+    summary = "synthetic gradients: update at once with a learned gradient predictor per module"
+    Options = SynthOptions
+    conditioned = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.conditioned and not self.num_classes:
+            raise DbenchError(f"method {self.name!r} reads the labels: give the trainer num_classes")
+        self.synth: Synthesizer | None = None  # built at the first iteration, when the output shape is known
+        self.synth_optimizer: torch.optim.Optimizer | None = None
+        self.synth_loss: torch.Tensor | None = None  # last regression loss (detached), for inspection
+
+    def _build_synth(self, shape: tuple[int, ...]) -> None:
+        o = self.options
+        self.synth = Synthesizer(shape, o.hidden, o.layers, self.num_classes if self.conditioned else 0).to(self.device)
+        self.synth_optimizer = torch.optim.Adam(self.synth.parameters(), lr=o.synth_lr)
+
+    def predict_gradient(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """δ̂ for output ``h`` (detached) of a batch with labels ``y``, with a graph into the synthesizer."""
+        if self.synth is None:
+            self._build_synth(tuple(h.shape[1:]))
+        return self.synth(h, y if self.conditioned else None) / h.shape[0]
+
+    def train_step(self, t, x, y) -> StepProgram:
+        if self.is_last:
+            return (yield from self.top_step(x, y))
+        if not self.is_first:
+            x = yield Recv(UP)
+            x.requires_grad_()
+        out = self.module(x)
+        yield Send(UP, out)
+        predicted = self.predict_gradient(out.detach(), y)
+        out.backward(predicted.detach())
+        if not self.is_first:
+            yield Send(DOWN, x.grad)  # module k-1's synthesizer target
+        self.apply_update()  # unlocked: no waiting for the modules above
+        target = yield Recv(DOWN)  # what module k+1 produced at its input for this batch
+        batch = out.shape[0]
+        loss = F.mse_loss(predicted * batch, target * batch)  # per-sample units, see the class docstring
+        self.synth_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.synth_optimizer.step()
+        self.synth_loss = loss.detach()
+        return None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.synth is not None:
+            state["synth"] = {
+                "shape": list(self.synth.shape),
+                "module": self.synth.state_dict(),
+                "optimizer": self.synth_optimizer.state_dict(),
+            }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "synth" in state:
+            self._build_synth(tuple(state["synth"]["shape"]))
+            self.synth.load_state_dict(state["synth"]["module"])
+            self.synth_optimizer.load_state_dict(state["synth"]["optimizer"])
+
+
+@METHODS.register("cdni")
+class ConditionedSyntheticGradients(SyntheticGradients):
+    """cDNI: DNI whose synthesizers also read the labels, one-hot, ``δ̂_k = M_k(h_k, y)``."""
+
+    name = "cdni"
+    summary = "conditional synthetic gradients: like dni, the predictor also reads the labels"
+    conditioned = True

@@ -1,0 +1,195 @@
+"""Every method: K=1 is BP; DNI/cDNI and DFA/BDFA behave as ALGORITHMS.md says; options are validated."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import batches, group, tiny_blocks
+from dbench import DbenchError, Trainer
+from dbench.registry import METHODS
+
+SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+THREE = [(0, 2), (2, 4), (4, 5)]
+ALL = ["bp", "fr", "ddg", "dni", "cdni", "dfa", "bdfa"]
+
+
+def make(method, ranges=THREE, **kw):
+    return Trainer(group(tiny_blocks(), ranges), method, num_classes=10, **{**SGD, **kw})
+
+
+def test_every_registered_method_is_covered():
+    assert sorted(METHODS.names()) == sorted(ALL)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_k1_reduces_to_bp_exactly(method):
+    data = batches(5)
+    bp, other = make("bp", [(0, 5)]), make(method, [(0, 5)])
+    assert [bp.step(x, y).item() for x, y in data] == [other.step(x, y).item() for x, y in data]
+    for a, b in zip(bp.modules[0].state_dict().values(), other.modules[0].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_lowers_the_loss_on_a_fixed_batch(method):
+    x, y = batches(1)[0]
+    trainer = make(method, lr=0.02)
+    first = trainer.step(x, y).item()
+    for _ in range(60):
+        last = trainer.step(x, y).item()
+    assert last < 0.9 * first, (first, last)  # a loose bar: each method must learn, not race
+
+
+def grads_at(trainer, t):
+    """What each stage hands its optimizer at iteration t (runs t+1 steps of generated data)."""
+    seen = {}
+    for k, stage in enumerate(trainer.stages):
+        original = stage.apply_update
+
+        def capture(k=k, stage=stage, original=original):
+            if trainer.iteration == t:
+                seen[k] = [p.grad.clone() for p in stage.module.parameters()]
+            original()
+
+        stage.apply_update = capture
+    for x, y in batches(t + 1):
+        trainer.step(x, y)
+    return seen
+
+
+# --- DNI / cDNI ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_dni_first_synthetic_gradient_is_zero(method):
+    trainer = make(method)
+    grads = grads_at(trainer, 0)
+    for k in (0, 1):
+        assert all(torch.count_nonzero(g) == 0 for g in grads[k])  # δ̂ = 0: no gradient yet
+    assert any(torch.count_nonzero(g) > 0 for g in grads[2])  # the top has its true gradient
+    h = torch.randn(4, 8, 8, 8)
+    synth = trainer.stages[0].synth
+    fresh = type(synth)(synth.shape, 64, 2, synth.num_classes)
+    assert torch.count_nonzero(fresh(h, torch.arange(4) if synth.num_classes else None)) == 0
+
+
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_dni_synthesizer_learns_a_fixed_problem(method):
+    """Modules nearly frozen (tiny lr), one batch: each synthesizer's regression loss falls."""
+    x, y = batches(1)[0]
+    trainer = make(method, lr=1e-6, momentum=0.0, weight_decay=0.0, options={"synth_lr": 1e-3})
+    history = []
+    for _ in range(150):
+        trainer.step(x, y)
+        history.append([s.synth_loss.item() for s in trainer.stages[:-1]])
+    early = torch.tensor(history[1:6]).mean(0)
+    late = torch.tensor(history[-5:]).mean(0)
+    assert (late < 0.5 * early).all(), (early, late)
+
+
+def test_dni_target_carries_no_graph(monkeypatch):
+    import methods.dni as dni
+
+    seen = []
+    real = dni.F.mse_loss
+
+    def spy(prediction, target):
+        seen.append((target.requires_grad, target.grad_fn))
+        return real(prediction, target)
+
+    monkeypatch.setattr(dni.F, "mse_loss", spy)
+    trainer = make("dni")
+    for x, y in batches(3):
+        trainer.step(x, y)
+    assert seen and all(not rg and fn is None for rg, fn in seen)  # 3 steps × 2 synthesizers
+    assert len(seen) == 6
+
+
+def test_cdni_reads_the_labels_and_dni_does_not():
+    outputs = {}
+    for method in ("dni", "cdni"):
+        trainer = make(method, options={"synth_lr": 1e-3})
+        for x, y in batches(10):
+            trainer.step(x, y)
+        stage = trainer.stages[0]
+        h = torch.randn(6, *stage.synth.shape)
+        with torch.no_grad():
+            stage.synth.eval()
+            a = stage.predict_gradient(h, torch.zeros(6, dtype=torch.long))
+            b = stage.predict_gradient(h, torch.full((6,), 7))
+        outputs[method] = (a, b)
+    assert torch.equal(*outputs["dni"])
+    assert not torch.allclose(*outputs["cdni"])
+
+
+def test_cdni_needs_the_number_of_classes():
+    with pytest.raises(DbenchError, match="num_classes"):
+        Trainer(group(tiny_blocks(), THREE), "cdni")
+
+
+# --- DFA / BDFA ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dfa", "bdfa"])
+def test_feedback_is_fixed_and_top_gradient_is_bp(method):
+    trainer = make(method)
+    dfa_grads = grads_at(trainer, 0)
+    bp_grads = grads_at(make("bp"), 0)
+    for a, b in zip(dfa_grads[2], bp_grads[2]):  # same weights, same batch: the top's true gradient
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    before = [copy.deepcopy(s.feedback) for s in trainer.stages[:-1]]
+    for x, y in batches(6, seed=4):
+        trainer.step(x, y)
+    for fb, s in zip(before, trainer.stages[:-1]):
+        assert torch.equal(fb, s.feedback)
+    if method == "bdfa":
+        for s in trainer.stages[:-1]:
+            assert s.feedback.dtype == torch.int8
+            assert set(s.feedback.unique().tolist()) == {-1, 1}
+    else:
+        assert trainer.stages[0].feedback.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["dfa", "bdfa"])
+def test_lower_module_learns_from_e_times_b(method):
+    """Module 0's gradient at t=0 is the backprop of e·B_0·scale/sqrt(n) through module 0, computed here."""
+    trainer = make(method, options={"scale": 2.0})
+    modules = [copy.deepcopy(m) for m in trainer.modules]
+    grads = grads_at(trainer, 0)
+    x, y = batches(1)[0]
+    h0 = modules[0](x)
+    h1 = modules[1](h0.detach())
+    logits = modules[2](h1.detach().requires_grad_())
+    logits.retain_grad()
+    nn.functional.cross_entropy(logits, y).backward()
+    e = logits.grad
+    B = trainer.stages[0].feedback.float()
+    n = h0[0].numel()
+    h0.backward((e @ B * (2.0 / math.sqrt(n))).view_as(h0))
+    for mine, ref in zip(grads[0], [p.grad for p in modules[0].parameters()]):
+        torch.testing.assert_close(mine, ref)
+
+
+# --- options ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,options,message",
+    [
+        ("dfa", {"scale": -1}, "bad feedback scale -1.0"),
+        ("bdfa", {"feedback_seed": -2}, "bad feedback_seed -2"),
+        ("dni", {"hidden": 0}, "bad hidden 0"),
+        ("cdni", {"synth_lr": "nan"}, "bad synth_lr nan"),
+        ("dni", {"hidden": "wide"}, "bad value 'wide' for option 'hidden' of 'dni': expected int"),
+        ("dfa", {"hidden": 3}, "option 'hidden' does not apply to method 'dfa'; its options: scale, feedback_seed"),
+        ("fr", {"scale": 1}, "option 'scale' does not apply to method 'fr'; its options: none"),
+    ],
+)
+def test_options_are_validated(method, options, message):
+    with pytest.raises(DbenchError) as info:
+        make(method, options=options)
+    assert message in str(info.value)
