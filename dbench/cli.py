@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 
@@ -120,10 +121,17 @@ def list_() -> None:
         click.echo(f"  {name:<10} {spec.num_classes:>4} classes  {spec.description}")
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def entry() -> None:
     """Console entry point: user errors are one line on stderr and exit code 2."""
     from dbench.run import RunInterrupted
 
+    # `kill` (SIGTERM) stops a run the way Ctrl-C does: the run directory is
+    # marked interrupted and stays resumable, instead of saying "running" forever.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         main(standalone_mode=False)
     except DbenchError as e:

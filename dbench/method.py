@@ -121,15 +121,26 @@ class Stage:
         """
         raise NotImplementedError
 
+    def receive_input(self, x: torch.Tensor | None, needs_grad: bool = True) -> StepProgram:
+        """The module's input: the batch for the first module, else what the module below sent.
+
+        ``needs_grad``: track it, to send the error gradient at the input down.
+        Use as ``x = yield from self.receive_input(x)``.
+        """
+        if self.is_first:
+            return x
+        x = yield Recv(UP)
+        if needs_grad:
+            x.requires_grad_()
+        return x
+
     def top_step(self, x: torch.Tensor | None, y: torch.Tensor) -> StepProgram:
         """The top module in every method but DFA: forward, loss, true backward, update.
 
         Sends the error gradient at its input down (unless it is also the
         first module) before it updates, so the module below can start.
         """
-        if not self.is_first:
-            x = yield Recv(UP)
-            x.requires_grad_()
+        x = yield from self.receive_input(x)
         out = self.module(x)
         loss = self.loss_fn(out, y)
         loss.backward()

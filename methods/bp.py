@@ -19,9 +19,7 @@ class BackProp(Stage):
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
             return (yield from self.top_step(x, y))
-        if not self.is_first:
-            x = yield Recv(UP)
-            x.requires_grad_()
+        x = yield from self.receive_input(x)
         out = self.module(x)
         yield Send(UP, out)
         grad = yield Recv(DOWN)  # waits for δ_k of this same batch

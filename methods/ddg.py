@@ -50,9 +50,7 @@ class DelayedGradients(Stage):
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
             return (yield from self.top_step(x, y))
-        if not self.is_first:
-            x = yield Recv(UP)
-            x.requires_grad_()
+        x = yield from self.receive_input(x)
         weights = {n: p.detach().clone().requires_grad_() for n, p in self.module.named_parameters()}
         # BatchNorm's backward reads the running statistics it was given, so the
         # graph gets copies of the buffers too; the updated copies then become

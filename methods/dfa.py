@@ -56,8 +56,7 @@ class DirectFeedbackAlignment(Stage):
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
             return (yield from self._top(x, y))
-        if not self.is_first:
-            x = yield Recv(UP)
+        x = yield from self.receive_input(x, needs_grad=False)  # DFA sends nothing down
         out = self.module(x)
         yield Send(UP, out)
         error = yield Recv(ERROR)  # e of this batch, from the top module
@@ -69,8 +68,7 @@ class DirectFeedbackAlignment(Stage):
         return None
 
     def _top(self, x, y) -> StepProgram:
-        if not self.is_first:
-            x = yield Recv(UP)
+        x = yield from self.receive_input(x, needs_grad=False)
         out = self.module(x)
         loss = self.loss_fn(out, y)
         if not self.is_first:

@@ -38,8 +38,7 @@ class FeaturesReplay(Stage):
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
             return (yield from self.top_step(x, y))
-        if not self.is_first:
-            x = yield Recv(UP)
+        x = yield from self.receive_input(x, needs_grad=False)  # play keeps no graph
         with torch.no_grad():
             out = self.module(x)  # play: the only pass that updates BN running statistics
         yield Send(UP, out)

@@ -1,0 +1,71 @@
+"""Does each method learn? Every method at K=2 and K=4 on the synthetic data, recorded.
+
+Runs the grid through dbench's own runner (local engine), then prints a
+Markdown table with the machine and software it ran on. Runs already complete
+under --root are reused, so the script can be stopped and started again.
+
+    python benchmarks/learning.py --model resnet8 --epochs 4 --ks 2,4
+"""
+from __future__ import annotations
+
+import json
+import platform
+from datetime import date
+from pathlib import Path
+
+import click
+import torch
+
+from dbench import run as runner
+from dbench.config import RunConfig
+from dbench.registry import METHODS
+
+METHOD_ORDER = ["bp", "fr", "ddg", "dni", "cdni", "dfa", "bdfa"]
+
+
+def run_once(cfg: RunConfig, root: Path) -> dict:
+    path = root / f"{cfg.method}-{cfg.model}-k{cfg.gpus}-e{cfg.epochs}-s{cfg.seed}"
+    summary = path / "summary.json"
+    if summary.exists() and json.loads(summary.read_text())["status"] == "complete":
+        return json.loads(summary.read_text())
+    if path.exists():
+        runner.resume(path, quiet=True)
+    else:
+        runner.start(cfg, path, quiet=True)
+    return json.loads(summary.read_text())
+
+
+@click.command()
+@click.option("--model", default="resnet8", show_default=True)
+@click.option("--epochs", type=int, default=4, show_default=True)
+@click.option("--ks", default="2,4", show_default=True, help="Values of K, comma separated.")
+@click.option("--methods", default=",".join(METHOD_ORDER), show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--root", type=click.Path(path_type=Path), default=Path("results/learning"), show_default=True)
+def main(model: str, epochs: int, ks: str, methods: str, seed: int, root: Path) -> None:
+    rows = []
+    for k in [int(v) for v in ks.split(",")]:
+        for method in methods.split(","):
+            METHODS.get(method)
+            cfg = RunConfig(method=method, model=model, gpus=k, epochs=epochs, seed=seed)
+            s = run_once(cfg, root)
+            rows.append((method, k, s))
+            click.echo(f"{method:>5} K={k}: best test acc {100 * s['best_test_acc']:.2f}%", err=True)
+    cpu = platform.processor() or platform.machine()
+    click.echo(f"### {model}, synthetic data, {epochs} epochs, seed {seed} ({date.today().isoformat()})\n")
+    click.echo(f"Machine: {torch.get_num_threads()} threads on {cpu} ({platform.platform()}), torch {torch.__version__}, "
+               "local engine, modules on the CPU; defaults of `dbench run` otherwise "
+               "(batch 128, SGD lr 0.05 momentum 0.9 wd 5e-4, cosine).\n")
+    # No timing column: these runs share 2 cores with other work, and the
+    # local engine runs modules one after another; speed is benchmarks' job.
+    click.echo("| method | K | best test acc % | final test acc % | final train loss |")
+    click.echo("| --- | --- | --- | --- | --- |")
+    for method, k, s in rows:
+        click.echo(
+            f"| {method} | {k} | {100 * s['best_test_acc']:.2f} | {100 * s['final_test_acc']:.2f} | "
+            f"{s['final_train_loss']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
