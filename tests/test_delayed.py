@@ -35,6 +35,19 @@ def restore_bn(module, saved):
             setattr(sub, name, saved[f"{prefix}.{name}" if prefix else name])
 
 
+def top_reference(modules, opts, h, y, t, losses, grads, deltas):
+    """The top module at iteration t, in both references: true loss and gradient, δ sent down."""
+    K = len(modules)
+    h = h.clone().requires_grad_(K > 1)
+    loss = nn.functional.cross_entropy(modules[-1](h), y)
+    opts[-1].zero_grad()
+    loss.backward()
+    losses.append(loss.item())
+    grads[(t, K - 1)] = [p.grad.clone() for p in modules[-1].parameters()]
+    if K > 1:
+        deltas[(K - 2, t)] = h.grad.clone()
+
+
 def reference_fr(modules, data):
     """Features replay, unrolled: returns losses, per-iteration grads {(t, k): [grads]}, modules."""
     modules = copy.deepcopy(modules)
@@ -51,15 +64,7 @@ def reference_fr(modules, data):
             inputs[(k, t)] = h
             with torch.no_grad():
                 h = modules[k](h)
-        # top: no delay
-        h = h.clone().requires_grad_(K > 1)
-        loss = nn.functional.cross_entropy(modules[-1](h), y)
-        opts[-1].zero_grad()
-        loss.backward()
-        losses.append(loss.item())
-        grads[(t, K - 1)] = [p.grad.clone() for p in modules[-1].parameters()]
-        if K > 1:
-            deltas[(K - 2, t)] = h.grad.clone()
+        top_reference(modules, opts, h, y, t, losses, grads, deltas)  # no delay at the top
         new_opt_steps = [K - 1]
         for k in range(K - 1):
             d = K - 1 - k
@@ -103,14 +108,7 @@ def reference_ddg(modules, data):
                     live.copy_(snap)
             graphs[(k, t)] = (inp, out, snapshot)
             h = out.detach()
-        h = h.clone().requires_grad_(K > 1)
-        loss = nn.functional.cross_entropy(modules[-1](h), y)
-        opts[-1].zero_grad()
-        loss.backward()
-        losses.append(loss.item())
-        grads[(t, K - 1)] = [p.grad.clone() for p in modules[-1].parameters()]
-        if K > 1:
-            deltas[(K - 2, t)] = h.grad.clone()
+        top_reference(modules, opts, h, y, t, losses, grads, deltas)
         stepping = [K - 1]
         for k in range(K - 1):
             d = K - 1 - k
