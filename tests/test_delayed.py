@@ -198,17 +198,17 @@ def test_k1_is_bp(method):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("method", ["bp", "fr", "ddg", "dfa", "bdfa"])
+@pytest.mark.parametrize("method", ["bp", "fr", "ddg", "dni", "cdni", "dfa", "bdfa"])
 def test_state_dict_round_trip_continues_exactly(method):
     """Stop after some steps, rebuild from the saved state, continue: same as never stopping."""
     data = batches(8)
-    whole = Trainer(group(tiny_blocks(), RANGES[3]), method, **SGD)
+    whole = Trainer(group(tiny_blocks(), RANGES[3]), method, num_classes=10, **SGD)
     expected = [whole.step(x, y).item() for x, y in data]
 
-    first = Trainer(group(tiny_blocks(), RANGES[3]), method, **SGD)
+    first = Trainer(group(tiny_blocks(), RANGES[3]), method, num_classes=10, **SGD)
     got = [first.step(x, y).item() for x, y in data[:4]]
     state = copy.deepcopy(first.state_dict())
-    second = Trainer(group(tiny_blocks(seed=99), RANGES[3]), method, **SGD)  # other weights, overwritten
+    second = Trainer(group(tiny_blocks(seed=99), RANGES[3]), method, num_classes=10, **SGD)  # other weights, overwritten
     second.load_state_dict(state)
     got += [second.step(x, y).item() for x, y in data[4:]]
     assert got == expected

@@ -25,9 +25,12 @@ def stop_after(epoch):
     return hook
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "step"])
-def test_resume_equals_uninterrupted(tmp_path, schedule):
-    cfg = dict(model="mlp", gpus=2, epochs=3, lr_schedule=schedule, batch_size=256, seed=3)
+@pytest.mark.parametrize(
+    "schedule,method", [("cosine", "bp"), ("step", "bp"), ("cosine", "fr"), ("cosine", "ddg"), ("cosine", "cdni")]
+)
+def test_resume_equals_uninterrupted(tmp_path, schedule, method):
+    """Through the checkpoint file: weights, optimizer, method state and gradients in flight."""
+    cfg = dict(method=method, model="mlp", gpus=3, epochs=3, lr_schedule=schedule, batch_size=256, seed=3)
     whole = runner.start(RunConfig(**cfg), tmp_path / "whole", quiet=True)
 
     cut = tmp_path / "cut"
