@@ -65,7 +65,6 @@ class Trainer:
         ]
         self.engine = LocalEngine(self.stages)
         self.iteration = 0
-        self._training: bool | None = None  # mode the modules are in; switched only on change
 
     @property
     def devices(self) -> list[torch.device]:
@@ -80,18 +79,14 @@ class Trainer:
         return self.step_output(x, y).loss
 
     def step_output(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        if self._training is not True:
-            self.engine.train()
-            self._training = True
+        self.engine.train()  # every step: a cached flag would miss a user's own module.eval()
         out = self.engine.train_step(self.iteration, x, y)
         self.iteration += 1
         return out
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits in eval mode (BatchNorm uses running statistics)."""
-        if self._training is not False:
-            self.engine.eval()
-            self._training = False
+        self.engine.eval()
         return self.engine.predict(x)
 
     def set_lr(self, lr: float) -> None:

@@ -31,6 +31,20 @@ def group(blocks: list[nn.Module], ranges: list[tuple[int, int]]) -> list[nn.Mod
     return [nn.Sequential(*blocks[a:b]) for a, b in ranges]
 
 
+def record_grads(trainer):
+    """Capture what each stage hands its optimizer, keyed by (iteration, module)."""
+    seen = {}
+    for k, stage in enumerate(trainer.stages):
+        original = stage.apply_update
+
+        def capture(k=k, stage=stage, original=original):
+            seen[(trainer.iteration, k)] = [p.grad.clone() for p in stage.module.parameters()]
+            original()
+
+        stage.apply_update = capture
+    return seen
+
+
 @pytest.fixture
 def blocks() -> list[nn.Module]:
     return tiny_blocks()

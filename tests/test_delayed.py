@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import batches, group, tiny_blocks
+from conftest import batches, group, record_grads, tiny_blocks
 from dbench import Trainer
 
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -128,20 +128,6 @@ def reference_ddg(modules, data):
 
 
 REFERENCES = {"fr": reference_fr, "ddg": reference_ddg}
-
-
-def record_grads(trainer):
-    """Capture what each stage hands its optimizer, keyed by (iteration, module)."""
-    seen = {}
-    for k, stage in enumerate(trainer.stages):
-        original = stage.apply_update
-
-        def capture(k=k, stage=stage, original=original):
-            seen[(trainer.iteration, k)] = [p.grad.clone() for p in stage.module.parameters()]
-            original()
-
-        stage.apply_update = capture
-    return seen
 
 
 @pytest.mark.parametrize("method", ["fr", "ddg"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import batches, group, tiny_blocks
+from conftest import batches, group, record_grads, tiny_blocks
 from dbench import DbenchError, Trainer
 from dbench.registry import METHODS
 
@@ -46,19 +46,10 @@ def test_every_method_lowers_the_loss_on_a_fixed_batch(method):
 
 def grads_at(trainer, t):
     """What each stage hands its optimizer at iteration t (runs t+1 steps of generated data)."""
-    seen = {}
-    for k, stage in enumerate(trainer.stages):
-        original = stage.apply_update
-
-        def capture(k=k, stage=stage, original=original):
-            if trainer.iteration == t:
-                seen[k] = [p.grad.clone() for p in stage.module.parameters()]
-            original()
-
-        stage.apply_update = capture
+    seen = record_grads(trainer)
     for x, y in batches(t + 1):
         trainer.step(x, y)
-    return seen
+    return {k: g for (it, k), g in seen.items() if it == t}
 
 
 # --- DNI / cDNI ---------------------------------------------------------------
