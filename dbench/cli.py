@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from dbench.config import ENGINES, RunConfig
+from dbench.config import ENGINES, PROBES_PER_EPOCH, RunConfig
 from dbench.errors import DbenchError
 from dbench.optim import SCHEDULES
 
@@ -73,6 +73,10 @@ D = RunConfig()  # the defaults, shown in --help
 @click.option("--nesterov", is_flag=True, help="Nesterov momentum.")
 @click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
 @click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--sigma-every", type=int, default=None, metavar="N",
+              help=f"Measure σ every N steps; 0 turns the probe off. [default: {PROBES_PER_EPOCH} probes an epoch]")
+@click.option("--sigma-batches", type=int, default=D.sigma_batches, show_default=True,
+              help="Batches in the σ probe's fixed set (the true gradient is taken on them).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory [default: results/<method>-<model>-<dataset>-k<K>-s<seed>-<time>].")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, metavar="RUN_DIR",

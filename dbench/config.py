@@ -10,6 +10,7 @@ from dbench.errors import DbenchError
 from dbench.optim import SCHEDULES, LRSchedule, OptimConfig
 
 ENGINES = ("local",)
+PROBES_PER_EPOCH = 4  # the default σ probe frequency
 
 
 @dataclass
@@ -40,6 +41,14 @@ class RunConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     seed: int = 0
+    sigma_every: int | None = None  # None: PROBES_PER_EPOCH probes an epoch; 0: no σ probe
+    sigma_batches: int = 2
+
+    def sigma_interval(self, steps_per_epoch: int) -> int:
+        """Steps between two σ probes (0: never)."""
+        if self.sigma_every is None:
+            return max(1, -(-steps_per_epoch // PROBES_PER_EPOCH))
+        return self.sigma_every
 
     @property
     def optim(self) -> OptimConfig:
@@ -67,6 +76,9 @@ class RunConfig:
         _positive_int("--gpus", self.gpus)
         if self.seed < 0:
             raise DbenchError(f"bad --seed {self.seed}: must be >= 0")
+        if self.sigma_every is not None and self.sigma_every < 0:
+            raise DbenchError(f"bad --sigma-every {self.sigma_every}: must be >= 0 (0 turns the σ probe off)")
+        _positive_int("--sigma-batches", self.sigma_batches)
         if self.engine not in ENGINES:
             raise DbenchError(f"unknown engine {self.engine!r}; known: {', '.join(ENGINES)}")
         if self.lr_schedule not in SCHEDULES:

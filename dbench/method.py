@@ -10,6 +10,8 @@ Channels, seen from stage k:
     DOWN   error gradients: ``Send(DOWN, d)`` goes to k-1, ``Recv(DOWN)`` takes what k+1 sent.
     ERROR  the output error (DFA): ``Send(ERROR, e)`` from the top stage reaches every
            other stage, ``Recv(ERROR)`` takes it.
+    PROBE_UP, PROBE_DOWN  as UP and DOWN, for the σ probe's plain-BP pass (dbench.meters.sigma),
+           kept apart so a probe never mixes with gradients queued for a later iteration.
 
 Every channel is first in, first out, and a message is a value (the engine
 detaches it: a graph never crosses a stage boundary). A stage therefore
@@ -39,7 +41,13 @@ from dbench.optim import OptimConfig
 UP = "up"
 DOWN = "down"
 ERROR = "error"
-CHANNELS = (UP, DOWN, ERROR)
+PROBE_UP = "probe_up"
+PROBE_DOWN = "probe_down"
+# Where a message on each channel goes: +1 the stage above, -1 the stage below,
+# None every other stage (a broadcast).
+ROUTES = {UP: +1, DOWN: -1, ERROR: None, PROBE_UP: +1, PROBE_DOWN: -1}
+CHANNELS = tuple(ROUTES)
+INPUT_CHANNELS = (UP, PROBE_UP)  # a stage blocked on these waits for an input; on the others, for a gradient
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,9 @@ class Stage:
         self.loss_fn = loss_fn
         self.options = options if options is not None else self.Options()
         self.optimizer = optim.make(self.module.parameters())
+        # Set by dbench.meters when a run measures: told before every backward
+        # (memory peaks there) and before every update (σ reads the gradient there).
+        self.observer: Any = None
 
     @property
     def is_first(self) -> bool:
@@ -143,15 +154,37 @@ class Stage:
         x = yield from self.receive_input(x)
         out = self.module(x)
         loss = self.loss_fn(out, y)
-        loss.backward()
+        self.backward(loss)
         if not self.is_first:
             yield Send(DOWN, x.grad)
         self.apply_update()
         return StepOutput(loss=loss.detach(), logits=out.detach())
 
+    def backward(self, tensor: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """``tensor.backward(grad)``, telling the meters first. Methods call this, not ``.backward``."""
+        self.before_backward()
+        tensor.backward(grad)
+
+    def before_backward(self) -> None:
+        """A backward is about to start: every activation its graph saved is still alive (the memory peak)."""
+        if self.observer is not None:
+            self.observer.before_backward()
+
     def apply_update(self) -> None:
+        """Hand ``p.grad`` to the optimizer; this gradient is the method's ``g_k^t``."""
+        if self.observer is not None:
+            self.observer.before_update()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The method's own state by memory category (stored inputs, weight snapshots, ...).
+
+        What the memory meter reports beside parameters, gradients, optimizer
+        state, queued messages and activations saved for backward. A tensor
+        named here is not counted again as an activation.
+        """
+        return {}
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -3,8 +3,11 @@
 results/<run-id>/
     config.json       the resolved RunConfig, partition and devices
     environment.json  versions, devices, git revision
-    metrics.jsonl     one JSON row per epoch ("kind": "epoch")
-    summary.json      status (running|complete|interrupted|failed|diverged) and results
+    metrics.jsonl     one JSON row per epoch ("kind": "epoch", with per-module time and
+                      memory) and one per σ probe ("kind": "probe")
+    summary.json      status (running|complete|interrupted|failed|diverged) and results,
+                      with per-module totals, peak memory and mean σ
+    summary.md        the same for a reader: tables with units (see dbench.run_tables)
     checkpoint.pt     trainer state after the last finished epoch (for --resume)
 
 Every file is replaced atomically (write a temporary file beside it, then
@@ -106,6 +109,9 @@ class RunDir:
 
     def write(self, name: str, obj: Any) -> None:
         atomic_write_json(self.path / name, obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_bytes(self.path / name, text.encode())
 
     def metrics(self) -> list[dict]:
         path = self.path / METRICS

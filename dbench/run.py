@@ -9,10 +9,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+import click
 import torch
 import torch.nn.functional as F
 
-from dbench import environment
+from dbench import environment, run_tables
 from dbench.config import RunConfig
 from dbench.data.base import DataSplits
 from dbench.data.loader import DeviceLoader
@@ -24,12 +25,17 @@ from dbench.optim import LRSchedule
 from dbench.partition import Ranges, check_k, parse_split, partition, split_modules
 from dbench.progress import Progress
 from dbench.record import CONFIG, ENVIRONMENT, SUMMARY, RunDir
+from dbench.meters import STATES, SigmaResult
 from dbench.registry import DATASETS, METHODS, MODELS
 from dbench.trainer import Trainer
 
 # How often the progress bar reads the running loss. Reading it is a
 # device-to-host copy, i.e. a CUDA synchronization, so it is not done every step.
 SHOW_EVERY = 20
+# Steps at the start of each epoch left out of samples/s: first calls allocate,
+# autotune and fill caches, and an epoch starts after evaluation changed modes.
+WARMUP_STEPS = 5
+PROBE_SEED = 12345  # picks the σ probe's fixed images (the same for every run of a data set)
 
 
 class RunInterrupted(Exception):
@@ -50,6 +56,12 @@ class Setup:
     options: Any
     device_note: str | None
     num_params: int
+    sigma_every: int  # steps between σ probes, 0: none
+    probe: list  # the σ probe's fixed batches
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(WARMUP_STEPS, len(self.train) // 2)
 
     def config_record(self) -> dict:
         return {
@@ -61,6 +73,9 @@ class Setup:
             "num_blocks": self.ranges[-1][1],
             "num_params": self.num_params,
             "steps_per_epoch": len(self.train),
+            "warmup_steps": self.warmup_steps,
+            "sigma_every": self.sigma_every,
+            "sigma_probe_samples": sum(len(y) for _, y in self.probe),
             "num_classes": self.splits.num_classes,
             "train_samples": self.train.num_samples,
             "test_samples": self.test.num_samples,
@@ -106,11 +121,15 @@ def prepare(cfg: RunConfig, ranges: Ranges | None = None) -> Setup:
         devices=devices,
         options=options,
         num_classes=splits.num_classes,
+        measure=True,
     )
+    sigma_every = cfg.sigma_interval(len(train))
     return Setup(
         config=cfg, splits=splits, train=train, test=test, ranges=ranges, trainer=trainer,
         schedule=cfg.schedule(len(train)), options=options, device_note=note,
         num_params=sum(p.numel() for p in model.parameters()),
+        sigma_every=sigma_every,
+        probe=train.fixed_batches(cfg.sigma_batches, PROBE_SEED) if sigma_every else [],
     )
 
 
@@ -166,7 +185,7 @@ def _resume(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | None
         setup.trainer.load_state_dict(checkpoint["trainer"])
         done = checkpoint["epochs_done"]
     # Rows past the checkpoint come from an epoch that did not finish saving.
-    rows = [r for r in run.metrics() if r["epoch"] <= done]
+    rows = [r for r in run.metrics() if r["epoch"] <= done]  # epoch and probe rows
     run.write_metrics(rows)
     if not quiet:
         print(f"resuming {path} after epoch {done} of {cfg.epochs}")
@@ -187,7 +206,8 @@ def _train(setup: Setup, run: RunDir, rows: list[dict], first_epoch: int, quiet:
     status = "running"
     try:
         for epoch in range(first_epoch, cfg.epochs):
-            row = run_epoch(setup, epoch, progress)
+            row, probes = run_epoch(setup, epoch, progress)
+            rows.extend(probes)
             rows.append(row)
             run.write_metrics(rows)
             run.save_checkpoint({"epochs_done": epoch + 1, "trainer": setup.trainer.state_dict()})
@@ -195,7 +215,7 @@ def _train(setup: Setup, run: RunDir, rows: list[dict], first_epoch: int, quiet:
                 status = "diverged"
             elif epoch + 1 == cfg.epochs:
                 status = "complete"
-            run.write(SUMMARY, summarize(cfg, rows, status))
+            _write_summary(run, cfg, rows, status)
             progress.end_epoch(row)
             if status == "diverged":
                 raise DbenchError(f"training diverged (train loss {row['train_loss']}) in epoch {epoch + 1}; see {run.path}")
@@ -203,33 +223,69 @@ def _train(setup: Setup, run: RunDir, rows: list[dict], first_epoch: int, quiet:
                 on_epoch_end(epoch + 1)
     except KeyboardInterrupt:
         progress.close()
-        run.write(SUMMARY, summarize(cfg, rows, "interrupted"))
-        raise RunInterrupted(run.path, len(rows)) from None
+        _write_summary(run, cfg, rows, "interrupted")
+        raise RunInterrupted(run.path, len(epoch_rows(rows))) from None
     except DbenchError:
         progress.close()
         if status != "diverged":
-            run.write(SUMMARY, summarize(cfg, rows, "failed"))
+            _write_summary(run, cfg, rows, "failed")
         raise
     except Exception as e:
         progress.close()
-        run.write(SUMMARY, summarize(cfg, rows, "failed", error=f"{type(e).__name__}: {e}"))
+        _write_summary(run, cfg, rows, "failed", error=f"{type(e).__name__}: {e}")
         raise
+    if not quiet:
+        click.echo(run_tables.modules_table(run.read(SUMMARY)))
 
 
-def run_epoch(setup: Setup, epoch: int, progress: Progress) -> dict:
+def _write_summary(run: RunDir, cfg: RunConfig, rows: list[dict], status: str, error: str | None = None) -> None:
+    summary = summarize(cfg, rows, status, error)
+    run.write(SUMMARY, summary)
+    run.write_text(run_tables.SUMMARY_MD, run_tables.markdown(run.read(CONFIG), summary))
+
+
+def epoch_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["kind"] == "epoch"]
+
+
+def probe_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["kind"] == "probe"]
+
+
+def run_epoch(setup: Setup, epoch: int, progress: Progress) -> tuple[dict, list[dict]]:
+    """Train one epoch and evaluate; returns the epoch's row and its σ probe rows."""
     trainer, loader = setup.trainer, setup.train
+    meters = trainer.meters
     top = trainer.devices[-1]
     loss_sum = torch.zeros((), device=top)
     correct = torch.zeros((), dtype=torch.long, device=top)
     seen = 0
+    warmup, warm_seen, warm_start = setup.warmup_steps, 0, None
+    probe_seconds = 0.0  # wall-clock of the σ probes' extra passes, after warm-up
+    probes: list[dict] = []
     lr = setup.schedule.lr_at(trainer.iteration)
     progress.start_epoch(epoch, len(loader))
-    _sync(trainer.devices)  # start the clock on idle devices
+    _sync(trainer.devices)  # start the clocks on idle devices
     start = time.perf_counter()
+    meters.start_epoch()
     for i, (x, y) in enumerate(loader.epoch(epoch)):
+        if i == warmup:
+            _sync(trainer.devices)  # throughput counts from here: the warm-up's work must be done
+            warm_start, warm_seen = time.perf_counter(), seen
         lr = setup.schedule.lr_at(trainer.iteration)
         trainer.set_lr(lr)
+        probing = setup.sigma_every > 0 and (i + 1) % setup.sigma_every == 0
+        if probing:
+            _sync(trainer.devices)  # time the probe alone, to take it out of samples/s
+            t0 = time.perf_counter()
+            trainer.probe_sigma(setup.probe)
+            _sync(trainer.devices)
+            if warm_start is not None:
+                probe_seconds += time.perf_counter() - t0
+        iteration = trainer.iteration
         out = trainer.step_output(x, y)
+        if probing:
+            probes.append(_probe_row(epoch, i, iteration, *trainer.take_sigma()))  # .item(): a sync per probe
         y_top = y.to(top)
         loss_sum += out.loss * len(y)
         correct += (out.logits.argmax(dim=1) == y_top).sum()
@@ -238,11 +294,16 @@ def run_epoch(setup: Setup, epoch: int, progress: Progress) -> dict:
         if (i + 1) % SHOW_EVERY == 0:
             # .item() waits for the device: one sync every SHOW_EVERY steps.
             progress.show(loss_sum.item() / seen, seen / (time.perf_counter() - start))
-    # .item() below synchronizes the top device; sync all so the clock covers every stage's work.
+    # .item() below synchronizes the top device; sync all so the clocks cover every stage's work.
     _sync(trainer.devices)
-    train_seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    modules = meters.stop_epoch()
+    train_seconds = end - start
+    if warm_start is None:  # an epoch of one step: nothing left after warm-up
+        warm_start, warm_seen = start, 0
+    measured = end - warm_start - probe_seconds
     test_loss, test_acc, eval_seconds = evaluate(setup)
-    return {
+    row = {
         "kind": "epoch",
         "epoch": epoch + 1,
         "lr": lr,
@@ -253,7 +314,32 @@ def run_epoch(setup: Setup, epoch: int, progress: Progress) -> dict:
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "epoch_seconds": train_seconds + eval_seconds,
-        "samples_per_s": seen / train_seconds,
+        "warmup_steps": warmup if warm_seen else 0,
+        "samples_per_s": (seen - warm_seen) / measured if measured > 0 and seen > warm_seen else None,
+        "probes": len(probes),
+        "modules": modules,
+    }
+    return row, probes
+
+
+def _probe_row(epoch: int, i: int, iteration: int, modules: list[SigmaResult], network: SigmaResult) -> dict:
+    return {
+        "kind": "probe",
+        "epoch": epoch + 1,
+        "step": i + 1,
+        "iteration": iteration,
+        "sigma": network.sigma,
+        "cosine": network.cosine,
+        "modules": [
+            {
+                "module": r.module,
+                "sigma": r.sigma,
+                "cosine": r.cosine,
+                "true_grad_norm": r.true_grad_norm,
+                "method_grad_norm": r.method_grad_norm,
+            }
+            for r in modules
+        ],
     }
 
 
@@ -274,12 +360,14 @@ def evaluate(setup: Setup) -> tuple[float, float, float]:
 
 
 def summarize(cfg: RunConfig, rows: list[dict], status: str, error: str | None = None) -> dict:
-    summary: dict[str, Any] = {"status": status, "epochs_done": len(rows), "epochs": cfg.epochs}
+    epochs = epoch_rows(rows)
+    summary: dict[str, Any] = {"status": status, "epochs_done": len(epochs), "epochs": cfg.epochs}
     if error:
         summary["error"] = error
-    if rows:
-        best = max(rows, key=lambda r: r["test_acc"])  # first epoch among equals
-        last = rows[-1]
+    if epochs:
+        best = max(epochs, key=lambda r: r["test_acc"])  # first epoch among equals
+        last = epochs[-1]
+        rates = [r["samples_per_s"] for r in epochs if r.get("samples_per_s")]
         summary.update(
             best_test_acc=best["test_acc"],
             best_test_error=1 - best["test_acc"],
@@ -288,10 +376,38 @@ def summarize(cfg: RunConfig, rows: list[dict], status: str, error: str | None =
             final_test_loss=last["test_loss"],
             final_train_loss=last["train_loss"],
             final_train_acc=last["train_acc"],
-            train_seconds=sum(r["train_seconds"] for r in rows),
-            seconds=sum(r["epoch_seconds"] for r in rows),
+            train_seconds=sum(r["train_seconds"] for r in epochs),
+            seconds=sum(r["epoch_seconds"] for r in epochs),
+            samples_per_s=sum(rates) / len(rates) if rates else None,
         )
+        if all("modules" in r for r in epochs):
+            summary["modules"] = _module_summary(epochs, probe_rows(rows))
+        network = [p["sigma"] for p in probe_rows(rows) if p["sigma"] is not None]
+        summary["mean_sigma"] = sum(network) / len(network) if network else None
     return summary
+
+
+def _module_summary(epochs: list[dict], probes: list[dict]) -> list[dict]:
+    """Per module over the whole run: time totals, peak memory (with its breakdown) and mean σ."""
+    out = []
+    for k, first in enumerate(epochs[0]["modules"]):
+        per_epoch = [r["modules"][k] for r in epochs]
+        peak = max(per_epoch, key=lambda m: m["accounted_peak_bytes"])
+        record = {"module": k, "device": first["device"]}
+        for state in STATES:
+            record[f"{state}_s"] = sum(m[f"{state}_s"] for m in per_epoch)
+        record["accounted_peak_bytes"] = peak["accounted_peak_bytes"]
+        record["accounted_bytes"] = peak["accounted_bytes"]
+        for name in ("cuda_peak_active_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes"):
+            if name in first:
+                record[name] = max(m[name] for m in per_epoch)
+        sigmas = [p["modules"][k]["sigma"] for p in probes if p["modules"][k]["sigma"] is not None]
+        cosines = [p["modules"][k]["cosine"] for p in probes if p["modules"][k]["cosine"] is not None]
+        record["mean_sigma"] = sum(sigmas) / len(sigmas) if sigmas else None
+        record["mean_cosine"] = sum(cosines) / len(cosines) if cosines else None
+        record["sigma_probes"] = len(sigmas)
+        out.append(record)
+    return out
 
 
 def _sync(devices: list[torch.device]) -> None:

@@ -13,6 +13,7 @@ The command line builds exactly this object; nothing it does is out of reach her
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 from dbench.engine import LocalEngine
 from dbench.errors import DbenchError
+from dbench.meters import Meters, SigmaResult, StageMeter
 from dbench.method import Stage, StepOutput, parse_options
 from dbench.optim import OptimConfig
 from dbench.registry import METHODS
@@ -30,7 +32,8 @@ class Trainer:
 
     ``options`` are the method's options, either its ``Options`` dataclass or a
     ``{name: text}`` dict as given on the command line. ``num_classes`` is
-    needed by methods that read the labels as input (cDNI).
+    needed by methods that read the labels as input (cDNI). ``measure``
+    attaches the meters (``self.meters``: time, memory, σ per module).
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class Trainer:
         devices: Sequence[torch.device | str] | None = None,
         options: Any = None,
         num_classes: int | None = None,
+        measure: bool = False,
     ):
         if not modules:
             raise DbenchError("a trainer needs at least one module")
@@ -64,6 +68,10 @@ class Trainer:
             for k, (m, d) in enumerate(zip(modules, devices))
         ]
         self.engine = LocalEngine(self.stages)
+        self.meters: Meters | None = None
+        if measure:
+            self.meters = Meters([StageMeter(s, partial(self.engine.queued, k)) for k, s in enumerate(self.stages)])
+            self.engine.attach_meters(self.meters.stages)
         self.iteration = 0
 
     @property
@@ -83,6 +91,33 @@ class Trainer:
         out = self.engine.train_step(self.iteration, x, y)
         self.iteration += 1
         return out
+
+    def probe_sigma(self, probe: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Take the true gradient on the ``probe`` batches at the current weights; the next step measures σ.
+
+        Needs ``measure=True``. Changes no training state (see dbench.meters.sigma).
+        """
+        if self.meters is None:
+            raise DbenchError("measuring σ needs a trainer built with measure=True")
+        if not probe:
+            raise DbenchError("measuring σ needs at least one probe batch")
+        self.engine.train()  # the true gradient of the training loss: BatchNorm on batch statistics
+        self.meters.arm_sigma(self.engine.true_gradients(list(probe)))
+
+    def take_sigma(self) -> tuple[list[SigmaResult], SigmaResult]:
+        """σ per module and for the whole network, of the step that followed ``probe_sigma``."""
+        if self.meters is None:
+            raise DbenchError("measuring σ needs a trainer built with measure=True")
+        return self.meters.take_sigma()
+
+    def sigma_step(
+        self, x: torch.Tensor, y: torch.Tensor, probe: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[StepOutput, list[SigmaResult], SigmaResult]:
+        """``probe_sigma``, then the training step ``step_output(x, y)``, then ``take_sigma``."""
+        self.probe_sigma(probe)
+        out = self.step_output(x, y)
+        modules, network = self.take_sigma()
+        return out, modules, network
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits in eval mode (BatchNorm uses running statistics)."""

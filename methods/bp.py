@@ -23,7 +23,7 @@ class BackProp(Stage):
         out = self.module(x)
         yield Send(UP, out)
         grad = yield Recv(DOWN)  # waits for δ_k of this same batch
-        out.backward(grad)
+        self.backward(out, grad)
         if not self.is_first:
             # Send δ_{k-1} before updating, so the module below can start its
             # backward while this one steps.

@@ -60,19 +60,26 @@ class DelayedGradients(Stage):
         with torch.no_grad():
             for name, b in self.module.named_buffers():
                 b.copy_(after[name])
-        yield Send(UP, out)
         self.stored.append(_Stored(x, weights, before, out))
+        yield Send(UP, out)
         if len(self.stored) <= self.delay:
             return None  # warm-up: no gradient has reached this module yet
         grad = yield Recv(DOWN)  # δ_k from module k+1 at t-1, for the batch of iteration t-d
-        old = self.stored.popleft()
-        old.out.backward(grad)
+        old = self.stored[0]  # dropped only after its backward: what it holds counts until then
+        self.backward(old.out, grad)
+        self.stored.popleft()
         for name, p in self.module.named_parameters():
             p.grad = old.weights[name].grad
         if not self.is_first:
             yield Send(DOWN, old.x.grad)
         self.apply_update()
         return None
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        # The stored inputs and activations are the graphs' own (counted as
+        # activations); the weight and buffer copies are what DDG adds to keep
+        # those graphs valid while the live weights move on.
+        return {"weight_snapshots": [t for s in self.stored for t in (*s.weights.values(), *s.buffers.values())]}
 
     def _forward(self, x, weights, buffers):
         """Forward on given weights and on copies of given buffers; returns the output and the updated copies."""

@@ -63,7 +63,7 @@ class DirectFeedbackAlignment(Stage):
         if self.feedback is None:
             g = torch.Generator().manual_seed(self.options.feedback_seed * 1000 + self.index)
             self.feedback = self.draw_feedback(error.shape[1], out[0].numel(), g).to(self.device)
-        out.backward(self.apply_feedback(error).view_as(out))
+        self.backward(out, self.apply_feedback(error).view_as(out))
         self.apply_update()
         return None
 
@@ -71,12 +71,16 @@ class DirectFeedbackAlignment(Stage):
         x = yield from self.receive_input(x, needs_grad=False)
         out = self.module(x)
         loss = self.loss_fn(out, y)
+        self.before_backward()
         if not self.is_first:
             (error,) = torch.autograd.grad(loss, out, retain_graph=True)
             yield Send(ERROR, error)  # every module below can update now
         loss.backward()
         self.apply_update()
         return StepOutput(loss=loss.detach(), logits=out.detach())
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {"feedback": [self.feedback] if self.feedback is not None else []}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "feedback": self.feedback}

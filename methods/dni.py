@@ -131,7 +131,7 @@ class SyntheticGradients(Stage):
         out = self.module(x)
         yield Send(UP, out)
         raw = self.synthesize(out.detach(), y)
-        out.backward((raw * self.target_scale).detach())  # δ̂_k
+        self.backward(out, (raw * self.target_scale).detach())  # δ̂_k
         if not self.is_first:
             yield Send(DOWN, x.grad)  # module k-1's synthesizer target
         self.apply_update()  # unlocked: no waiting for the modules above
@@ -143,10 +143,18 @@ class SyntheticGradients(Stage):
         unit = torch.where(self.target_scale > 0, self.target_scale, torch.ones_like(self.target_scale))
         loss = F.mse_loss(raw, target / unit)  # normalized units, see the class docstring
         self.synth_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         self.synth_optimizer.step()
         self.synth_loss = loss.detach()
         return None
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        if self.synth is None:
+            return {"synthesizer": []}
+        adam = [t for s in self.synth_optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        params = list(self.synth.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        return {"synthesizer": [*params, *self.synth.buffers(), *grads, *adam, self.target_scale]}
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -52,11 +52,14 @@ class FeaturesReplay(Stage):
             stored.requires_grad_()
         with frozen_running_stats(self.module):
             replayed = self.module(stored)  # current weights w^t
-        replayed.backward(grad)
+        self.backward(replayed, grad)
         if not self.is_first:
             yield Send(DOWN, stored.grad)
         self.apply_update()
         return None
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {"stored_inputs": list(self.history)}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "history": [h.detach() for h in self.history]}

@@ -105,7 +105,7 @@ def test_console_script_end_to_end(tmp_path):
     assert "running the 2 module(s) on the CPU" in done.stdout
     assert "epoch 1/1" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.pt", "config.json", "environment.json", "metrics.jsonl", "summary.json"
+        "checkpoint.pt", "config.json", "environment.json", "metrics.jsonl", "summary.json", "summary.md"
     ]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["epochs_done"] == 1

@@ -124,6 +124,19 @@ class DeviceLoader:
         dy, dx, flip = draw_augmentation(g, self.num_samples)
         return order, dy, dx, flip
 
+    def fixed_batches(self, count: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+        """``count`` batches of distinct samples drawn once from ``seed``, without augmentation.
+
+        The σ probe's set: the same images at every probe of a run.
+        """
+        n = min(self.num_samples, count * self.batch_size)
+        g = torch.Generator().manual_seed(seed)
+        picked = torch.randperm(self.num_samples, generator=g)[:n].to(self.device)
+        return [
+            (self.normalize(self.x[idx]), self.y[idx])
+            for idx in picked.split(self.batch_size)
+        ]
+
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         if not self.train:
             yield from self._eval_batches()

@@ -1,0 +1,65 @@
+"""Meters: time per module (compute vs waiting), memory per module and device, and the σ probe.
+
+``Meters`` is what a trainer carries when it measures: one ``StageMeter`` per
+module, installed on the stage and driven by the engine, plus the per-device
+CUDA allocator peaks. ``start_epoch``/``stop_epoch`` bracket an epoch and
+return one record per module.
+"""
+from __future__ import annotations
+
+import torch
+
+from dbench.meters.clock import STATES
+from dbench.meters.memory import cuda_peaks
+from dbench.meters.stage_meter import StageMeter
+from dbench.meters.sigma import SigmaResult, combine, sigma_of, true_gradient
+
+__all__ = ["Meters", "StageMeter", "SigmaResult", "true_gradient", "STATES"]
+
+
+class Meters:
+    def __init__(self, stage_meters: list[StageMeter]):
+        self.stages = stage_meters
+
+    @property
+    def cuda_devices(self) -> list[torch.device]:
+        return sorted({m.stage.device for m in self.stages if m.stage.device.type == "cuda"}, key=str)
+
+    def start_epoch(self) -> None:
+        """Call right after synchronizing every device (the clocks start here)."""
+        for d in self.cuda_devices:
+            torch.cuda.reset_peak_memory_stats(d)
+        for m in self.stages:
+            m.reset_peak()
+            m.clock.start()
+
+    def stop_epoch(self) -> list[dict]:
+        """One record per module; call right after synchronizing every device."""
+        peaks = {d: cuda_peaks(d) for d in self.cuda_devices}
+        records = []
+        for k, m in enumerate(self.stages):
+            seconds = m.clock.stop()
+            record = {
+                "module": k,
+                "device": str(m.stage.device),
+                **{f"{state}_s": seconds[state] for state in STATES},
+                "accounted_peak_bytes": m.peak_total,
+                "accounted_bytes": dict(m.peak),
+            }
+            if m.stage.device in peaks:
+                # Per device: modules sharing a device report the same figures.
+                record.update({f"cuda_{name}": value for name, value in peaks[m.stage.device].items()})
+            records.append(record)
+        return records
+
+    def arm_sigma(self, true_grads: list[list[torch.Tensor]]) -> None:
+        for m, grads in zip(self.stages, true_grads, strict=True):
+            m.sigma.arm(grads)
+
+    def take_sigma(self) -> tuple[list[SigmaResult], SigmaResult]:
+        """Per-module σ of the iteration just run, and the whole network's (host syncs: once per probe)."""
+        taken = [m.sigma.take() for m in self.stages]
+        if any(t is None for t in taken):
+            raise RuntimeError("take_sigma without arm_sigma before the step")
+        modules = [sigma_of(k, sums, updated) for k, (sums, updated) in enumerate(taken)]
+        return modules, sigma_of(None, combine([sums for sums, _ in taken]))

@@ -1,0 +1,76 @@
+"""Where each module's wall-clock goes: computing, waiting for an input, waiting for a gradient, idle, probing.
+
+A :class:`StageClock` is marked at every transition of its stage (the engine
+marks it when the stage resumes, blocks on a message or finishes its step), and
+the time between two marks goes to the state the stage was in. The marks cover
+the epoch without gaps, so the states add up to the epoch's training time.
+
+On the CPU a mark reads ``time.perf_counter``. On CUDA a mark records an event
+on the device's current stream, and the intervals are read once the epoch's
+work has been synchronized: a host clock would time the launching of
+asynchronous kernels, not their execution.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+COMPUTE = "compute"  # forward, backward or replay, update, and sending messages
+WAIT_INPUT = "wait_input"  # blocked until the module below sends an activation
+WAIT_GRAD = "wait_grad"  # blocked until a teaching signal arrives (gradient from above, DFA's error)
+IDLE = "idle"  # its step is done (or not handed out yet): the runner, data, other modules in a sequential engine
+PROBE = "probe"  # the σ probe's extra plain-BP pass (not part of any method's cost)
+STATES = (COMPUTE, WAIT_INPUT, WAIT_GRAD, IDLE, PROBE)
+
+
+class StageClock:
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.running = False
+        self.state = IDLE
+        self.totals = dict.fromkeys(STATES, 0.0)
+        self._last: float | torch.cuda.Event | None = None
+        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start(self) -> None:
+        """Begin an epoch in the idle state; call right after the runner's synchronization."""
+        self.totals = dict.fromkeys(STATES, 0.0)
+        self._pending = []
+        self.state = IDLE
+        self._last = self._now()
+        self.running = True
+
+    def mark(self, state: str) -> None:
+        """From now on the stage is in ``state``."""
+        if not self.running or state == self.state:
+            return
+        now = self._now()
+        if self.cuda:
+            self._pending.append((self.state, self._last, now))
+        else:
+            self.totals[self.state] += now - self._last
+        self.state, self._last = state, now
+
+    def stop(self) -> dict[str, float]:
+        """Seconds per state since :meth:`start`. On CUDA call it after synchronizing the device."""
+        if not self.running:
+            return dict(self.totals)
+        now = self._now()
+        if self.cuda:
+            self._pending.append((self.state, self._last, now))
+            for state, begin, end in self._pending:
+                self.totals[state] += begin.elapsed_time(end) / 1000.0  # ms -> s
+            self._pending = []
+        else:
+            self.totals[self.state] += now - self._last
+        self.running = False
+        return dict(self.totals)
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            return event
+        return time.perf_counter()

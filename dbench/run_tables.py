@@ -1,0 +1,95 @@
+"""summary.md: a run's per-module time, memory and σ as tables a reader can use without the code."""
+from __future__ import annotations
+
+SUMMARY_MD = "summary.md"
+
+MIB = 2**20
+
+LEGEND = """\
+What the columns mean:
+- **compute**: seconds the module spent computing: forward, backward or replay, update, sending.
+- **wait input** / **wait grad**: seconds it was blocked until an activation came from below /
+  until its teaching signal came (the gradient from above, or DFA's output error).
+  In the local engine only one module runs at a time, so these are the other modules' compute;
+  the distributed engine shows the real overlap.
+- **idle**: its step was done (or not handed out yet): data, bookkeeping, the other modules in the local engine.
+- **σ probe**: the probe's extra plain-BP pass (not part of the method's cost).
+  compute + waits + idle + probe = the training wall-clock of the run.
+- **peak memory (accounted)**: bytes of the tensors the module holds, at its largest moment,
+  by category (parameters and buffers, gradients, optimizer state, the method's own state,
+  queued messages, activations saved for backward). Measured CUDA peaks, where present, also hold
+  the data set and temporaries.
+- **σ**: <∇f, g_k> / ||∇f||² per module, ∇f the true gradient on a fixed probe set at the same weights,
+  g_k the gradient the method applied (ALGORITHMS.md). 1 is plain BP; > 0 is a descent direction.
+  **cos**: the cosine of the same two vectors. Means over the run's probes.
+"""
+
+
+def _num(value, fmt: str = "{:.3g}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _mib(value) -> str:
+    return "–" if value is None else f"{value / MIB:.2f}"
+
+
+def modules_table(summary: dict) -> str:
+    """Per-module time, peak memory and σ over the whole run (Markdown)."""
+    modules = summary.get("modules")
+    if not modules:
+        return "(no per-module measurements yet)"
+    cuda = any("cuda_peak_active_bytes" in m for m in modules)
+    head = ["module", "device", "compute s", "wait input s", "wait grad s", "idle s", "σ probe s",
+            "peak MiB (accounted)"] + (["peak MiB (CUDA active)", "reserved MiB (CUDA)"] if cuda else []) + ["mean σ", "mean cos"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in modules:
+        cells = [str(m["module"]), m["device"], *(f"{m[f'{s}_s']:.2f}" for s in ("compute", "wait_input", "wait_grad", "idle", "probe")),
+                 _mib(m["accounted_peak_bytes"])]
+        if cuda:
+            cells += [_mib(m.get("cuda_peak_active_bytes")), _mib(m.get("cuda_peak_reserved_bytes"))]
+        cells += [_num(m.get("mean_sigma")), _num(m.get("mean_cosine"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def memory_table(summary: dict) -> str:
+    """Each module's accounted memory at its peak, by category, in MiB (Markdown)."""
+    modules = summary.get("modules") or []
+    categories: list[str] = []
+    for m in modules:
+        for c in m["accounted_bytes"]:
+            if c not in categories:
+                categories.append(c)
+    head = ["module", *categories, "total"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in modules:
+        cells = [str(m["module"]), *(_mib(m["accounted_bytes"].get(c, 0)) for c in categories), _mib(m["accounted_peak_bytes"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(config: dict, summary: dict) -> str:
+    run = config["run"]
+    title = f"# {run['method']} · {run['model']} · {run['dataset']} · K={run['gpus']} · seed {run['seed']}"
+    out = [title, ""]
+    status = f"Status: **{summary['status']}**, {summary['epochs_done']} of {summary['epochs']} epochs."
+    if summary.get("error"):
+        status += f" Error: {summary['error']}"
+    out.append(status)
+    if summary.get("epochs_done"):
+        out += [
+            "",
+            f"Best test error {100 * summary['best_test_error']:.2f}% (epoch {summary['best_epoch']}); "
+            f"final test accuracy {100 * summary['final_test_acc']:.2f}%, final train loss {summary['final_train_loss']:.4f}.",
+            f"Training {summary['train_seconds']:.1f} s, {_num(summary.get('samples_per_s'), '{:.0f}')} samples/s "
+            f"(the first {config.get('warmup_steps', 0)} steps of each epoch left out as warm-up, and the σ probes). "
+            f"Network σ, mean over probes: {_num(summary.get('mean_sigma'))}.",
+            "",
+            "Partition (blocks per module): "
+            + ", ".join(f"{k}: [{a}, {b})" for k, (a, b) in enumerate(config["partition"]))
+            + f"; devices: {', '.join(config['devices'])}.",
+        ]
+    if summary.get("modules"):
+        out += ["", "## Per module, whole run", "", modules_table(summary), "",
+                "## Memory at each module's peak, by category (MiB, accounted)", "", memory_table(summary), "", LEGEND]
+    return "\n".join(out) + "\n"
