@@ -8,11 +8,12 @@ from tqdm import tqdm
 
 
 def epoch_line(row: dict, epochs: int) -> str:
+    rate = "–" if row.get("samples_per_s") is None else f"{row['samples_per_s']:.0f}"
     return (
         f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.4g}  "
         f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  "
         f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}%  "
-        f"{row['epoch_seconds']:.1f} s ({row['samples_per_s']:.0f} samples/s)"
+        f"{row['epoch_seconds']:.1f} s ({rate} samples/s)"
     )
 
 

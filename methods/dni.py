@@ -22,6 +22,7 @@ class SynthOptions:
     hidden: int = field(default=64, metadata={"help": "channels (conv features) or units (flat features) of each hidden layer"})
     layers: int = field(default=2, metadata={"help": "hidden layers of the synthesizer"})
     synth_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the synthesizers"})
+    synth_seed: int = field(default=0, metadata={"help": "seed of the synthesizers' initial weights"})
 
     def validate(self) -> None:
         if self.hidden < 1:
@@ -30,6 +31,8 @@ class SynthOptions:
             raise DbenchError(f"bad layers {self.layers}: must be >= 0")
         if not (self.synth_lr > 0 and math.isfinite(self.synth_lr)):
             raise DbenchError(f"bad synth_lr {self.synth_lr}: must be a finite number > 0")
+        if self.synth_seed < 0:
+            raise DbenchError(f"bad synth_seed {self.synth_seed}: must be >= 0")
 
 
 class Synthesizer(nn.Module):
@@ -111,7 +114,13 @@ class SyntheticGradients(Stage):
 
     def _build_synth(self, shape: tuple[int, ...]) -> None:
         o = self.options
-        self.synth = Synthesizer(shape, o.hidden, o.layers, self.num_classes if self.conditioned else 0).to(self.device)
+        # The synthesizer is built at the first step, when the output shape is
+        # known; its initial weights come from its own seed, so they neither
+        # depend on nor disturb whatever else drew from the global generator.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(o.synth_seed * 1000 + self.index)
+            synth = Synthesizer(shape, o.hidden, o.layers, self.num_classes if self.conditioned else 0)
+        self.synth = synth.to(self.device)
         self.synth_optimizer = torch.optim.Adam(self.synth.parameters(), lr=o.synth_lr)
 
     def synthesize(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
