@@ -329,11 +329,15 @@ def _probe_row(epoch: int, i: int, iteration: int, modules: list[SigmaResult], n
         "step": i + 1,
         "iteration": iteration,
         "sigma": network.sigma,
+        "sigma_corrected": network.sigma_corrected,
         "cosine": network.cosine,
+        # (<∇,g>, ||∇||², <∇_A,∇_B>, ||g||²) per module: what σ is computed from, for pooling over probes
+        "sums": [list(r.sums) for r in modules],
         "modules": [
             {
                 "module": r.module,
                 "sigma": r.sigma,
+                "sigma_corrected": r.sigma_corrected,
                 "cosine": r.cosine,
                 "true_grad_norm": r.true_grad_norm,
                 "method_grad_norm": r.method_grad_norm,
@@ -382,9 +386,20 @@ def summarize(cfg: RunConfig, rows: list[dict], status: str, error: str | None =
         )
         if all("modules" in r for r in epochs):
             summary["modules"] = _module_summary(epochs, probe_rows(rows))
-        network = [p["sigma"] for p in probe_rows(rows) if p["sigma"] is not None]
+        probes = probe_rows(rows)
+        network = [p["sigma"] for p in probes if p["sigma"] is not None]
         summary["mean_sigma"] = sum(network) / len(network) if network else None
+        summary["sigma_corrected"] = pooled_corrected_sigma(
+            [[sum(col) for col in zip(*p["sums"])] for p in probes]
+        )
     return summary
+
+
+def pooled_corrected_sigma(sums: list[list[float]]) -> float | None:
+    """Σ<∇,g> / Σ<∇_A,∇_B> over probes: the noise-corrected σ of a run (see dbench.meters.sigma)."""
+    usable = [s for s in sums if math.isfinite(s[2])]
+    cross = sum(s[2] for s in usable)
+    return sum(s[0] for s in usable) / cross if usable and cross > 0 else None
 
 
 def _module_summary(epochs: list[dict], probes: list[dict]) -> list[dict]:
@@ -401,9 +416,11 @@ def _module_summary(epochs: list[dict], probes: list[dict]) -> list[dict]:
         for name in ("cuda_peak_active_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes"):
             if name in first:
                 record[name] = max(m[name] for m in per_epoch)
-        sigmas = [p["modules"][k]["sigma"] for p in probes if p["modules"][k]["sigma"] is not None]
-        cosines = [p["modules"][k]["cosine"] for p in probes if p["modules"][k]["cosine"] is not None]
+        updated = [p for p in probes if p["modules"][k]["sigma"] is not None]
+        sigmas = [p["modules"][k]["sigma"] for p in updated]
+        cosines = [p["modules"][k]["cosine"] for p in updated if p["modules"][k]["cosine"] is not None]
         record["mean_sigma"] = sum(sigmas) / len(sigmas) if sigmas else None
+        record["sigma_corrected"] = pooled_corrected_sigma([p["sums"][k] for p in updated])
         record["mean_cosine"] = sum(cosines) / len(cosines) if cosines else None
         record["sigma_probes"] = len(sigmas)
         out.append(record)

@@ -54,6 +54,33 @@ def test_bp_sigma_is_one_when_the_probe_is_the_batch(k):
         _, modules, network = t.sigma_step(x, y, [(x, y)])
         for r in [*modules, network]:
             assert r.sigma == pytest.approx(1, abs=1e-5) and r.cosine == pytest.approx(1, abs=1e-5)
+            assert r.sigma_corrected is None  # one batch: no halves to take the noise out with
+        # Two halves that are the same batch: <∇_A, ∇_B> = ||∇||², so the corrected σ is 1 too.
+        _, modules, network = t.sigma_step(x, y, [(x, y), (x, y)])
+        for r in [*modules, network]:
+            assert r.sigma_corrected == pytest.approx(1, abs=1e-5)
+
+
+def test_corrected_sigma_uses_independent_halves():
+    """sigma_corrected = <∇,g> / <∇_A,∇_B>, with ∇_A, ∇_B the mean gradients of the two halves of the probe set."""
+    t = trainer("bp", [(0, 5)])
+    x, y = batches(1, seed=3)[0]
+    probe = batches(3, seed=8)  # halves of 2 and 1 batches
+    whole = copy.deepcopy(t.modules[0]).train()
+    params = list(whole.parameters())
+
+    def grad(bs):
+        loss = sum(nn.functional.cross_entropy(whole(xb), yb) for xb, yb in bs) / len(bs)
+        return torch.autograd.grad(loss, params)
+
+    g_all, g_a, g_b = grad(probe), grad(probe[:2]), grad(probe[2:])
+    applied = record_grads(t)
+    _, (module,), _ = t.sigma_step(x, y, probe)
+    dot = sum((a.double() * b.double()).sum() for a, b in zip(g_all, applied[(0, 0)])).item()
+    cross = sum((a.double() * b.double()).sum() for a, b in zip(g_a, g_b)).item()
+    assert module.sums[0] == pytest.approx(dot, rel=1e-4) and module.sums[2] == pytest.approx(cross, rel=1e-4)
+    # A cross term <= 0 means the probe set is too noisy to estimate ||∇f||²: no value then.
+    assert module.sigma_corrected == (pytest.approx(dot / cross, rel=1e-4) if cross > 0 else None)
 
 
 @pytest.mark.parametrize("method", ["fr", "dfa", "dni"])
@@ -234,6 +261,8 @@ def test_run_records_time_memory_and_sigma(tmp_path):
     summary = json.loads((path / "summary.json").read_text())
     assert [m["sigma_probes"] for m in summary["modules"]] == [len(probes)] * 3
     assert summary["mean_sigma"] == pytest.approx(sum(p["sigma"] for p in probes) / len(probes))
+    pooled = sum(sum(s[0] for s in p["sums"]) for p in probes) / sum(sum(s[2] for s in p["sums"]) for p in probes)
+    assert summary["sigma_corrected"] == pytest.approx(pooled)
     assert summary["modules"][0]["accounted_peak_bytes"] == max(r["modules"][0]["accounted_peak_bytes"] for r in epochs)
     text = (path / "summary.md").read_text()
     assert "wait grad s" in text and "stored_inputs" in text and "What the columns mean" in text

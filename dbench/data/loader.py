@@ -125,17 +125,21 @@ class DeviceLoader:
         return order, dy, dx, flip
 
     def fixed_batches(self, count: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-        """``count`` batches of distinct samples drawn once from ``seed``, without augmentation.
+        """``count`` batches of distinct samples, drawn once from ``seed``: the σ probe's set.
 
-        The σ probe's set: the same images at every probe of a run.
+        A training loader augments them with one fixed draw, so the probe's
+        gradient is of the same objective the training batches estimate (the
+        loss over augmented images); the same images at every probe of a run.
         """
         n = min(self.num_samples, count * self.batch_size)
         g = torch.Generator().manual_seed(seed)
-        picked = torch.randperm(self.num_samples, generator=g)[:n].to(self.device)
-        return [
-            (self.normalize(self.x[idx]), self.y[idx])
-            for idx in picked.split(self.batch_size)
-        ]
+        picked = torch.randperm(self.num_samples, generator=g)[:n]
+        images = self.x[picked.to(self.device)]
+        if self.train:
+            dy, dx, flip = (t.to(self.device) for t in draw_augmentation(g, n))
+            images = augment(images, dy, dx, flip)
+        x, y = self.normalize(images), self.y[picked.to(self.device)]
+        return list(zip(x.split(self.batch_size), y.split(self.batch_size)))
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         if not self.train:
