@@ -16,7 +16,7 @@ from dbench.optim import SCHEDULES
 _RUN_FLAGS = (
     "method", "opt", "model", "dataset", "data_dir", "download", "gpus", "devices", "engine", "split",
     "epochs", "batch_size", "lr", "lr_schedule", "milestones", "lr_gamma", "momentum", "nesterov",
-    "weight_decay", "seed", "out",
+    "weight_decay", "seed", "out", "sigma_every", "sigma_batches", "comm_timeout",
 )
 
 
@@ -59,7 +59,11 @@ D = RunConfig()  # the defaults, shown in --help
 @click.option("--devices", default=None, metavar="LIST",
               help="Explicit device per module, e.g. cuda:0,cuda:0 (the only way to share a device).")
 @click.option("--engine", type=click.Choice(ENGINES), default=D.engine, show_default=True,
-              help="local: every module in this process.")
+              help="local: every module in this process; distributed: one process per module "
+                   "(torch.distributed: NCCL on CUDA, gloo on CPU); auto: distributed when the K modules "
+                   "sit on K distinct GPUs, else local.")
+@click.option("--comm-timeout", type=float, default=D.comm_timeout, show_default=True, metavar="SECONDS",
+              help="Distributed engine: how long a module process waits on a message before it fails.")
 @click.option("--split", default=D.split, show_default=True,
               help="How to cut the model: blocks, params, time, or cut points like 4,8.")
 @click.option("--epochs", type=int, default=D.epochs, show_default=True)

@@ -9,7 +9,7 @@ from typing import Any
 from dbench.errors import DbenchError
 from dbench.optim import SCHEDULES, LRSchedule, OptimConfig
 
-ENGINES = ("local",)
+ENGINES = ("auto", "local", "distributed")
 PROBES_PER_EPOCH = 4  # the default σ probe frequency
 
 
@@ -29,7 +29,8 @@ class RunConfig:
     download: bool = False
     gpus: int = 1
     devices: list[str] | None = None
-    engine: str = "local"
+    engine: str = "auto"
+    comm_timeout: float = 300.0  # seconds a module process waits on a message before it gives up
     split: str = "blocks"
     epochs: int = 8
     batch_size: int = 128
@@ -43,6 +44,14 @@ class RunConfig:
     seed: int = 0
     sigma_every: int | None = None  # None: PROBES_PER_EPOCH probes an epoch; 0: no σ probe
     sigma_batches: int = 2
+
+    def resolved_engine(self, devices: list) -> str:
+        """``auto``: one process per module when the K > 1 modules sit on K distinct CUDA devices,
+        else the local engine (on a CPU, K processes would share the same cores)."""
+        if self.engine != "auto":
+            return self.engine
+        distinct_gpus = all(d.type == "cuda" for d in devices) and len(set(devices)) == len(devices)
+        return "distributed" if len(devices) > 1 and distinct_gpus else "local"
 
     def sigma_interval(self, steps_per_epoch: int) -> int:
         """Steps between two σ probes (0: never)."""
@@ -79,6 +88,8 @@ class RunConfig:
         if self.sigma_every is not None and self.sigma_every < 0:
             raise DbenchError(f"bad --sigma-every {self.sigma_every}: must be >= 0 (0 turns the σ probe off)")
         _positive_int("--sigma-batches", self.sigma_batches)
+        if not self.comm_timeout > 0:
+            raise DbenchError(f"bad --comm-timeout {self.comm_timeout}: must be a number of seconds > 0")
         if self.engine not in ENGINES:
             raise DbenchError(f"unknown engine {self.engine!r}; known: {', '.join(ENGINES)}")
         if self.lr_schedule not in SCHEDULES:

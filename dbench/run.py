@@ -24,9 +24,11 @@ from dbench.models.base import describe
 from dbench.optim import LRSchedule
 from dbench.partition import Ranges, check_k, parse_split, partition, split_modules
 from dbench.progress import Progress
-from dbench.record import CONFIG, ENVIRONMENT, SUMMARY, RunDir
+from dbench.record import CHECKPOINT, CONFIG, ENVIRONMENT, SUMMARY, RunDir
 from dbench.meters import STATES, SigmaResult
 from dbench.registry import DATASETS, METHODS, MODELS
+from dbench.engine import launch
+from dbench.engine.distributed import RankTrainer
 from dbench.trainer import Trainer
 
 # How often the progress bar reads the running loss. Reading it is a
@@ -51,7 +53,10 @@ class Setup:
     train: DeviceLoader
     test: DeviceLoader
     ranges: Ranges
-    trainer: Trainer
+    trainer: Any  # a Trainer (local engine) or this process's RankTrainer (distributed), None before training
+    devices: list[torch.device]
+    engine: str  # "local" or "distributed" (resolved)
+    rank: int | None  # this process's module under the distributed engine
     schedule: LRSchedule
     options: Any
     device_note: str | None
@@ -69,7 +74,8 @@ class Setup:
             "method_options": dataclasses.asdict(self.options),
             "milestones": self.config.resolved_milestones(),
             "partition": [list(r) for r in self.ranges],
-            "devices": [str(d) for d in self.trainer.devices],
+            "engine": self.engine,
+            "devices": [str(d) for d in self.devices],
             "num_blocks": self.ranges[-1][1],
             "num_params": self.num_params,
             "steps_per_epoch": len(self.train),
@@ -82,8 +88,13 @@ class Setup:
         }
 
 
-def prepare(cfg: RunConfig, ranges: Ranges | None = None) -> Setup:
-    """Validate everything and build the trainer; raises DbenchError before anything is written."""
+def prepare(cfg: RunConfig, ranges: Ranges | None = None, *, build: bool = True, rank: int | None = None) -> Setup:
+    """Validate everything and build the trainer; raises DbenchError before anything is written.
+
+    ``build=False``: everything but the trainer (what the launcher of the
+    distributed engine records). ``rank``: build only that module's trainer,
+    in a process that has joined the process group.
+    """
     cfg.validate()
     stage_cls = METHODS.get(cfg.method)
     options = parse_options(stage_cls, cfg.method_options)
@@ -96,12 +107,15 @@ def prepare(cfg: RunConfig, ranges: Ranges | None = None) -> Setup:
             f"bad --split {cfg.split}: {len(split)} cut points make {len(split) + 1} modules, but --gpus is {cfg.gpus}"
         )
     devices, note = resolve_devices(cfg.gpus, cfg.devices)
+    engine = cfg.resolved_engine(devices)
     if not spec.needs_data_dir and (cfg.data_dir or cfg.download):
         raise DbenchError(f"--data-dir/--download do not apply to data set {cfg.dataset!r} (it is generated)")
     splits = spec.load(Path(cfg.data_dir).expanduser() if cfg.data_dir else None, cfg.download)
 
-    # Data live on the first module's device; labels are copied to each stage.
-    loader_args = dict(batch_size=cfg.batch_size, device=devices[0], mean=splits.mean, std=splits.std, seed=cfg.seed)
+    # Data live on the first module's device (labels are copied to each stage);
+    # a module's own process keeps them on its device and reads only labels unless it is the first.
+    home = devices[0] if rank is None else devices[rank]
+    loader_args = dict(batch_size=cfg.batch_size, device=home, mean=splits.mean, std=splits.std, seed=cfg.seed)
     train = DeviceLoader(splits.train_x, splits.train_y, train=True, **loader_args)
     test = DeviceLoader(splits.test_x, splits.test_y, train=False, **loader_args)
 
@@ -111,21 +125,23 @@ def prepare(cfg: RunConfig, ranges: Ranges | None = None) -> Setup:
     if ranges is None:
         sample = next(iter(train.epoch(0)))[0] if split == "time" else None
         ranges = partition(blocks, cfg.gpus, split, sample=sample, device=devices[0], model=cfg.model)
-    trainer = Trainer(
-        split_modules(blocks, ranges),
-        cfg.method,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-        devices=devices,
-        options=options,
-        num_classes=splits.num_classes,
-        measure=True,
-    )
+    modules = split_modules(blocks, ranges)
+    trainer = None
+    if build and rank is None:
+        trainer = Trainer(
+            modules, cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay, devices=devices, options=options,
+            num_classes=splits.num_classes, measure=True,
+        )
+    elif build:
+        trainer = RankTrainer(
+            modules[rank], cfg.method, rank, cfg.gpus, devices[rank], optim=cfg.optim, options=options,
+            num_classes=splits.num_classes, timeout_s=cfg.comm_timeout,
+        )
     sigma_every = cfg.sigma_interval(len(train))
     return Setup(
         config=cfg, splits=splits, train=train, test=test, ranges=ranges, trainer=trainer,
+        devices=devices, engine=engine, rank=rank,
         schedule=cfg.schedule(len(train)), options=options, device_note=note,
         num_params=sum(p.numel() for p in model.parameters()),
         sigma_every=sigma_every,
@@ -148,18 +164,18 @@ def start(cfg: RunConfig, out: Path | None = None, *, quiet: bool = False,
     """A new run; returns its directory."""
     if out is not None and out.exists():
         raise DbenchError(f"run directory {out} already exists: pass --resume {out} to continue it, or another --out")
-    setup = prepare(cfg)
+    setup = prepare(cfg, build=False)
     _note(setup)
     run = RunDir.create(
         out or default_run_dir(cfg),
         {
             CONFIG: setup.config_record(),
-            ENVIRONMENT: environment.collect(setup.trainer.devices),
+            ENVIRONMENT: environment.collect(setup.devices),
             SUMMARY: summarize(cfg, [], "running"),
         },
     )
     with run.exclusive():
-        _train(setup, run, [], 0, quiet, on_epoch_end)
+        _continue(run, quiet, on_epoch_end)
     return run.path
 
 
@@ -167,30 +183,52 @@ def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], Non
     """Continue a run from its last finished epoch; same numbers as if it had never stopped."""
     run = RunDir.open(path)
     with run.exclusive():
-        return _resume(run, quiet, on_epoch_end)
+        cfg = RunConfig.from_dict(run.read(CONFIG)["run"], source=str(path / CONFIG))
+        if run.read(SUMMARY).get("status") == "complete":
+            raise DbenchError(f"run {path} is already complete ({cfg.epochs} epochs); nothing to resume")
+        if not quiet:
+            print(f"resuming {path} after epoch {_epochs_done(run)} of {cfg.epochs}")
+        _continue(run, quiet, on_epoch_end)
+    return run.path
 
 
-def _resume(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | None) -> Path:
-    path = run.path
+def _epochs_done(run: RunDir) -> int:
+    checkpoint = run.path / CHECKPOINT
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["epochs_done"] if checkpoint.exists() else 0
+
+
+def _continue(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | None) -> None:
+    """Train from the run's checkpoint (or the start) in this process or in one process per module."""
     record = run.read(CONFIG)
-    cfg = RunConfig.from_dict(record["run"], source=str(path / CONFIG))
-    status = run.read(SUMMARY).get("status")
-    if status == "complete":
-        raise DbenchError(f"run {path} is already complete ({cfg.epochs} epochs); nothing to resume")
-    setup = prepare(cfg, ranges=[tuple(r) for r in record["partition"]])
-    _note(setup)
+    if record.get("engine", "local") == "distributed":
+        if on_epoch_end is not None:
+            raise ValueError("on_epoch_end is not available with the distributed engine")
+        launch.launch(run, quiet)
+        return
+    train_here(run, quiet, on_epoch_end)
+
+
+def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | None = None,
+               rank: int | None = None) -> None:
+    """Build this process's trainer from the run directory and train it to the end.
+
+    ``rank``: this process holds that module only (the distributed engine);
+    the process group must be joined already.
+    """
+    record = run.read(CONFIG)
+    cfg = RunConfig.from_dict(record["run"], source=str(run.path / CONFIG))
+    setup = prepare(cfg, ranges=[tuple(r) for r in record["partition"]], rank=rank)
     checkpoint = run.load_checkpoint()
     done = 0
     if checkpoint is not None:
         setup.trainer.load_state_dict(checkpoint["trainer"])
         done = checkpoint["epochs_done"]
-    # Rows past the checkpoint come from an epoch that did not finish saving.
-    rows = [r for r in run.metrics() if r["epoch"] <= done]  # epoch and probe rows
-    run.write_metrics(rows)
-    if not quiet:
-        print(f"resuming {path} after epoch {done} of {cfg.epochs}")
+    rows: list[dict] = []
+    if setup.trainer.is_writer:
+        # Rows past the checkpoint come from an epoch that did not finish saving.
+        rows = [r for r in run.metrics() if r["epoch"] <= done]  # epoch and probe rows
+        run.write_metrics(rows)
     _train(setup, run, rows, done, quiet, on_epoch_end)
-    return run.path
 
 
 def _note(setup: Setup) -> None:
@@ -201,41 +239,56 @@ def _note(setup: Setup) -> None:
 
 def _train(setup: Setup, run: RunDir, rows: list[dict], first_epoch: int, quiet: bool,
            on_epoch_end: Callable[[int], None] | None) -> None:
+    """The epoch loop. Every process of the distributed engine runs it; only the writer writes."""
     cfg = setup.config
-    progress = Progress(cfg.epochs, quiet)
+    trainer = setup.trainer
+    writer = trainer.is_writer
+    progress = Progress(cfg.epochs, quiet or not writer)
     status = "running"
     try:
         for epoch in range(first_epoch, cfg.epochs):
             row, probes = run_epoch(setup, epoch, progress)
-            rows.extend(probes)
-            rows.append(row)
-            run.write_metrics(rows)
-            run.save_checkpoint({"epochs_done": epoch + 1, "trainer": setup.trainer.state_dict()})
-            if not math.isfinite(row["train_loss"]):
-                status = "diverged"
-            elif epoch + 1 == cfg.epochs:
-                status = "complete"
-            _write_summary(run, cfg, rows, status)
-            progress.end_epoch(row)
+            state = trainer.state_dict()  # distributed: gathered on the writer
+            if writer:
+                rows.extend(probes)
+                rows.append(row)
+                run.write_metrics(rows)
+                run.save_checkpoint({"epochs_done": epoch + 1, "trainer": state})
+                if not math.isfinite(row["train_loss"]):
+                    status = "diverged"
+                elif epoch + 1 == cfg.epochs:
+                    status = "complete"
+                _write_summary(run, cfg, rows, status)
+                progress.end_epoch(row)
+            status = trainer.broadcast(status)  # every process stops together
             if status == "diverged":
                 raise DbenchError(f"training diverged (train loss {row['train_loss']}) in epoch {epoch + 1}; see {run.path}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
     except KeyboardInterrupt:
         progress.close()
-        _write_summary(run, cfg, rows, "interrupted")
+        if writer:
+            _write_summary(run, cfg, rows, "interrupted")
         raise RunInterrupted(run.path, len(epoch_rows(rows))) from None
     except DbenchError:
         progress.close()
-        if status != "diverged":
+        if writer and status != "diverged":
             _write_summary(run, cfg, rows, "failed")
         raise
     except Exception as e:
         progress.close()
-        _write_summary(run, cfg, rows, "failed", error=f"{type(e).__name__}: {e}")
+        if writer:
+            _write_summary(run, cfg, rows, "failed", error=f"{type(e).__name__}: {e}")
         raise
-    if not quiet:
+    if writer and not quiet:
         click.echo(run_tables.modules_table(run.read(SUMMARY)))
+
+
+def mark(run: RunDir, status: str, error: str | None = None) -> None:
+    """Set a run's status from outside its training (the launcher, after its workers ended)."""
+    cfg = RunConfig.from_dict(run.read(CONFIG)["run"], source=str(run.path / CONFIG))
+    done = _epochs_done(run)  # rows past the checkpoint belong to an epoch that did not finish saving
+    _write_summary(run, cfg, [r for r in run.metrics() if r["epoch"] <= done], status, error)
 
 
 def _write_summary(run: RunDir, cfg: RunConfig, rows: list[dict], status: str, error: str | None = None) -> None:
@@ -263,12 +316,14 @@ def run_epoch(setup: Setup, epoch: int, progress: Progress) -> tuple[dict, list[
     warmup, warm_seen, warm_start = setup.warmup_steps, 0, None
     probe_seconds = 0.0  # wall-clock of the σ probes' extra passes, after warm-up
     probes: list[dict] = []
+    images = setup.rank in (None, 0)  # the other modules' processes read the labels only
     lr = setup.schedule.lr_at(trainer.iteration)
     progress.start_epoch(epoch, len(loader))
     _sync(trainer.devices)  # start the clocks on idle devices
+    trainer.barrier()  # distributed: every module's clock starts together
     start = time.perf_counter()
     meters.start_epoch()
-    for i, (x, y) in enumerate(loader.epoch(epoch)):
+    for i, (x, y) in enumerate(loader.epoch(epoch, images=images)):
         if i == warmup:
             _sync(trainer.devices)  # throughput counts from here: the warm-up's work must be done
             warm_start, warm_seen = time.perf_counter(), seen
@@ -283,21 +338,25 @@ def run_epoch(setup: Setup, epoch: int, progress: Progress) -> tuple[dict, list[
             if warm_start is not None:
                 probe_seconds += time.perf_counter() - t0
         iteration = trainer.iteration
-        out = trainer.step_output(x, y)
+        out = trainer.step_output(x, y)  # distributed: None except in the top module's process
         if probing:
-            probes.append(_probe_row(epoch, i, iteration, *trainer.take_sigma()))  # .item(): a sync per probe
-        y_top = y.to(top)
-        loss_sum += out.loss * len(y)
-        correct += (out.logits.argmax(dim=1) == y_top).sum()
+            sigma = trainer.take_sigma()  # .item(): a sync per probe (and a gather, distributed)
+            if sigma is not None:
+                probes.append(_probe_row(epoch, i, iteration, *sigma))
+        if out is not None:
+            loss_sum += out.loss * len(y)
+            correct += (out.logits.argmax(dim=1) == y.to(top)).sum()
         seen += len(y)
         progress.advance(1)
-        if (i + 1) % SHOW_EVERY == 0:
+        if trainer.is_writer and (i + 1) % SHOW_EVERY == 0:
             # .item() waits for the device: one sync every SHOW_EVERY steps.
             progress.show(loss_sum.item() / seen, seen / (time.perf_counter() - start))
     # .item() below synchronizes the top device; sync all so the clocks cover every stage's work.
     _sync(trainer.devices)
+    trainer.barrier()  # distributed: a module that finished early is idle until the last one is done
     end = time.perf_counter()
-    modules = meters.stop_epoch()
+    parts = trainer.gather(meters.stop_epoch())  # every module's record, on the writer
+    modules = [record for part in parts for record in part] if parts is not None else []
     train_seconds = end - start
     if warm_start is None:  # an epoch of one step: nothing left after warm-up
         warm_start, warm_seen = start, 0
@@ -353,8 +412,10 @@ def evaluate(setup: Setup) -> tuple[float, float, float]:
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=top)
     correct = torch.zeros((), dtype=torch.long, device=top)
-    for x, y in setup.test.epoch(0):
-        logits = trainer.predict(x)
+    for x, y in setup.test.epoch(0, images=setup.rank in (None, 0)):
+        logits = trainer.predict(x)  # distributed: None except in the top module's process
+        if logits is None:
+            continue
         y = y.to(top)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(dim=1) == y).sum()

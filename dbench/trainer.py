@@ -127,6 +127,18 @@ class Trainer:
     def set_lr(self, lr: float) -> None:
         self.engine.set_lr(lr)
 
+    # What the runner asks of every engine's trainer; one process holds everything here.
+    is_writer = True
+
+    def gather(self, obj: Any) -> list:
+        return [obj]
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "engine": self.engine.state_dict()}
 

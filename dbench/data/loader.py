@@ -141,7 +141,14 @@ class DeviceLoader:
         x, y = self.normalize(images), self.y[picked.to(self.device)]
         return list(zip(x.split(self.batch_size), y.split(self.batch_size)))
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int, images: bool = True) -> Iterator[tuple[Tensor | None, Tensor]]:
+        """The batches of one epoch. ``images=False`` yields ``(None, labels)`` of the same batches,
+        for the processes of modules above the first, which need the labels only."""
+        if not images:
+            order = self.epoch_plan(epoch)[0] if self.train else torch.arange(self.num_samples)
+            for idx in order.to(self.device).split(self.batch_size):
+                yield None, self.y[idx]
+            return
         if not self.train:
             yield from self._eval_batches()
             return

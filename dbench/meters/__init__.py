@@ -14,7 +14,7 @@ from dbench.meters.memory import cuda_peaks
 from dbench.meters.stage_meter import StageMeter
 from dbench.meters.sigma import SigmaResult, combine, sigma_of, true_gradient
 
-__all__ = ["Meters", "StageMeter", "SigmaResult", "true_gradient", "STATES"]
+__all__ = ["Meters", "StageMeter", "SigmaResult", "true_gradient", "sigma_of", "combine", "STATES"]
 
 
 class Meters:
@@ -37,10 +37,10 @@ class Meters:
         """One record per module; call right after synchronizing every device."""
         peaks = {d: cuda_peaks(d) for d in self.cuda_devices}
         records = []
-        for k, m in enumerate(self.stages):
+        for m in self.stages:
             seconds = m.clock.stop()
             record = {
-                "module": k,
+                "module": m.stage.index,
                 "device": str(m.stage.device),
                 **{f"{state}_s": seconds[state] for state in STATES},
                 "accounted_peak_bytes": m.peak_total,

@@ -1,0 +1,189 @@
+"""The distributed engine: one process per module, messages over torch.distributed.
+
+Process k (its rank) holds module k and runs that module's ``Stage`` program,
+the same generator the local engine drives; a ``Recv`` that its inbox cannot
+answer blocks on the point-to-point stream from the sender (see
+``transport.py``). Because a stage sees only its ordered message streams, the
+numbers are those of the local engine (tested for every method at K=2 and 3).
+
+``RankTrainer`` has the ``Trainer`` interface the runner uses. What only one
+module knows goes to the *writer*, the top module's process, which computes
+the loss and the logits anyway: the per-module meter records and σ sums are
+gathered there, and so is the checkpoint (the local engine's format, so a run
+can resume under either engine). Object gathers, barriers and broadcasts go
+over a gloo group; tensors over the main group (NCCL on CUDA, gloo on CPU).
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dbench.engine.transport import Transport
+from dbench.meters import Meters, SigmaResult, StageMeter, combine, sigma_of, true_gradient
+from dbench.method import UP, Recv, Send, Stage, StepOutput
+from dbench.optim import OptimConfig
+from dbench.registry import METHODS
+
+
+def init(rank: int, world: int, device: torch.device, timeout_s: float) -> None:
+    """Join the process group (address and port from MASTER_ADDR/MASTER_PORT, as torchrun sets them)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+
+
+class RankTrainer:
+    """The ``Trainer`` of one module's process."""
+
+    def __init__(self, module: nn.Module, method: str, rank: int, world: int, device: torch.device, *,
+                 optim: OptimConfig, options: Any, num_classes: int | None, timeout_s: float):
+        stage_cls: type[Stage] = METHODS.get(method)
+        self.rank, self.world = rank, world
+        self.stage = stage_cls(rank, world, module, device, optim, nn.CrossEntropyLoss(), options, num_classes)
+        self.stages = [self.stage]
+        self.transport = Transport(rank, world, self.stage.device)
+        # Control messages (gathers of Python objects, barriers) on gloo, whatever the data backend.
+        self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self.meters = Meters([StageMeter(self.stage, self.transport.queued)])
+        self.iteration = 0
+
+    @property
+    def writer(self) -> int:
+        return self.world - 1
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == self.writer
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return [self.stage.device]
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [self.stage.module]
+
+    def _run(self, program) -> Any:
+        """Drive this stage's program to its end, blocking on the transport for messages."""
+        meter = self.meters.stages[0]
+        reply = None
+        meter.resumed()
+        with meter.tracking():
+            while True:
+                try:
+                    op = program.send(reply)
+                except StopIteration as stop:
+                    meter.finished()
+                    return stop.value
+                reply = None
+                if isinstance(op, Send):
+                    self.transport.send(op.channel, op.tensor)
+                elif isinstance(op, Recv):
+                    if not self.transport.ready(op.channel):
+                        meter.blocked(op.channel)
+                        reply = self.transport.recv(op.channel)
+                        meter.resumed()
+                    else:
+                        reply = self.transport.recv(op.channel)
+                else:
+                    raise TypeError(f"module {self.rank} yielded {op!r}; a method yields Send or Recv")
+
+    def step_output(self, x: torch.Tensor | None, y: torch.Tensor) -> StepOutput | None:
+        """One iteration of this module; the top module's process gets the StepOutput, the others None."""
+        self.stage.module.train()
+        device = self.stage.device
+        out = self._run(self.stage.train_step(self.iteration, x.to(device) if self.rank == 0 else None, y.to(device)))
+        self.iteration += 1
+        return out
+
+    def set_lr(self, lr: float) -> None:
+        self.stage.set_lr(lr)
+
+    def probe_sigma(self, probe: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.stage.module.train()
+        device = self.stage.device
+        meter = self.meters.stages[0]
+        meter.probing = True
+        try:
+            truth = self._run(true_gradient(self.stage, [x.to(device) for x, _ in probe] if self.rank == 0 else None,
+                                            [y.to(device) for _, y in probe]))
+        finally:
+            meter.probing = False
+        meter.sigma.arm(truth)
+
+    def take_sigma(self) -> tuple[list[SigmaResult], SigmaResult] | None:
+        """On the writer, σ per module and of the network; None elsewhere (a gather: every process calls it)."""
+        taken = self.gather(self.meters.stages[0].sigma.take())
+        if not self.is_writer:
+            return None
+        modules = [sigma_of(k, sums, updated) for k, (sums, updated) in enumerate(taken)]
+        return modules, sigma_of(None, combine([sums for sums, _ in taken]))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits on the top module's process (None elsewhere): a forward through every process."""
+        self.stage.module.eval()
+        h = x.to(self.stage.device) if self.rank == 0 else self.transport.recv(UP)
+        out = self.stage.predict(h)
+        if self.rank < self.world - 1:
+            self.transport.send(UP, out)
+            return None
+        return out
+
+    def gather(self, obj: Any) -> list | None:
+        """Every process's ``obj`` in rank order on the writer, None elsewhere."""
+        result = [None] * self.world if self.is_writer else None
+        dist.gather_object(obj, result, dst=self.writer, group=self.control)
+        return result
+
+    def broadcast(self, obj: Any) -> Any:
+        """The writer's ``obj`` on every process."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.writer, group=self.control)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.control)
+
+    def flush(self) -> None:
+        """End of epoch: nothing left in flight (see Transport.flush)."""
+        self.transport.flush()
+
+    def state_dict(self) -> dict | None:
+        """On the writer, the whole trainer's state in the local engine's format; None elsewhere."""
+        self.flush()
+        own = {
+            "stage": _to_cpu(self.stage.state_dict()),
+            "pending": {c: [t.cpu() for t in q] for c, q in self.transport.inbox.items()},
+        }
+        parts = self.gather(own)
+        if not self.is_writer:
+            return None
+        return {
+            "iteration": self.iteration,
+            "engine": {"stages": [p["stage"] for p in parts], "pending": [p["pending"] for p in parts]},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        with self.meters.stages[0].tracking():  # DDG rebuilds its graphs: their memory counts
+            self.stage.load_state_dict(state["engine"]["stages"][self.rank])
+        pending = state["engine"]["pending"][self.rank]
+        for channel, queue in self.transport.inbox.items():
+            queue.clear()
+            queue.extend(t.to(self.stage.device) for t in pending.get(channel, []))
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

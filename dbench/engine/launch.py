@@ -1,0 +1,140 @@
+"""Start one process per module on this machine, watch them, and stop them all when one fails.
+
+The launcher (the ``dbench run`` process) has created the run directory; each
+worker joins the process group (gloo on CPU, NCCL on CUDA; address and port
+given here, as torchrun would), builds its own module from the run's config and
+trains it (``dbench.run.train_here`` with its rank). The top module's process
+writes the metrics, summary and checkpoint.
+
+Failures: every worker that raises reports ``(rank, message)`` and leaves its
+traceback in ``failure-rank<k>.txt``; a worker killed by a signal is seen by its
+exit code. At the first failure the launcher stops the others (SIGTERM, then
+SIGKILL after ``GRACE_S``), waits for every one of them, and marks the run
+failed with the module that failed first: no orphan processes and no half
+state, since every file of the run is replaced atomically. A worker stuck on a
+message from a peer that hangs without dying fails on the process group's
+timeout (``--comm-timeout``).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from dbench.errors import DbenchError
+
+POLL_S = 0.1  # how often the launcher looks at its workers
+GRACE_S = 5.0  # how long a stopped worker gets before SIGKILL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(run, quiet: bool) -> None:
+    """Train ``run`` (a RunDir) with one process per module; returns when all finished."""
+    from dbench import run as runner
+
+    record = run.read(runner.CONFIG)
+    world = record["run"]["gpus"]
+    cpu = all(d == "cpu" for d in record["devices"])
+    threads = max(1, (os.cpu_count() or 1) // world) if cpu else None
+    ctx = mp.get_context("spawn")
+    reports = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world, str(run.path), port, quiet, threads, reports), name=f"module-{rank}")
+        for rank in range(world)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        failed = _watch(procs, reports)
+    except KeyboardInterrupt:
+        _stop(procs)
+        runner.mark(run, "interrupted")
+        raise runner.RunInterrupted(run.path, len(runner.epoch_rows(run.metrics()))) from None
+    if failed is not None:
+        rank, message = failed
+        _stop(procs)
+        runner.mark(run, "failed", error=f"module {rank}: {message}")
+        raise DbenchError(f"module {rank} failed: {message}; the run is marked failed: {run.path}")
+
+
+def _watch(procs: list, reports) -> tuple[int, str] | None:
+    """Wait until every worker ended well (None) or the first one failed ((rank, message))."""
+    while True:
+        while not reports.empty():
+            return reports.get()
+        codes = [p.exitcode for p in procs]
+        if all(c == 0 for c in codes):
+            return None
+        for rank, code in enumerate(codes):
+            if code is not None and code != 0:
+                time.sleep(POLL_S)  # its report, if it wrote one, is on its way
+                if not reports.empty():
+                    return reports.get()
+                how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                return rank, f"its process {how}"
+        time.sleep(POLL_S)
+
+
+def _stop(procs: list) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()  # SIGTERM: the worker ends as if interrupted
+    deadline = time.monotonic() + GRACE_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _worker(rank: int, world: int, run_path: str, port: int, quiet: bool, threads: int | None, reports) -> None:
+    # Ctrl-C reaches the launcher, which stops the workers with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _interrupt)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    if threads is not None:
+        torch.set_num_threads(threads)  # the modules share this machine's cores
+    try:
+        run_rank(Path(run_path), rank, world, quiet)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BaseException as e:
+        (Path(run_path) / f"failure-rank{rank}.txt").write_text(traceback.format_exc())
+        reports.put((rank, f"{type(e).__name__}: {e}".splitlines()[0]))
+        sys.exit(1)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run_rank(path: Path, rank: int, world: int, quiet: bool) -> None:
+    """One module's process: join the group, train, leave."""
+    import torch.distributed as dist
+
+    from dbench import run as runner
+    from dbench.engine.distributed import init
+    from dbench.record import RunDir
+
+    run = RunDir(path)
+    record = run.read(runner.CONFIG)
+    device = torch.device(record["devices"][rank])
+    init(rank, world, device, record["run"]["comm_timeout"])
+    try:
+        runner.train_here(run, quiet, rank=rank)
+    finally:
+        dist.destroy_process_group()
