@@ -31,6 +31,7 @@ import torch
 from dbench.errors import DbenchError
 
 POLL_S = 0.1  # how often the launcher looks at its workers
+SETTLE_S = 1.0  # after a failure, how long the peers get to fail and report in turn
 GRACE_S = 5.0  # how long a stopped worker gets before SIGKILL
 
 
@@ -71,21 +72,31 @@ def launch(run, quiet: bool) -> None:
 
 
 def _watch(procs: list, reports) -> tuple[int, str] | None:
-    """Wait until every worker ended well (None) or the first one failed ((rank, message))."""
+    """Wait until every worker ended well (None) or one failed: then ``(rank, message)`` of the root cause.
+
+    When one process dies, its peers fail a moment later on the broken
+    connection and report that. So after the first sign of failure the
+    launcher lets the others settle, then names a process killed by a signal
+    if there is one, else the first that reported an error.
+    """
     while True:
-        while not reports.empty():
-            return reports.get()
         codes = [p.exitcode for p in procs]
         if all(c == 0 for c in codes):
             return None
-        for rank, code in enumerate(codes):
-            if code is not None and code != 0:
-                time.sleep(POLL_S)  # its report, if it wrote one, is on its way
-                if not reports.empty():
-                    return reports.get()
-                how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                return rank, f"its process {how}"
+        if not reports.empty() or any(c not in (None, 0) for c in codes):
+            break
         time.sleep(POLL_S)
+    time.sleep(SETTLE_S)
+    reported = []
+    while not reports.empty():
+        reported.append(reports.get())
+    for rank, p in enumerate(procs):
+        if p.exitcode is not None and p.exitcode < 0:
+            return rank, f"its process was killed by signal {-p.exitcode}"
+    if reported:
+        return reported[0]
+    rank, code = next((r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0))
+    return rank, f"its process exited with code {code}"
 
 
 def _stop(procs: list) -> None:

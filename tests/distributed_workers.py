@@ -1,0 +1,51 @@
+"""Worker processes for the distributed-engine tests (importable by spawned children)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from conftest import batches, group, tiny_blocks
+
+STEPS = 5
+PROBE_AT = 3  # the step that also measures σ
+RANGES = {2: [(0, 3), (3, 5)], 3: [(0, 2), (2, 4), (4, 5)]}
+
+
+def data():
+    return batches(STEPS, seed=11), batches(2, seed=12), batches(1, seed=13)[0][0]
+
+
+def equivalence_worker(rank: int, world: int, port: int, methods: list[str], path: str) -> None:
+    """Train every method for STEPS steps as module ``rank``; the top module saves what it saw."""
+    import torch.distributed as dist
+
+    from dbench.engine.distributed import RankTrainer, init
+    from dbench.optim import OptimConfig
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init(rank, world, torch.device("cpu"), timeout_s=60)
+    train, probe, test_x = data()
+    results = {}
+    for method in methods:
+        module = group(tiny_blocks(), RANGES[world])[rank]
+        t = RankTrainer(module, method, rank, world, torch.device("cpu"),
+                        optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=0.0), options=None, num_classes=10, timeout_s=60)
+        losses, sigma = [], None
+        for i, (x, y) in enumerate(train):
+            if i == PROBE_AT:
+                t.probe_sigma(probe)
+            out = t.step_output(x if rank == 0 else None, y)
+            if i == PROBE_AT:
+                sigma = t.take_sigma()
+            if out is not None:
+                losses.append(out.loss)
+        logits = t.predict(test_x if rank == 0 else None)
+        state = t.state_dict()
+        if t.is_writer:
+            results[method] = {"losses": losses, "state": state, "logits": logits,
+                               "sigma": [(r.sigma, r.sigma_corrected, r.cosine) for r in sigma[0]]}
+    if rank == world - 1:
+        torch.save(results, path)
+    dist.destroy_process_group()

@@ -1,0 +1,141 @@
+"""The distributed engine: same numbers as the local engine, and a clean end when a module process dies."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import group, tiny_blocks
+from distributed_workers import PROBE_AT, RANGES, data, equivalence_worker
+from dbench import Trainer
+from dbench.engine.launch import free_port
+from dbench.registry import METHODS
+
+ALL_METHODS = sorted(METHODS.names())
+DBENCH = str(Path(sys.executable).parent / "dbench")
+
+
+def local_reference(method: str, k: int) -> dict:
+    train, probe, test_x = data()
+    t = Trainer(group(tiny_blocks(), RANGES[k]), method, lr=0.05, momentum=0.9, num_classes=10, measure=True)
+    losses, sigma = [], None
+    for i, (x, y) in enumerate(train):
+        if i == PROBE_AT:
+            out, sigma, _ = t.sigma_step(x, y, probe)
+        else:
+            out = t.step_output(x, y)
+        losses.append(out.loss)
+    return {"losses": losses, "state": t.state_dict(), "logits": t.predict(test_x),
+            "sigma": [(r.sigma, r.sigma_corrected, r.cosine) for r in sigma]}
+
+
+def assert_same(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b.to(a.device)), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_same(u, v, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_distributed_equals_local_for_every_method(k, tmp_path):
+    """Per-iteration losses, σ at a probe step, predictions and the whole final state (weights, optimizer,
+    method state, messages in flight) are bit-identical; both sides use one thread so float sums agree."""
+    out = tmp_path / "results.pt"
+    mp.start_processes(equivalence_worker, args=(k, free_port(), ALL_METHODS, str(out)), nprocs=k,
+                       start_method="spawn", join=True)
+    got = torch.load(out, weights_only=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for method in ALL_METHODS:
+            want = local_reference(method, k)
+            assert len(got[method]["losses"]) == len(want["losses"])
+            assert_same(want, got[method], method)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in found.splitlines() if "spawn_main" in line]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_killed_module_ends_the_run_cleanly(k, tmp_path):
+    """SIGKILL one module process mid-training: the run stops within 30 s, names the module, is marked
+    failed with its files whole, and leaves no process behind."""
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [DBENCH, "run", "--engine", "distributed", "--gpus", str(k), "--model", "mlp", "--epochs", "50", "--quiet",
+         "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and '"kind": "epoch"' in metrics.read_text()):  # wait for a finished epoch
+            assert launcher.poll() is None, launcher.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        workers = children(launcher.pid)
+        assert len(workers) == k
+        victim = workers[-1]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = launcher.communicate(timeout=30)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert elapsed < 30
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: module ") and "killed by signal 9" in lines[0], stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "killed by signal 9" in summary["error"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["epochs_done"] == len([r for r in rows if r["kind"] == "epoch"]) >= 1
+    assert not any(alive(pid) for pid in workers)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_distributed_run_resumes_and_matches_local(tmp_path):
+    """A distributed run end to end through the CLI; its checkpoint resumes under the local engine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--gpus", "2", "--model", "mlp", "--epochs", "2", "--quiet", "--method", "fr"]
+    for engine in ("distributed", "local"):
+        done = subprocess.run([DBENCH, "run", "--engine", engine, *common, "--out", str(tmp_path / engine)],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr
+    a = torch.load(tmp_path / "distributed" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "local" / "checkpoint.pt", weights_only=True)
+    assert_same(a, b)
+    rows = [json.loads(line) for line in (tmp_path / "distributed" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert [m["module"] for m in epochs[0]["modules"]] == [0, 1]
+    assert json.loads((tmp_path / "distributed" / "config.json").read_text())["engine"] == "distributed"
