@@ -104,7 +104,10 @@ def run(ctx: click.Context, resume: Path | None, quiet: bool, **flags) -> None:
         flags["milestones"] = flags["milestones"] or []
         flags["devices"] = flags["devices"].split(",") if flags["devices"] else None
         path = runner.start(RunConfig(**flags), out, quiet=quiet)
-    click.echo(f"run saved in {path}")
+    from dbench.engine import launch
+
+    if launch.speaks():
+        click.echo(f"run saved in {path}")
 
 
 @main.command("list")

@@ -162,6 +162,16 @@ def default_run_dir(cfg: RunConfig, root: Path = Path("results")) -> Path:
 def start(cfg: RunConfig, out: Path | None = None, *, quiet: bool = False,
           on_epoch_end: Callable[[int], None] | None = None) -> Path:
     """A new run; returns its directory."""
+    if launch.under_torchrun():
+        return launch.torchrun_process(cfg, out, None, quiet)
+    run = RunDir(create_run_dir(cfg, out))
+    with run.exclusive():
+        _continue(run, quiet, on_epoch_end)
+    return run.path
+
+
+def create_run_dir(cfg: RunConfig, out: Path | None = None) -> Path:
+    """Validate ``cfg`` and create its run directory with config, environment and a "running" summary."""
     if out is not None and out.exists():
         raise DbenchError(f"run directory {out} already exists: pass --resume {out} to continue it, or another --out")
     setup = prepare(cfg, build=False)
@@ -174,13 +184,13 @@ def start(cfg: RunConfig, out: Path | None = None, *, quiet: bool = False,
             SUMMARY: summarize(cfg, [], "running"),
         },
     )
-    with run.exclusive():
-        _continue(run, quiet, on_epoch_end)
     return run.path
 
 
 def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], None] | None = None) -> Path:
     """Continue a run from its last finished epoch; same numbers as if it had never stopped."""
+    if launch.under_torchrun():
+        return launch.torchrun_process(None, None, path, quiet)
     run = RunDir.open(path)
     with run.exclusive():
         cfg = RunConfig.from_dict(run.read(CONFIG)["run"], source=str(path / CONFIG))
@@ -232,7 +242,7 @@ def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | N
 
 
 def _note(setup: Setup) -> None:
-    if setup.device_note:
+    if setup.device_note and launch.speaks():
         # Said once and never silenced: the user asked for devices and gets the CPU.
         print(setup.device_note)
 

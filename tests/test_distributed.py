@@ -124,18 +124,62 @@ def test_a_killed_module_ends_the_run_cleanly(k, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
-def test_distributed_run_resumes_and_matches_local(tmp_path):
-    """A distributed run end to end through the CLI; its checkpoint resumes under the local engine."""
+def test_launcher_torchrun_and_local_runs_agree(tmp_path):
+    """The same run through the CLI three ways (our launcher, torchrun, the local engine): the same checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["--gpus", "2", "--model", "mlp", "--epochs", "2", "--quiet", "--method", "fr"]
-    for engine in ("distributed", "local"):
-        done = subprocess.run([DBENCH, "run", "--engine", engine, *common, "--out", str(tmp_path / engine)],
-                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    common = ["run", "--gpus", "2", "--model", "mlp", "--epochs", "2", "--quiet", "--method", "fr"]
+    commands = {
+        "distributed": [DBENCH, *common, "--engine", "distributed"],
+        "torchrun": [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                     DBENCH, *common, "--engine", "distributed"],
+        "local": [DBENCH, *common, "--engine", "local"],
+    }
+    for name, command in commands.items():
+        done = subprocess.run([*command, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
         assert done.returncode == 0, done.stderr
-    a = torch.load(tmp_path / "distributed" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "local" / "checkpoint.pt", weights_only=True)
-    assert_same(a, b)
-    rows = [json.loads(line) for line in (tmp_path / "distributed" / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in rows if r["kind"] == "epoch"]
-    assert [m["module"] for m in epochs[0]["modules"]] == [0, 1]
-    assert json.loads((tmp_path / "distributed" / "config.json").read_text())["engine"] == "distributed"
+        assert done.stdout.count("run saved in") == 1  # under torchrun too: one process speaks
+    want = torch.load(tmp_path / "local" / "checkpoint.pt", weights_only=True)
+    for name in ("distributed", "torchrun"):
+        assert_same(want, torch.load(tmp_path / name / "checkpoint.pt", weights_only=True), name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["engine"] == "distributed" and config["devices"] == ["cpu", "cpu"]
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["module"] for m in rows[-1]["modules"]] == [0, 1]
+
+
+def test_interrupted_distributed_run_resumes_to_the_same_numbers(tmp_path):
+    """Ctrl-C stops every module process and marks the run interrupted; --resume ends where an unbroken run does."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["run", "--engine", "distributed", "--gpus", "2", "--model", "mlp", "--epochs", "3", "--quiet",
+              "--method", "ddg"]
+    whole = subprocess.run([DBENCH, *common, "--out", str(tmp_path / "whole")], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    cut = tmp_path / "cut"
+    launcher = subprocess.Popen([DBENCH, *common, "--out", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env, cwd=tmp_path,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        metrics = cut / "metrics.jsonl"
+        while not (metrics.exists() and '"kind": "epoch"' in metrics.read_text()):
+            assert launcher.poll() is None, launcher.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    summary = json.loads((cut / "summary.json").read_text())
+    if summary["status"] == "complete":
+        pytest.skip("the run finished before the interrupt landed")
+    assert launcher.returncode == 130 and "interrupted" in stderr
+    assert summary["status"] == "interrupted"
+    resumed = subprocess.run([DBENCH, "run", "--resume", str(cut), "--quiet"], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True),
+                torch.load(cut / "checkpoint.pt", weights_only=True))
+    assert json.loads((cut / "summary.json").read_text())["status"] == "complete"

@@ -1,4 +1,5 @@
-"""Start one process per module on this machine, watch them, and stop them all when one fails.
+"""Start one process per module on this machine, watch them, and stop them all when one fails;
+or, under torchrun, be one of those processes.
 
 The launcher (the ``dbench run`` process) has created the run directory; each
 worker joins the process group (gloo on CPU, NCCL on CUDA; address and port
@@ -149,3 +150,58 @@ def run_rank(path: Path, rank: int, world: int, quiet: bool) -> None:
         runner.train_here(run, quiet, rank=rank)
     finally:
         dist.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    """True in a process that torchrun (torch.distributed.run) started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+
+
+def speaks() -> bool:
+    """Whether this process prints the run's messages: always, except under torchrun where only the writer does."""
+    return not under_torchrun() or int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1
+
+
+def torchrun_process(cfg, out: Path | None, resume: Path | None, quiet: bool) -> Path:
+    """``dbench run`` as one of torchrun's processes: this process is module RANK of WORLD_SIZE.
+
+    Device: ``cuda:LOCAL_RANK`` where CUDA is present, else the CPU. The top
+    module's process creates the run directory (from its node) and writes it;
+    the others learn its path from it. torchrun itself stops every process
+    when one fails; a run whose writer was killed stays marked "running".
+    """
+    import torch.distributed as dist
+
+    from dbench import run as runner
+    from dbench.engine.distributed import init
+    from dbench.record import RunDir
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if resume is None and cfg.gpus != world:
+        raise DbenchError(f"--gpus {cfg.gpus} does not match torchrun's {world} processes: one process per module")
+    if resume is None and cfg.engine == "local":
+        raise DbenchError("--engine local under torchrun: torchrun starts one process per module; use --engine distributed")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    timeout = cfg.comm_timeout if resume is None else runner.RunConfig.from_dict(
+        RunDir.open(resume).read(runner.CONFIG)["run"]).comm_timeout
+    init(rank, world, device, timeout)
+    try:
+        control = dist.new_group(backend="gloo")
+        names = [None] * world
+        dist.all_gather_object(names, str(device), group=control)
+        writer = world - 1
+        if resume is not None:
+            path = resume
+        else:
+            cfg.engine, cfg.devices = "distributed", names
+            runner.prepare(cfg, build=False)  # every process validates the same settings the same way
+            box = [None]
+            if rank == writer:
+                box = [str(runner.create_run_dir(cfg, out))]
+            dist.broadcast_object_list(box, src=writer, group=control)
+            path = Path(box[0])
+        runner.train_here(RunDir(path), quiet, rank=rank)
+    finally:
+        dist.destroy_process_group()
+    return path
