@@ -1,0 +1,84 @@
+"""Parallel speedup over BP at the same K, on the distributed engine, next to ALGORITHMS.md's ideal.
+
+Each method trains the same model for the same steps through ``dbench run
+--engine distributed`` (one process per module). On a CPU each process gets
+``cores // K`` threads, so at K=2 on a 2-core machine every module has one
+core of its own. Throughput is the runs' own ``samples_per_s`` (warm-up steps
+excluded, σ probe off), averaged over the epochs; the speedup is a method's
+throughput over BP's. The ideal (balanced modules, backward = 2 forwards, free
+communication) is ALGORITHMS.md's: FR 3K/4, DDG K, DFA 3K/(K+2). Per module,
+the table also shows compute and wait seconds, the engine's own account of
+where the time went.
+
+    python benchmarks/speedup.py --model resnet20 --k 2 --epochs 1
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import click
+import torch
+
+IDEAL = {
+    "bp": lambda k: 1.0,
+    "fr": lambda k: 3 * k / 4,
+    "ddg": lambda k: float(k),
+    "dfa": lambda k: 3 * k / (k + 2),
+    "bdfa": lambda k: 3 * k / (k + 2),
+}
+DBENCH = str(Path(sys.executable).parent / "dbench")
+
+
+def run(method: str, model: str, k: int, epochs: int, batch: int, split: str, root: Path) -> dict:
+    out = root / f"{method}-{model}-k{k}-b{batch}-e{epochs}-{split}"
+    if not (out / "summary.json").exists() or json.loads((out / "summary.json").read_text())["status"] != "complete":
+        if out.exists():
+            raise click.ClickException(f"{out} holds an unfinished run: remove it or resume it first")
+        command = [DBENCH, "run", "--engine", "distributed", "--method", method, "--model", model, "--gpus", str(k),
+                   "--epochs", str(epochs), "--batch-size", str(batch), "--split", split, "--sigma-every", "0",
+                   "--quiet", "--out", str(out)]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    return {"summary": summary, "config": config}
+
+
+@click.command()
+@click.option("--model", default="resnet20", show_default=True)
+@click.option("--k", type=int, default=2, show_default=True)
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--split", default="time", show_default=True, help="Partition (time: balanced by profiling).")
+@click.option("--methods", default="bp,fr,ddg,dfa", show_default=True)
+@click.option("--root", type=click.Path(path_type=Path), default=Path("results/speedup"), show_default=True)
+def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: str, root: Path) -> None:
+    results = {m: run(m, model, k, epochs, batch_size, split, root) for m in methods.split(",")}
+    base = results["bp"]["summary"]["samples_per_s"]
+    cpu = platform.processor() or platform.machine()
+    devices = results["bp"]["config"]["devices"]
+    click.echo(f"### Speedup over BP, {model}, K={k}, batch {batch_size}, {split} partition ({date.today().isoformat()})\n")
+    click.echo(f"Machine: {os.cpu_count()} cores ({cpu}, {platform.platform()}), devices {', '.join(devices)}, "
+               f"torch {torch.__version__}, distributed engine (one process per module"
+               + (f", {max(1, (os.cpu_count() or 1) // k)} thread(s) each" if devices[0] == "cpu" else "")
+               + f"), {epochs} epoch(s) of {results['bp']['config']['steps_per_epoch']} steps, warm-up steps excluded.\n")
+    click.echo("| method | samples/s | speedup over BP | ideal | share of ideal | compute s per module | wait s per module |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for method, r in results.items():
+        s = r["summary"]
+        speedup = s["samples_per_s"] / base
+        ideal = IDEAL[method](k) if method in IDEAL else None
+        compute = " / ".join(f"{m['compute_s']:.1f}" for m in s["modules"])
+        wait = " / ".join(f"{m['wait_input_s'] + m['wait_grad_s']:.1f}" for m in s["modules"])
+        share = f"{100 * speedup / ideal:.0f}%" if ideal else "–"
+        click.echo(f"| {method} | {s['samples_per_s']:.1f} | {speedup:.2f} | {ideal:.2f} | {share} | {compute} | {wait} |"
+                   if ideal else f"| {method} | {s['samples_per_s']:.1f} | {speedup:.2f} | – | – | {compute} | {wait} |")
+
+
+if __name__ == "__main__":
+    main()
