@@ -53,6 +53,11 @@ BAD = [
     (["run", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
     (["run", "--data-dir", "/tmp"], "do not apply to data set 'synthetic'"),
     (["run", "--bogus"], "No such option '--bogus'"),
+    (["run", "--engine", "threads"], "'threads' is not one of 'auto', 'local', 'distributed'"),
+    (["run", "--engine", "distributed", "--comm-timeout", "0"], "bad --comm-timeout 0.0"),
+    (["run", "--sigma-every", "-1"], "bad --sigma-every -1: must be >= 0"),
+    (["run", "--sigma-batches", "0"], "bad --sigma-batches 0: must be an integer >= 1"),
+    (["run", "--method", "dni", "--opt", "synth_seed=-1"], "bad synth_seed -1: must be >= 0"),
 ]
 
 
