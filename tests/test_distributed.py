@@ -85,6 +85,16 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
+def wait_for_an_epoch(launcher: subprocess.Popen, out: Path) -> None:
+    """Until the run at ``out`` has a finished epoch recorded (the launcher must still be running)."""
+    deadline = time.monotonic() + 120
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and '"kind": "epoch"' in metrics.read_text()):
+        assert launcher.poll() is None, launcher.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_a_killed_module_ends_the_run_cleanly(k, tmp_path):
     """SIGKILL one module process mid-training: the run stops within 30 s, names the module, is marked
@@ -96,12 +106,7 @@ def test_a_killed_module_ends_the_run_cleanly(k, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
     try:
-        deadline = time.monotonic() + 120
-        metrics = out / "metrics.jsonl"
-        while not (metrics.exists() and '"kind": "epoch"' in metrics.read_text()):  # wait for a finished epoch
-            assert launcher.poll() is None, launcher.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_for_an_epoch(launcher, out)
         workers = children(launcher.pid)
         assert len(workers) == k
         victim = workers[-1]
@@ -122,6 +127,31 @@ def test_a_killed_module_ends_the_run_cleanly(k, tmp_path):
     assert summary["epochs_done"] == len([r for r in rows if r["kind"] == "epoch"]) >= 1
     assert not any(alive(pid) for pid in workers)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_a_hung_module_ends_the_run_within_the_timeout(tmp_path):
+    """SIGSTOP a module process (alive but silent): its peers give up after --comm-timeout (5 s), the
+    launcher stops everything, and the error says which module went silent."""
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [DBENCH, "run", "--engine", "distributed", "--gpus", "2", "--model", "mlp", "--epochs", "50", "--quiet",
+         "--comm-timeout", "5", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        wait_for_an_epoch(launcher, out)
+        workers = children(launcher.pid)
+        os.kill(workers[0], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        _, stderr = launcher.communicate(timeout=60)
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0 and elapsed < 30
+    assert "no message from module" in stderr and "timed out or connection lost" in stderr, stderr
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+    assert not any(alive(pid) for pid in workers)
 
 
 def test_launcher_torchrun_and_local_runs_agree(tmp_path):
@@ -161,12 +191,7 @@ def test_interrupted_distributed_run_resumes_to_the_same_numbers(tmp_path):
                                 text=True, env=env, cwd=tmp_path,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 120
-        metrics = cut / "metrics.jsonl"
-        while not (metrics.exists() and '"kind": "epoch"' in metrics.read_text()):
-            assert launcher.poll() is None, launcher.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_an_epoch(launcher, cut)
         launcher.send_signal(signal.SIGINT)
         _, stderr = launcher.communicate(timeout=30)
     finally:

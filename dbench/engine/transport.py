@@ -116,15 +116,24 @@ class Transport:
     def _read(self, src: int) -> str | None:
         """Read one message from ``src`` into its inbox; None at the end marker."""
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
-        dist.recv(header, src)
+        self._recv(header, src)
         code, dtype, ndim, *dims = header.tolist()  # a host copy: waits for the header to arrive
         if code == END:
             return None
         payload = torch.empty(dims[:ndim], dtype=DTYPES[dtype], device=self.device)
-        dist.recv(payload, src)
+        self._recv(payload, src)
         channel = CHANNELS[code]
         self.inbox[channel].append(payload)
         return channel
+
+
+    def _recv(self, tensor: torch.Tensor, src: int) -> None:
+        try:
+            dist.recv(tensor, src)
+        except RuntimeError as e:
+            # Say which peer went silent: the one whose stream broke or timed out,
+            # not this module, is usually where the failure started.
+            raise RuntimeError(f"no message from module {src} (timed out or connection lost): {e}") from e
 
 
 def _header(code: int, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
