@@ -25,13 +25,8 @@ from pathlib import Path
 import click
 import torch
 
-IDEAL = {
-    "bp": lambda k: 1.0,
-    "fr": lambda k: 3 * k / 4,
-    "ddg": lambda k: float(k),
-    "dfa": lambda k: 3 * k / (k + 2),
-    "bdfa": lambda k: 3 * k / (k + 2),
-}
+from dbench.report.speed import IDEAL_SPEEDUP as IDEAL
+
 DBENCH = str(Path(sys.executable).parent / "dbench")
 
 

@@ -132,6 +132,46 @@ def list_() -> None:
         click.echo(f"  {name:<10} {spec.num_classes:>4} classes  {spec.description}")
 
 
+# --- report command (begin) ---
+def _names(ctx, param, values: tuple[str, ...]) -> list[str]:
+    """A repeatable option whose values may also be comma-separated: --method bp,fr --method ddg."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _ints(ctx, param, values: tuple[str, ...]) -> list[int]:
+    names = _names(ctx, param, values)
+    try:
+        return [int(v) for v in names]
+    except ValueError:
+        raise click.BadParameter(f"{','.join(values)!r} is not a list of integers (e.g. --k 2,4)") from None
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
+              help="Folder to write the report into (created if needed; files of the same name are replaced).")
+@click.option("--method", "methods", multiple=True, callback=_names, metavar="NAMES",
+              help="Only these methods (repeatable or comma-separated), e.g. --method bp,fr,ddg.")
+@click.option("--model", "models", multiple=True, callback=_names, metavar="NAMES", help="Only these models.")
+@click.option("--dataset", "datasets", multiple=True, callback=_names, metavar="NAMES", help="Only these data sets.")
+@click.option("--k", "ks", multiple=True, callback=_ints, metavar="K", help="Only these numbers of modules, e.g. --k 2,4.")
+@click.option("--include-unfinished", is_flag=True,
+              help="Also use runs that are not complete (running, interrupted, failed, diverged) "
+                   "and finished at least one epoch.")
+def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, include_unfinished: bool) -> None:
+    """Figures and tables comparing the runs under PATHS [default: results/]: convergence, memory,
+    generalization, σ and speed, with index.md and a self-contained index.html."""
+    from dbench.report import build_report  # heavy imports (pandas, matplotlib) only when asked
+
+    written = build_report(
+        list(paths) or [Path("results")], out, methods=methods, models=models, datasets=datasets, ks=ks,
+        include_unfinished=include_unfinished, warn=lambda message: click.echo(f"warning: {message}", err=True),
+    )
+    click.echo(f"report of {len(written.runs)} run(s) written to {written.out}: "
+               f"open {written.index_html} (or {written.index_md.name})")
+# --- report command (end) ---
+
+
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 

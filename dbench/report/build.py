@@ -1,0 +1,108 @@
+"""Build a report: read the runs, keep those the filters select, write every section and the index."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pandas as pd
+
+from dbench import results
+from dbench.errors import DbenchError
+from dbench.report import convergence, generalization, index, memory, sigma, speed
+from dbench.report.section import ReportData, Section
+
+SECTIONS = (convergence, memory, generalization, sigma, speed)  # the order of the index
+
+
+@dataclass
+class Report:
+    out: Path
+    index_md: Path
+    index_html: Path
+    runs: list[results.Run]
+    sections: list[Section]
+    warnings: list[str]
+
+
+def build_report(paths: Iterable[Path | str], out: Path | str, *, methods: Iterable[str] = (),
+                 models: Iterable[str] = (), datasets: Iterable[str] = (), ks: Iterable[int] = (),
+                 include_unfinished: bool = False, warn: Callable[[str], None] | None = None) -> Report:
+    """Write the report of the runs under ``paths`` into ``out``.
+
+    ``warn`` is called with each warning (a run left out, runs averaged although
+    their settings differ) as soon as it is known, so a caller can show them
+    even when no run is left and this raises DbenchError.
+    """
+    paths, out = [Path(p) for p in paths], Path(out)
+    filters = {"method": list(methods), "model": list(models), "dataset": list(datasets), "k": list(ks)}
+    warnings: list[str] = []
+
+    def note(message: str) -> None:
+        warnings.append(message)
+        if warn:
+            warn(message)
+
+    loaded = results.load_runs(paths, include_unfinished=include_unfinished)
+    for message in loaded.warnings:
+        note(message)
+    runs = results.select(loaded.runs, methods=filters["method"], models=filters["model"],
+                          datasets=filters["dataset"], ks=filters["k"])
+    if not runs:
+        raise DbenchError(_why_no_runs(paths, loaded, filters))
+    data = ReportData.of(runs)
+    for message in mixed_settings(data.table):
+        note(message)
+    if out.exists() and not out.is_dir():
+        raise DbenchError(f"--out {out} is a file: give a folder for the report")
+    out.mkdir(parents=True, exist_ok=True)
+    sections = [module.build(data, out) for module in SECTIONS]
+    chosen = _filters_text(filters)
+    sources = (f"{len(runs)} run(s) from {', '.join(str(p) for p in paths)}"
+               + (f", selected by {chosen}" if chosen else "")
+               + f"; written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
+    md, page = index.write(out, "dbench report", sources, sections, data, warnings)
+    return Report(out=out, index_md=md, index_html=page, runs=runs, sections=sections, warnings=warnings)
+
+
+def _why_no_runs(paths: list[Path], loaded: results.Loaded, filters: dict) -> str:
+    where = ", ".join(str(p) for p in paths)
+    if not loaded.runs and not loaded.warnings:
+        return (f"no run directories under {where} (a run directory holds config.json and summary.json, "
+                "as `dbench run` writes them)")
+    if not loaded.runs:
+        return f"no usable run under {where}: all {len(loaded.warnings)} run directories were left out (see the warnings)"
+    table = results.runs_frame(loaded.runs)
+    have = "; ".join(f"{name} {', '.join(str(v) for v in sorted(set(table[col])))}"
+                     for name, col in (("methods", "method"), ("models", "model"), ("data sets", "dataset"),
+                                       ("K", "k")))
+    return f"no run under {where} matches {_filters_text(filters)}; the {len(loaded.runs)} usable runs have {have}"
+
+
+def _filters_text(filters: dict) -> str:
+    """The filters as the command line spells them: --method bp,fr --k 2."""
+    return " ".join(f"--{name} {','.join(map(str, values))}" for name, values in filters.items() if values)
+
+
+def mixed_settings(table: pd.DataFrame) -> list[str]:
+    """A warning for each method/model/data set/K whose runs differ in more than the seed, or repeat a seed.
+
+    They are averaged together as repetitions of one experiment, which is
+    wrong if, say, their learning rates differ; the warning names what differs.
+    """
+    out = []
+    for (model, dataset, k, label), group in table.groupby(["model", "dataset", "k", "label"], sort=True):
+        repeated = sorted(group["seed"][group["seed"].duplicated()].unique())
+        if repeated:
+            out.append(f"{len(group)} runs of {label} · {model} · {dataset} · K={k} share seed(s) "
+                       f"{', '.join(map(str, repeated))}: each is counted as one more sample")
+        if group["settings"].nunique() < 2:
+            continue
+        settings = [json.loads(s) for s in group["settings"]]
+        differ = sorted({key for s in settings for key in s if any(t.get(key) != s.get(key) for t in settings)})
+        values = "; ".join(f"{key}: {', '.join(sorted({json.dumps(s.get(key)) for s in settings}))}" for key in differ)
+        out.append(f"runs of {label} · {model} · {dataset} · K={k} differ in {values}; they are averaged together "
+                   "as seeds of one experiment (select them apart with filters or separate folders)")
+    return out

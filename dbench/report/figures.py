@@ -1,0 +1,89 @@
+"""Shared figure styling: one seaborn theme, one colour per method in every figure, PNG + PDF output.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects directly, never
+through pyplot, so no display is needed and no global plotting state (the
+backend, rcParams) of a caller's session is changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import seaborn as sns
+from matplotlib.figure import Figure as MplFigure
+
+# Methods in the order ALGORITHMS.md presents them: the baseline first, then FR and what it is compared with.
+METHOD_ORDER = ("bp", "fr", "ddg", "dni", "cdni", "dfa", "bdfa")
+
+# Memory categories bottom to top in stacked bars: what every method holds, then each method's own state.
+CATEGORY_ORDER = ("parameters", "gradients", "optimizer", "activations", "stored_inputs", "weight_snapshots",
+                  "synthesizer", "feedback", "messages")
+
+DPI = 150
+
+
+def theme() -> matplotlib.rc_context:
+    """A context that applies the report's style: ``with theme(): fig = new_figure(...)``."""
+    rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
+          "legend.frameon": False, "axes.titleweight": "bold"}
+    return matplotlib.rc_context(rc)
+
+
+def new_figure(width: float, height: float) -> MplFigure:
+    return MplFigure(figsize=(width, height), layout="constrained")
+
+
+def order_labels(labels) -> list[str]:
+    """Method labels (method[options]) in METHOD_ORDER, unknown methods after, alphabetically."""
+    def key(label: str):
+        method = label.split("[", 1)[0]
+        rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+        return rank, method, label
+    return sorted(set(labels), key=key)
+
+
+def method_colors(labels) -> dict[str, tuple]:
+    """The same colour for a method in every figure of a report (given the report's full label list)."""
+    ordered = order_labels(labels)
+    colors = sns.color_palette("colorblind", n_colors=max(len(ordered), 1))
+    return dict(zip(ordered, colors))
+
+
+def order_categories(categories) -> list[str]:
+    categories = list(categories)
+    known = [c for c in CATEGORY_ORDER if c in categories]
+    return known + sorted(c for c in categories if c not in CATEGORY_ORDER)
+
+
+def category_colors(categories) -> dict[str, tuple]:
+    ordered = order_categories(categories)
+    colors = sns.color_palette("tab10", n_colors=max(len(ordered), 1))
+    return dict(zip(ordered, colors))
+
+
+@dataclass
+class Figure:
+    """A figure written to the report folder, with what the index says about it."""
+
+    title: str
+    png: str  # path relative to the report folder
+    pdf: str
+    caption: str
+    runs: list[str] = field(default_factory=list)
+
+
+def save(fig: MplFigure, out: Path, stem: str, *, title: str, caption: str, runs) -> Figure:
+    """Write ``out/stem.png`` and ``out/stem.pdf``; ``stem`` may hold a subfolder (``memory/mlp``)."""
+    png, pdf = out / f"{stem}.png", out / f"{stem}.pdf"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=DPI)
+    fig.savefig(pdf)
+    return Figure(title=title, png=png.relative_to(out).as_posix(), pdf=pdf.relative_to(out).as_posix(),
+                  caption=caption, runs=sorted(set(runs)))
+
+
+def file_stem(*parts) -> str:
+    """A file name from the parts of a group, e.g. ('mlp', 'synthetic', 'k2') -> mlp-synthetic-k2."""
+    text = "-".join(str(p) for p in parts)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)

@@ -1,0 +1,158 @@
+"""Memory: each module's peak accounted memory per method and K, and what it is made of.
+
+The peak of a module is its largest accounted moment over all epochs (the
+same number as summary.json's per-module ``accounted_peak_bytes``); the
+breakdown is the categories at that moment. Runs of several seeds are averaged
+(the shapes, hence the bytes, rarely depend on the seed). The CUDA allocator's
+peaks, where the runs were on GPUs, are shown beside them: they also hold the
+data set and temporaries, which accounting leaves out.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dbench import results
+from dbench.report import figures, tables
+from dbench.report.figures import category_colors, new_figure, order_categories, order_labels, save, theme
+from dbench.report.section import ReportData, Section
+
+MIB = results.MIB
+GROUP = ["model", "dataset", "k", "label", "module"]
+CUDA_NAMES = {"cuda_peak_active_bytes": "CUDA peak active", "cuda_peak_allocated_bytes": "CUDA peak allocated",
+              "cuda_peak_reserved_bytes": "CUDA peak reserved"}
+PEAK_CAPTION = "Bars: the module's largest accounted moment over all epochs, mean over seeds (MiB = 2^20 bytes)."
+CUDA_CAPTION = ("Bars: the CUDA allocator's peak on the module's device, largest over epochs, mean over seeds; "
+                "it also holds the data set and temporaries, which accounting leaves out.")
+
+
+def build(data: ReportData, out: Path) -> Section:
+    section = Section("memory", "Memory per module",
+                      "Peak memory of each module (MiB) per method and K, and its breakdown by category "
+                      "at that peak. FR keeps K−k+1 inputs in module k, DDG K−k+1 whole forward graphs.")
+    if data.modules.empty:
+        section.notes.append("No run has per-module measurements (older runs lack them).")
+        return section
+    peaks = results.module_peaks(data.modules)
+    categories = order_categories(c[len(results.BYTES_PREFIX):] for c in results.memory_categories(peaks))
+    cuda = [c for c in CUDA_NAMES if c in peaks.columns and peaks[c].notna().any()]
+    value_columns = ["accounted_peak_bytes", *(results.BYTES_PREFIX + c for c in categories), *cuda]
+    mean = peaks.groupby(GROUP, sort=True).agg(
+        seeds=("seed", "nunique"), runs=("run", lambda r: list(r)), **{c: (c, "mean") for c in value_columns}
+    ).reset_index()
+    for (model, dataset), group in mean.groupby(["model", "dataset"], sort=True):
+        runs = [r for rs in group["runs"] for r in rs]
+        stem = figures.file_stem(model, dataset)
+        section.items.append(_grouped_bars(group, "accounted_peak_bytes", data.colors, out, f"memory/{stem}-peak",
+                                           f"Peak accounted memory per module: {model}, {dataset}", runs,
+                                           PEAK_CAPTION))
+        section.items.append(_stacked_bars(group, categories, out, f"memory/{stem}-breakdown",
+                                           f"Memory breakdown at each module's peak: {model}, {dataset}", runs))
+        if cuda:  # one figure (peak active, the closest to accounting); the table has all three
+            name = cuda[0]
+            section.items.append(_grouped_bars(group, name, data.colors, out, f"memory/{stem}-cuda",
+                                               f"{CUDA_NAMES[name]} memory per module: {model}, {dataset}", runs,
+                                               CUDA_CAPTION))
+    section.items.append(_table(mean, categories, cuda, out))
+    return section
+
+
+def _panels(group: pd.DataFrame, height_per_panel: float, width_per_bar: float, bars_per_k):
+    ks = sorted(group["k"].unique())
+    width = max(6.0, min(16.0, 1.5 + width_per_bar * max(bars_per_k(k) for k in ks)))
+    fig = new_figure(width, 0.8 + height_per_panel * len(ks))
+    axes = fig.subplots(len(ks), 1, squeeze=False)[:, 0]
+    return fig, ks, axes
+
+
+def _grouped_bars(group, column, colors, out, stem, title, runs, caption) -> figures.Figure:
+    """x: module, one bar per method, one panel per K."""
+    with theme():
+        labels_of = {k: order_labels(group.loc[group["k"] == k, "label"]) for k in group["k"].unique()}
+        fig, ks, axes = _panels(group, 2.6, 0.35, lambda k: k * len(labels_of[k]))
+        for ax, k in zip(axes, ks):
+            at_k = group[group["k"] == k]
+            labels = labels_of[k]
+            width = 0.8 / len(labels)
+            for i, label in enumerate(labels):
+                rows = at_k[at_k["label"] == label].sort_values("module")
+                x = rows["module"].to_numpy() + (i - (len(labels) - 1) / 2) * width
+                ax.bar(x, rows[column] / MIB, width=width, color=colors[label], label=label)
+            ax.set_xticks(range(k), labels=[f"module {m}" for m in range(k)])
+            ax.set_ylabel("MiB")
+            ax.set_title(f"K={k}", loc="left", fontsize="medium")
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.suptitle(title)
+        return save(fig, out, stem, title=title, runs=runs, caption=caption)
+
+
+def _stacked_bars(group, categories, out, stem, title, runs) -> figures.Figure:
+    """One bar per (method, module), stacked by category, one panel per K."""
+    colors = category_colors(categories)
+    with theme():
+        labels_of = {k: order_labels(group.loc[group["k"] == k, "label"]) for k in group["k"].unique()}
+        fig, ks, axes = _panels(group, 3.0, 0.45, lambda k: (k + 1) * len(labels_of[k]))
+        for ax, k in zip(axes, ks):
+            at_k = group[group["k"] == k]
+            positions, ticks, centers = [], [], []
+            for i, label in enumerate(labels_of[k]):
+                start = i * (k + 1)  # a gap of one bar between methods
+                centers.append(start + (k - 1) / 2)
+                for m in range(k):
+                    positions.append((label, m, start + m))
+                    ticks.append(start + m)
+            bottom = np.zeros(len(positions))
+            for category in categories:
+                heights = np.array([_value(at_k, label, m, results.BYTES_PREFIX + category) / MIB
+                                    for label, m, _ in positions])
+                if not heights.any():
+                    continue
+                ax.bar([p for _, _, p in positions], heights, bottom=bottom, width=0.85,
+                       color=colors[category], label=category.replace("_", " "))
+                bottom += heights
+            ax.set_xticks(ticks, labels=[str(m) for _, m, _ in positions])
+            methods = ax.secondary_xaxis("bottom")
+            methods.set_xticks(centers, labels=labels_of[k])
+            methods.tick_params(length=0, pad=18)
+            for text in methods.get_xticklabels():
+                text.set_fontweight("bold")
+            methods.spines["bottom"].set_visible(False)
+            ax.set_ylabel("MiB")
+            ax.set_title(f"K={k}  (bars: module 0 … {k - 1} of each method)", loc="left", fontsize="medium")
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.suptitle(title)
+        return save(fig, out, stem, title=title, runs=runs,
+                    caption="Each bar is one module at its peak, stacked by what the bytes hold (mean over seeds). "
+                            "stored inputs: FR's replay inputs; weight snapshots: DDG's stale weights; "
+                            "synthesizer: DNI's gradient models; feedback: DFA's fixed matrices.")
+
+
+def _value(frame, label, module, column) -> float:
+    row = frame[(frame["label"] == label) & (frame["module"] == module)]
+    return float(row[column].iloc[0]) if len(row) else 0.0
+
+
+def _table(mean: pd.DataFrame, categories: list[str], cuda: list[str], out: Path) -> tables.Table:
+    used = [c for c in categories if mean[results.BYTES_PREFIX + c].any()]
+    numbers = mean[["model", "dataset", "k", "label", "module", "seeds"]].rename(columns={"label": "method"})
+    numbers["peak_mib"] = mean["accounted_peak_bytes"] / MIB
+    for c in used:
+        numbers[f"{c}_mib"] = mean[results.BYTES_PREFIX + c] / MIB
+    for c in cuda:
+        numbers[c.replace("_bytes", "_mib")] = mean[c] / MIB
+    shown = pd.DataFrame({"model": numbers["model"], "data set": numbers["dataset"], "K": numbers["k"],
+                          "method": numbers["method"], "module": numbers["module"],
+                          "peak MiB": numbers["peak_mib"].map(tables.num)})
+    for c in used:
+        shown[c.replace("_", " ")] = numbers[f"{c}_mib"].map(tables.num)
+    for c in cuda:
+        shown[CUDA_NAMES[c] + " MiB"] = numbers[c.replace("_bytes", "_mib")].map(tables.num)
+    order = {label: i for i, label in enumerate(order_labels(numbers["method"]))}
+    keep = numbers.assign(_o=numbers["method"].map(order)).sort_values(["model", "dataset", "k", "_o", "module"]).index
+    runs = [r for rs in mean["runs"] for r in rs]
+    return tables.write(out, "memory/memory", title="Peak memory per module (MiB)", shown=shown.loc[keep],
+                        numbers=numbers.loc[keep], runs=runs,
+                        caption="Accounted bytes at each module's peak over all epochs, mean over seeds, by category"
+                                + ("; CUDA: the allocator's peaks on the module's device." if cuda else "."))

@@ -1,0 +1,39 @@
+"""What every report section receives (the runs as tables) and what it returns (figures and tables)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from dbench import results
+from dbench.report.figures import Figure, method_colors
+from dbench.report.tables import Table
+
+
+@dataclass
+class ReportData:
+    """The runs of one report, read once and shared by every section."""
+
+    runs: list[results.Run]
+    table: pd.DataFrame  # results.runs_frame
+    epochs: pd.DataFrame  # results.epochs_frame
+    modules: pd.DataFrame  # results.modules_frame
+    probes: pd.DataFrame  # results.probes_frame
+    colors: dict  # method label -> colour, the same in every figure
+
+    @classmethod
+    def of(cls, runs: list[results.Run]) -> "ReportData":
+        table = results.runs_frame(runs)
+        return cls(runs=runs, table=table, epochs=results.epochs_frame(runs), modules=results.modules_frame(runs),
+                   probes=results.probes_frame(runs), colors=method_colors(table["label"]))
+
+
+@dataclass
+class Section:
+    """One part of the report: a heading, what it shows, its figures and tables, and notes for the reader."""
+
+    key: str  # the subfolder of the report and the anchor in the index
+    title: str
+    intro: str
+    items: list[Figure | Table] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)

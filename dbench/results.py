@@ -1,0 +1,413 @@
+"""Read run directories back as tidy pandas tables, for reports and notebooks.
+
+    runs, warnings = load_runs(["results/"])       # finished runs; the rest named in warnings
+    runs_frame(runs)      one row per run: method, model, dataset, K, seed, best test error, speed, git revision
+    epochs_frame(runs)    one row per run and epoch: losses, accuracies, seconds (and their running total)
+    modules_frame(runs)   one row per run, epoch and module: time states, peak memory and its categories
+    probes_frame(runs)    one row per run, σ probe and module (plus the network): σ, corrected σ, cosine
+
+A run directory is what ``dbench run`` writes (see dbench.record). Older runs
+may lack parts (no per-module data, no σ probes): the tables then simply have
+no rows for them. A run that is not finished, or whose files cannot be read,
+is left out with a warning naming it and why.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from dbench.errors import DbenchError
+
+CONFIG = "config.json"  # the same names as dbench.record, which imports torch; this module must not
+ENVIRONMENT = "environment.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+RUN_FILES = (CONFIG, SUMMARY, METRICS)  # a folder holding any of these is taken for a run directory
+
+COMPLETE = "complete"
+MIB = 2**20
+
+# Columns that say which experiment a row belongs to, repeated in every table.
+ID_COLUMNS = ["run", "label", "method", "model", "dataset", "k", "seed"]
+
+# RunConfig fields that do not change what a run computes or measures; runs that
+# differ only in these (and the seed) are repetitions of one experiment.
+NOT_SETTINGS = {"seed", "data_dir", "download", "devices", "comm_timeout", "sigma_every", "sigma_batches", "method_options"}
+
+
+class RunSkipped(DbenchError):
+    """A run directory that cannot be used; the message says why."""
+
+
+@dataclass
+class Run:
+    """One run directory, read: its JSON files and its metric rows."""
+
+    path: Path
+    config: dict
+    environment: dict
+    summary: dict
+    epoch_rows: list[dict]
+    probe_rows: list[dict]
+    name: str = ""  # unique among the runs loaded together (path relative to their common folder)
+
+    @property
+    def settings(self) -> dict:
+        return self.config["run"]
+
+    @property
+    def method(self) -> str:
+        return self.settings["method"]
+
+    @property
+    def label(self) -> str:
+        """The method with its non-default options: dfa[scale=0.5] is not the same experiment as dfa."""
+        options = self.settings.get("method_options") or {}
+        if not options:
+            return self.method
+        return self.method + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
+
+    @property
+    def k(self) -> int:
+        return int(self.settings["gpus"])
+
+    @property
+    def engine(self) -> str:
+        # config["engine"] is the engine the run used; run.engine may be "auto"
+        return self.config.get("engine") or self.settings.get("engine", "?")
+
+    @property
+    def git_revision(self) -> str | None:
+        git = self.environment.get("git")
+        if isinstance(git, dict):
+            return git.get("revision")
+        return git if isinstance(git, str) else None
+
+    @property
+    def git_dirty(self) -> bool | None:
+        git = self.environment.get("git")
+        return git.get("dirty") if isinstance(git, dict) else None
+
+
+@dataclass
+class Loaded:
+    """The runs that can be used, and one warning line for each that was left out."""
+
+    runs: list[Run] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def find_runs(paths: Iterable[Path | str]) -> list[Path]:
+    """Run directories at or below each path (a run directory itself, or a folder searched recursively).
+
+    Folders whose names start with a dot are skipped: ``dbench run`` stages a
+    new run directory under such a name before renaming it into place.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise DbenchError(f"{path} does not exist: give run directories or folders that hold them")
+        if not path.is_dir():
+            raise DbenchError(f"{path} is not a directory: give run directories or folders that hold them")
+        for run in _walk(path):
+            key = run.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(run)
+    return found
+
+
+def _walk(folder: Path) -> list[Path]:
+    if any((folder / name).exists() for name in RUN_FILES):
+        return [folder]  # run directories do not nest
+    out = []
+    for child in sorted(folder.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            out.extend(_walk(child))
+    return out
+
+
+def _read_json(path: Path, required: bool) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if required:
+            raise RunSkipped(f"{path.name} is missing") from None
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RunSkipped(f"{path.name} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RunSkipped(f"{path.name} line {number} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise RunSkipped(f"{path.name} line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _latest_per_epoch(rows: list[dict]) -> list[dict]:
+    """One row per epoch, the last written (a resumed run may have redone an epoch), in epoch order."""
+    by_epoch = {}
+    for row in rows:
+        by_epoch[row["epoch"]] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def load_run(path: Path | str) -> Run:
+    """Read one run directory; raises RunSkipped (with the reason) if its files are missing or corrupt."""
+    path = Path(path)
+    config = _read_json(path / CONFIG, required=True)
+    summary = _read_json(path / SUMMARY, required=True)
+    environment = _read_json(path / ENVIRONMENT, required=False) or {}
+    if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
+        raise RunSkipped(f"{CONFIG} has no \"run\" settings")
+    for key in ("method", "model", "dataset", "gpus", "seed"):
+        if key not in config["run"]:
+            raise RunSkipped(f"{CONFIG} lacks run.{key}")
+    if not isinstance(summary, dict) or "status" not in summary:
+        raise RunSkipped(f"{SUMMARY} has no status")
+    rows = _read_metrics(path / METRICS)
+    epochs = _latest_per_epoch([r for r in rows if r.get("kind") == "epoch" and "epoch" in r])
+    done = summary.get("epochs_done")
+    if done is not None:
+        # rows past the summary's last finished epoch belong to an epoch that was redone on resume
+        epochs = [r for r in epochs if r["epoch"] <= done]
+    probes = [r for r in rows if r.get("kind") == "probe" and (done is None or r.get("epoch", 0) <= done)]
+    return Run(path=path, config=config, environment=environment, summary=summary, epoch_rows=epochs, probe_rows=probes)
+
+
+def load_runs(paths: Iterable[Path | str], include_unfinished: bool = False) -> Loaded:
+    """Every usable run under ``paths``; a run left out gets one warning line naming it and why.
+
+    By default only complete runs are used. With ``include_unfinished``, runs
+    that are running, interrupted, failed or diverged are used too, as long as
+    they finished at least one epoch.
+    """
+    loaded = Loaded()
+    for path in find_runs(paths):
+        try:
+            run = load_run(path)
+        except RunSkipped as e:
+            loaded.warnings.append(f"skipped {path}: {e}")
+            continue
+        status = run.summary["status"]
+        if status != COMPLETE and not include_unfinished:
+            loaded.warnings.append(f"skipped {path}: status is {status!r}, not complete (--include-unfinished uses it)")
+            continue
+        if not run.summary.get("epochs_done") or "best_test_error" not in run.summary:
+            loaded.warnings.append(f"skipped {path}: status {status!r} with no finished epoch")
+            continue
+        loaded.runs.append(run)
+    _name_runs(loaded.runs)
+    return loaded
+
+
+def _name_runs(runs: list[Run]) -> None:
+    """Name each run by its path relative to the folder all of them share (unique, and short)."""
+    if not runs:
+        return
+    resolved = [r.path.resolve() for r in runs]
+    common = Path(*_common_parts([p.parent.parts for p in resolved]))
+    for run, path in zip(runs, resolved):
+        run.name = path.relative_to(common).as_posix()
+
+
+def _common_parts(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
+    shortest = min(parts, key=len)
+    for i, part in enumerate(shortest):
+        if any(p[i] != part for p in parts):
+            return shortest[:i]
+    return shortest
+
+
+def select(runs: list[Run], *, methods=(), models=(), datasets=(), ks=()) -> list[Run]:
+    """The runs matching every filter given (an empty filter keeps everything)."""
+    return [
+        r for r in runs
+        if (not methods or r.method in methods or r.label in methods)
+        and (not models or r.settings["model"] in models)
+        and (not datasets or r.settings["dataset"] in datasets)
+        and (not ks or r.k in ks)
+    ]
+
+
+def _ids(run: Run) -> dict:
+    s = run.settings
+    return {"run": run.name, "label": run.label, "method": run.method, "model": s["model"],
+            "dataset": s["dataset"], "k": run.k, "seed": s["seed"]}
+
+
+def runs_frame(runs: list[Run]) -> pd.DataFrame:
+    """One row per run: what it was, how it ended, how fast it went, where it came from."""
+    rows = []
+    for run in runs:
+        s, summ = run.settings, run.summary
+        done = summ.get("epochs_done") or 0
+        train_seconds = summ.get("train_seconds")
+        rows.append({
+            **_ids(run),
+            "engine": run.engine,
+            "batch_size": s.get("batch_size"),
+            "lr": s.get("lr"),
+            "lr_schedule": s.get("lr_schedule"),
+            "epochs": s.get("epochs"),
+            "epochs_done": done,
+            "status": summ["status"],
+            "best_test_error": summ.get("best_test_error"),
+            "best_epoch": summ.get("best_epoch"),
+            "final_test_error": 1 - summ["final_test_acc"] if summ.get("final_test_acc") is not None else None,
+            "final_train_loss": summ.get("final_train_loss"),
+            "train_seconds": train_seconds,
+            "seconds_per_epoch": train_seconds / done if train_seconds is not None and done else None,
+            "samples_per_s": summ.get("samples_per_s"),
+            "mean_sigma": summ.get("mean_sigma"),
+            "sigma_corrected": summ.get("sigma_corrected"),
+            "num_params": run.config.get("num_params"),
+            "devices": ",".join(run.config.get("devices") or []),
+            "partition": " ".join(f"[{a},{b})" for a, b in run.config.get("partition") or []),
+            "settings": _settings_key(run),
+            "git_revision": run.git_revision,
+            "git_dirty": run.git_dirty,
+            "torch": run.environment.get("torch"),
+            "host": run.environment.get("host"),
+            "time_utc": run.environment.get("time_utc"),
+            "path": str(run.path),
+        })
+    return pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
+
+
+def _settings_key(run: Run) -> str:
+    """The settings that make runs comparable (everything but the seed and where things live), as text."""
+    s = {k: v for k, v in run.settings.items() if k not in NOT_SETTINGS}
+    s["engine"] = run.engine
+    return json.dumps(s, sort_keys=True)
+
+
+def epochs_frame(runs: list[Run]) -> pd.DataFrame:
+    """One row per run and epoch; ``wall_seconds`` is the training time up to the end of that epoch."""
+    rows = []
+    for run in runs:
+        wall = 0.0
+        for r in run.epoch_rows:
+            wall += r.get("train_seconds") or 0.0
+            rows.append({
+                **_ids(run),
+                "engine": run.engine,
+                "epoch": r["epoch"],
+                "lr": r.get("lr"),
+                "train_loss": r.get("train_loss"),
+                "train_acc": r.get("train_acc"),
+                "test_loss": r.get("test_loss"),
+                "test_acc": r.get("test_acc"),
+                "test_error": 1 - r["test_acc"] if r.get("test_acc") is not None else None,
+                "train_seconds": r.get("train_seconds"),
+                "wall_seconds": wall,
+                "eval_seconds": r.get("eval_seconds"),
+                "samples_per_s": r.get("samples_per_s"),
+            })
+    return pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + ["epoch"])
+
+
+MODULE_TIMES = ("compute_s", "wait_input_s", "wait_grad_s", "idle_s", "probe_s")
+CUDA_PEAKS = ("cuda_peak_active_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes")
+BYTES_PREFIX = "bytes_"  # modules_frame's memory categories: bytes_parameters, bytes_stored_inputs, ...
+
+
+def modules_frame(runs: list[Run]) -> pd.DataFrame:
+    """One row per run, epoch and module: seconds per state, peak memory, and its categories (``bytes_*``).
+
+    A category a run does not have (BP keeps no stored inputs) is 0 there.
+    """
+    rows = []
+    for run in runs:
+        for r in run.epoch_rows:
+            for m in r.get("modules") or []:
+                row = {**_ids(run), "engine": run.engine, "epoch": r["epoch"], "module": m["module"],
+                       "device": m.get("device")}
+                for name in MODULE_TIMES:
+                    row[name] = m.get(name)
+                row["accounted_peak_bytes"] = m.get("accounted_peak_bytes")
+                for name in CUDA_PEAKS:
+                    if name in m:
+                        row[name] = m[name]
+                for category, value in (m.get("accounted_bytes") or {}).items():
+                    row[BYTES_PREFIX + category] = value
+                rows.append(row)
+    frame = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + ["epoch", "module"])
+    categories = memory_categories(frame)
+    frame[categories] = frame[categories].fillna(0)
+    return frame
+
+
+def memory_categories(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith(BYTES_PREFIX)]
+
+
+def module_peaks(modules: pd.DataFrame) -> pd.DataFrame:
+    """Per run and module, the epoch at its accounted peak (with that moment's categories), and CUDA peaks.
+
+    This is what summary.json's per-module totals hold, rebuilt from the epoch
+    rows so that it also works for runs whose summary predates them.
+    """
+    if modules.empty:
+        return modules
+    at_peak = modules.loc[modules.groupby(["run", "module"])["accounted_peak_bytes"].idxmax()].copy()
+    for name in CUDA_PEAKS:
+        if name in modules.columns:
+            at_peak[name] = modules.groupby(["run", "module"])[name].max().reindex(
+                pd.MultiIndex.from_frame(at_peak[["run", "module"]])).to_numpy()
+    return at_peak.drop(columns=["epoch"]).reset_index(drop=True)
+
+
+def probes_frame(runs: list[Run]) -> pd.DataFrame:
+    """One row per run, σ probe and part (each module, and the whole network with ``module`` NA).
+
+    ``dot``, ``cross`` are the probe's sums <∇f, g> and <∇_A, ∇_B>: pooled over
+    probes, Σdot / Σcross is the corrected σ the summary reports.
+    σ is NA for a module still in its warm-up at that probe.
+    """
+    rows = []
+    for run in runs:
+        for p in run.probe_rows:
+            base = {**_ids(run), "epoch": p.get("epoch"), "step": p.get("step"), "iteration": p.get("iteration")}
+            sums = p.get("sums") or []
+            for i, m in enumerate(p.get("modules") or []):
+                dot, _, cross, _ = sums[i] if i < len(sums) else (None, None, None, None)
+                updated = m.get("sigma") is not None
+                rows.append({**base, "part": f"module {m['module']}", "module": m["module"],
+                             "sigma": m.get("sigma"), "sigma_corrected": m.get("sigma_corrected"),
+                             "cosine": m.get("cosine"), "true_grad_norm": m.get("true_grad_norm"),
+                             "method_grad_norm": m.get("method_grad_norm"),
+                             # a module in warm-up made no update: its sums say nothing about its direction
+                             "dot": dot if updated else None, "cross": cross if updated else None})
+            if "sigma" in p:
+                totals = [sum(col) for col in zip(*sums)] if sums else [None] * 4
+                rows.append({**base, "part": "network", "module": None, "sigma": p.get("sigma"),
+                             "sigma_corrected": p.get("sigma_corrected"), "cosine": p.get("cosine"),
+                             "true_grad_norm": None, "method_grad_norm": None,
+                             "dot": totals[0], "cross": totals[2]})
+    frame = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + ["epoch", "part", "module", "sigma"])
+    frame["module"] = frame["module"].astype("Int64")
+    for name in ("sigma", "sigma_corrected", "cosine", "dot", "cross"):
+        if name in frame.columns:
+            frame[name] = pd.to_numeric(frame[name], errors="coerce")  # None → NaN
+    return frame
+
