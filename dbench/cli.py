@@ -132,7 +132,6 @@ def list_() -> None:
         click.echo(f"  {name:<10} {spec.num_classes:>4} classes  {spec.description}")
 
 
-# --- report command (begin) ---
 def _names(ctx, param, values: tuple[str, ...]) -> list[str]:
     """A repeatable option whose values may also be comma-separated: --method bp,fr --method ddg."""
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
@@ -169,7 +168,6 @@ def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, in
     )
     click.echo(f"report of {len(written.runs)} run(s) written to {written.out}: "
                f"open {written.index_html} (or {written.index_md.name})")
-# --- report command (end) ---
 
 
 def _raise_interrupt(signum, frame) -> None:
