@@ -297,8 +297,12 @@ def _train(setup: Setup, run: RunDir, rows: list[dict], first_epoch: int, quiet:
 def mark(run: RunDir, status: str, error: str | None = None) -> None:
     """Set a run's status from outside its training (the launcher, after its workers ended)."""
     cfg = RunConfig.from_dict(run.read(CONFIG)["run"], source=str(run.path / CONFIG))
-    done = _epochs_done(run)  # rows past the checkpoint belong to an epoch that did not finish saving
-    _write_summary(run, cfg, [r for r in run.metrics() if r["epoch"] <= done], status, error)
+    # Rows past the checkpoint belong to an epoch that did not finish saving: drop
+    # them, so the metrics, the checkpoint and the summary tell the same story.
+    done = _epochs_done(run)
+    rows = [r for r in run.metrics() if r["epoch"] <= done]
+    run.write_metrics(rows)
+    _write_summary(run, cfg, rows, status, error)
 
 
 def _write_summary(run: RunDir, cfg: RunConfig, rows: list[dict], status: str, error: str | None = None) -> None:

@@ -15,6 +15,7 @@ over a gloo group; tensors over the main group (NCCL on CUDA, gloo on CPU).
 """
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 from typing import Any, Sequence
 
@@ -138,17 +139,20 @@ class RankTrainer:
     def gather(self, obj: Any) -> list | None:
         """Every process's ``obj`` in rank order on the writer, None elsewhere."""
         result = [None] * self.world if self.is_writer else None
-        dist.gather_object(obj, result, dst=self.writer, group=self.control)
+        with _collective(self.rank, "gather"):
+            dist.gather_object(obj, result, dst=self.writer, group=self.control)
         return result
 
     def broadcast(self, obj: Any) -> Any:
         """The writer's ``obj`` on every process."""
         box = [obj]
-        dist.broadcast_object_list(box, src=self.writer, group=self.control)
+        with _collective(self.rank, "broadcast"):
+            dist.broadcast_object_list(box, src=self.writer, group=self.control)
         return box[0]
 
     def barrier(self) -> None:
-        dist.barrier(group=self.control)
+        with _collective(self.rank, "barrier"):
+            dist.barrier(group=self.control)
 
     def flush(self) -> None:
         """End of epoch: nothing left in flight (see Transport.flush)."""
@@ -177,6 +181,15 @@ class RankTrainer:
         for channel, queue in self.transport.inbox.items():
             queue.clear()
             queue.extend(t.to(self.stage.device) for t in pending.get(channel, []))
+
+
+@contextlib.contextmanager
+def _collective(rank: int, what: str):
+    """Say what a failed collective was: gloo's own message names neither the operation nor the cause."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise RuntimeError(f"{what} with the other modules failed (a module timed out or stopped): {e}") from e
 
 
 def _to_cpu(obj: Any) -> Any:

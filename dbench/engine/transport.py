@@ -100,7 +100,10 @@ class Transport:
                 pass
         while self._sends:
             work, _ = self._sends.popleft()
-            work.wait()
+            try:
+                work.wait()
+            except RuntimeError as e:
+                raise RuntimeError(f"a message was never received (timed out or connection lost): {e}") from e
 
     def queued(self) -> Iterator[torch.Tensor]:
         for q in self.inbox.values():
