@@ -170,6 +170,57 @@ def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, in
                f"open {written.index_html} (or {written.index_md.name})")
 
 
+@main.command()
+@click.argument("name")
+@click.option("--file", "file", type=click.Path(path_type=Path), default=Path("bench.toml"), show_default=True,
+              help="The suites file.")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
+              help="Runs go to RESULTS/NAME/<method>-<model>-<dataset>-k<K>-s<seed>/.")
+@click.option("--data-dir", default=None, help="Data folder for new runs (overrides the suite's data_dir).")
+@click.option("--dry-run", is_flag=True, help="List the runs and what is on disk for each; train nothing.")
+@click.option("--progress", is_flag=True, help="Show each run's progress bar (default: one line per epoch).")
+def suite(name: str, file: Path, results: Path, data_dir: str | None, dry_run: bool, progress: bool) -> None:
+    """Run suite NAME of bench.toml: skip complete runs, resume unfinished ones, record diverged ones and go on."""
+    from dbench import suites
+
+    planned = suites.load(file, name)
+    if dry_run:
+        click.echo(f"suite {name}: {planned.description}" if planned.description else f"suite {name}")
+        for i, run in enumerate(planned.runs, 1):
+            click.echo(f"[{i}/{len(planned.runs)}] {run.name}: {suites.status(run, results)}  ({run.path(results)})")
+        return
+    final = suites.run_suite(planned, results, quiet=not progress, data_dir=data_dir, echo=click.echo)
+    counts = {state: list(final.values()).count(state) for state in sorted(set(final.values()))}
+    click.echo(f"suite {name}: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--file", "file", type=click.Path(path_type=Path), default=Path("bench.toml"), show_default=True,
+              help="The suites file.")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
+              help="Where the suite's runs are (RESULTS/NAME/...).")
+@click.option("--golden", type=click.Path(path_type=Path), default=Path("results/golden"), show_default=True,
+              help="Golden figures: GOLDEN/NAME/<hardware>.json.")
+@click.option("--update", is_flag=True, help="Write the current runs' figures as the golden ones (after a deliberate change).")
+def check(name: str, file: Path, results: Path, golden: Path, update: bool) -> None:
+    """Compare suite NAME's runs with the golden figures: exit 1 if accuracy fell or memory grew past tolerance."""
+    from dbench import check as checker
+    from dbench import suites
+
+    planned = suites.load(file, name)
+    if update:
+        click.echo(f"golden figures written to {checker.update(planned, results, golden)}")
+        return
+    findings, path = checker.check(planned, results, golden)
+    failed = [f for f in findings if not f.ok]
+    click.echo(checker.table(findings))
+    if failed:
+        click.echo(f"check {name}: {len(failed)} of {len(findings)} figures regressed or failed against {path}", err=True)
+        sys.exit(1)
+    click.echo(f"check {name}: all {len(findings)} figures within tolerance of {path}")
+
+
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 

@@ -1,0 +1,178 @@
+"""bench.toml suites, `dbench suite` and `dbench check` against golden figures."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dbench import check as checker
+from dbench import suites
+from dbench.errors import DbenchError
+from dbench.run import RunInterrupted
+
+DBENCH = str(Path(sys.executable).parent / "dbench")
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+[suite.tiny]
+description = "two methods, a few seconds"
+epochs = 2
+batch_size = 512
+lr = {lr}
+
+[[suite.tiny.grid]]
+methods = ["bp", "fr"]
+models = ["mlp"]
+datasets = ["synthetic"]
+gpus = [2]
+seeds = [0]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "bench.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_the_repository_suites_are_valid():
+    found = suites.load_all(REPO / "bench.toml")
+    assert {"smoke", "paper-cifar10", "paper-cifar100", "speed"} <= set(found)
+    smoke = found["smoke"]
+    assert sorted(r.config.method for r in smoke.runs) == sorted(["bp", "fr", "ddg", "dni", "cdni", "dfa", "bdfa"])
+    paper = found["paper-cifar10"]
+    assert {(r.config.model, r.config.gpus) for r in paper.runs} >= {("resnet56", 2), ("resnet110", 4), ("resnet164", 4)}
+    assert all(r.config.epochs == 300 and r.config.milestones == [150, 225] for r in paper.runs)
+    sigma = [r for r in paper.runs if r.config.model == "resnet164"]
+    assert all(r.config.sigma_every == 50 for r in sigma)  # a grid overrides a shared setting
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[suite.a]\nepochz = 2\n[[suite.a.grid]]\nmethods=['bp']\nmodels=['mlp']\ndatasets=['synthetic']\ngpus=[1]\nseeds=[0]\n",
+     "suite.a: unknown key 'epochz'"),
+    ("[suite.a]\n[[suite.a.grid]]\nmethods=['bp']\nmodels=['mlp']\ndatasets=['synthetic']\ngpus=[1]\nseeds=[0]\nwidth=3\n",
+     "suite.a.grid[0]: unknown key 'width'"),
+    ("[suite.a]\n[[suite.a.grid]]\nmethods=['bp']\nmodels=['mlp']\ndatasets=['synthetic']\ngpus=['two']\nseeds=[0]\n",
+     "suite.a.grid[0].gpus: expected a list of ints, got ['two']"),
+    ("[suite.a]\nepochs = '3'\n[[suite.a.grid]]\nmethods=['bp']\nmodels=['mlp']\ndatasets=['synthetic']\ngpus=[1]\nseeds=[0]\n",
+     "epochs = '3' should be int"),
+    ("[suite.a]\n[[suite.a.grid]]\nmethods=[]\nmodels=['mlp']\ndatasets=['synthetic']\ngpus=[1]\nseeds=[0]\n",
+     "suite.a.grid[0].methods is empty"),
+    ("[suite.a]\nepochs = 2\n", "suite.a has no [[suite.a.grid]]"),
+    ("[suite.a]\n[[suite.a.grid]]\nmethods=['bp']\nmodels=['mlp']\ndatasets=['synthetic']\ngpus=[0]\nseeds=[0]\n",
+     "bad --gpus 0"),
+    ("[suites.a]\n", "unknown top-level key 'suites'"),
+    ("[suite.a\n", "is not valid TOML"),
+])
+def test_bad_suites_name_the_file_and_the_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(DbenchError) as caught:
+        suites.load_all(path)
+    assert str(path) in str(caught.value) and message in str(caught.value)
+
+
+def test_cli_dry_run_and_errors(tmp_path):
+    write(tmp_path, TINY.format(lr=0.05))
+    done = subprocess.run([DBENCH, "suite", "tiny", "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "[1/2] bp-mlp-synthetic-k2-s0: missing" in done.stdout and "[2/2] fr-mlp-synthetic-k2-s0: missing" in done.stdout
+    assert not (tmp_path / "results").exists()
+    bad = subprocess.run([DBENCH, "suite", "nope"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: bench.toml: no suite 'nope'; suites: tiny"
+
+
+def test_interrupted_suite_finishes_every_run_once(tmp_path):
+    suite = suites.load(write(tmp_path, TINY.format(lr=0.05)), "tiny")
+    root = tmp_path / "results"
+    calls = []
+
+    def stop_in_second_run(done):
+        calls.append(done)
+        if len(calls) == 3:  # bp's two epochs, then fr's first
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted):
+        suites.run_suite(suite, root, echo=lambda line: None, on_epoch_end=stop_in_second_run)
+    first = (root / "tiny" / "bp-mlp-synthetic-k2-s0" / "metrics.jsonl").read_text()
+    assert suites.status(suite.runs[1], root) == "interrupted"
+
+    lines = []
+    final = suites.run_suite(suite, root, echo=lines.append)
+    assert final == {"bp-mlp-synthetic-k2-s0": "complete", "fr-mlp-synthetic-k2-s0": "complete"}
+    assert "[1/2] bp-mlp-synthetic-k2-s0: complete, skipped" in lines and "[2/2] fr-mlp-synthetic-k2-s0: resuming" in lines
+    assert (root / "tiny" / "bp-mlp-synthetic-k2-s0" / "metrics.jsonl").read_text() == first  # not run again
+    for run in suite.runs:
+        rows = [json.loads(x) for x in (run.path(root) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tmp_path):
+    text = TINY.format(lr=0.05).replace('methods = ["bp", "fr"]', 'methods = ["bp"]') + """
+[[suite.tiny.grid]]
+methods = ["fr"]
+models = ["mlp"]
+datasets = ["synthetic"]
+gpus = [2]
+seeds = [0]
+lr = 1e30
+"""
+    suite = suites.load(write(tmp_path, text), "tiny")
+    final = suites.run_suite(suite, tmp_path / "results", echo=lambda line: None)
+    assert final == {"bp-mlp-synthetic-k2-s0": "complete", "fr-mlp-synthetic-k2-s0": "diverged"}
+    again = suites.run_suite(suite, tmp_path / "results", echo=lambda line: None)
+    assert again == final  # a diverged run is not retried
+
+
+@pytest.fixture(scope="module")
+def golden_suite(tmp_path_factory):
+    """The tiny suite run once, with its golden figures recorded."""
+    base = tmp_path_factory.mktemp("golden")
+    suite = suites.load(write(base, TINY.format(lr=0.05)), "tiny")
+    suites.run_suite(suite, base / "results", echo=lambda line: None)
+    checker.update(suite, base / "results", base / "golden")
+    return base
+
+
+def test_golden_figures_pass_on_an_unchanged_tree(golden_suite):
+    suite = suites.load(golden_suite / "bench.toml", "tiny")
+    findings, path = checker.check(suite, golden_suite / "results", golden_suite / "golden")
+    assert path == golden_suite / "golden" / "tiny" / "cpu.json"
+    assert findings and all(f.ok for f in findings)
+    env = {**os.environ}
+    done = subprocess.run([DBENCH, "check", "tiny", "--golden", "golden"], capture_output=True, text=True,
+                          cwd=golden_suite, env=env)
+    assert done.returncode == 0 and "all 6 figures within tolerance" in done.stdout
+
+
+def test_worse_accuracy_fails_the_check(golden_suite, tmp_path):
+    """The same runs with a learning rate 1000 times too small: best accuracy falls below golden - 0.03."""
+    write(tmp_path, TINY.format(lr=0.00005))
+    suites.run_suite(suites.load(tmp_path / "bench.toml", "tiny"), tmp_path / "results", echo=lambda line: None)
+    done = subprocess.run([DBENCH, "check", "tiny", "--golden", str(golden_suite / "golden")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1
+    regressed = [line for line in done.stdout.splitlines() if "REGRESSED" in line]
+    assert regressed and all("best test accuracy" in line for line in regressed)
+    assert "regressed or failed" in done.stderr
+
+
+def test_bigger_memory_fails_the_check(golden_suite, tmp_path):
+    """The same runs with twice the batch: module peaks grow past golden + 5%."""
+    write(tmp_path, TINY.format(lr=0.05).replace("batch_size = 512", "batch_size = 1024"))
+    suite = suites.load(tmp_path / "bench.toml", "tiny")
+    suites.run_suite(suite, tmp_path / "results", echo=lambda line: None)
+    findings, _ = checker.check(suite, tmp_path / "results", golden_suite / "golden")
+    memory = [f for f in findings if "peak MiB" in f.metric and not f.ok]
+    assert memory and all(f.measured > f.limit for f in memory)
+
+
+def test_missing_runs_and_golden_are_reported(golden_suite, tmp_path):
+    suite = suites.load(golden_suite / "bench.toml", "tiny")
+    with pytest.raises(DbenchError, match="no complete run of suite 'tiny'"):
+        checker.check(suite, tmp_path / "nothing", golden_suite / "golden")
+    with pytest.raises(DbenchError, match="record them with `dbench check tiny --update`"):
+        checker.check(suite, golden_suite / "results", tmp_path / "no-golden")
