@@ -56,7 +56,7 @@ class RunConfig:
     def sigma_interval(self, steps_per_epoch: int) -> int:
         """Steps between two σ probes (0: never)."""
         if self.sigma_every is None:
-            return max(1, -(-steps_per_epoch // PROBES_PER_EPOCH))
+            return max(1, steps_per_epoch // PROBES_PER_EPOCH)  # floor: all PROBES_PER_EPOCH fit in the epoch
         return self.sigma_every
 
     @property

@@ -1,0 +1,63 @@
+"""What the σ probe costs at its default frequency, as a share of the epoch's training time.
+
+Runs one epoch per method through ``dbench run`` with the default probe
+settings (4 probes an epoch, 2 probe batches) and reads the run's own
+accounting: ``probe_s`` (the probes' extra plain-BP passes, timed apart) over
+``train_seconds``. A probe costs about ``sigma_batches`` forward+backward
+passes, whatever the epoch's length, so the share shrinks as epochs get
+longer; the table also gives one probe's cost in training steps, from which
+the share for any data set follows (CIFAR: 391 steps an epoch at batch 128).
+Target: <= 10% of epoch time.
+
+    python benchmarks/sigma_cost.py --model resnet20 --k 2
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import click
+import torch
+
+DBENCH = str(Path(sys.executable).parent / "dbench")
+
+
+@click.command()
+@click.option("--model", default="resnet20", show_default=True)
+@click.option("--k", type=int, default=2, show_default=True)
+@click.option("--methods", default="bp,fr", show_default=True)
+@click.option("--root", type=click.Path(path_type=Path), default=Path("results/sigma-cost"), show_default=True)
+def main(model: str, k: int, methods: str, root: Path) -> None:
+    rows = []
+    for method in methods.split(","):
+        out = root / f"{method}-{model}-k{k}"
+        if not (out / "summary.json").exists():
+            subprocess.run([DBENCH, "run", "--method", method, "--model", model, "--gpus", str(k), "--epochs", "1",
+                            "--quiet", "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+        summary = json.loads((out / "summary.json").read_text())
+        config = json.loads((out / "config.json").read_text())
+        epoch = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "epoch"][0]
+        probe = max(m["probe_s"] for m in summary["modules"])
+        steps = config["steps_per_epoch"]
+        per_step = (epoch["train_seconds"] - probe) / steps
+        per_probe = probe / epoch["probes"]
+        rows.append((method, steps, epoch["probes"], config["sigma_probe_samples"], epoch["train_seconds"], probe,
+                     per_probe / per_step))
+    click.echo(f"### σ probe cost, {model}, K={k}, default frequency ({date.today().isoformat()})\n")
+    click.echo(f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+               f"{platform.platform()}, torch {torch.__version__}, local engine.\n")
+    click.echo("| method | steps/epoch | probes | probe samples | train s | probe s | share of epoch | one probe, in steps | share at 391 steps/epoch |")
+    click.echo("|---|---|---|---|---|---|---|---|---|")
+    for method, steps, probes, samples, train, probe, in_steps in rows:
+        click.echo(f"| {method} | {steps} | {probes} | {samples} | {train:.1f} | {probe:.1f} | {100 * probe / train:.1f}% | "
+                   f"{in_steps:.2f} | {100 * probes * in_steps / (391 + probes * in_steps):.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
