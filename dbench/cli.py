@@ -170,12 +170,17 @@ def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, in
                f"open {written.index_html} (or {written.index_md.name})")
 
 
+def _suite_options(command):
+    """NAME, --file and --results: how `suite` and `check` find a suite and its runs."""
+    command = click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
+                           help="The suite's runs are RESULTS/NAME/<method>-<model>-<dataset>-k<K>-s<seed>/.")(command)
+    command = click.option("--file", "file", type=click.Path(path_type=Path), default=Path("bench.toml"),
+                           show_default=True, help="The suites file.")(command)
+    return click.argument("name")(command)
+
+
 @main.command()
-@click.argument("name")
-@click.option("--file", "file", type=click.Path(path_type=Path), default=Path("bench.toml"), show_default=True,
-              help="The suites file.")
-@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
-              help="Runs go to RESULTS/NAME/<method>-<model>-<dataset>-k<K>-s<seed>/.")
+@_suite_options
 @click.option("--data-dir", default=None, help="Data folder for new runs (overrides the suite's data_dir).")
 @click.option("--dry-run", is_flag=True, help="List the runs and what is on disk for each; train nothing.")
 @click.option("--progress", is_flag=True, help="Show each run's progress bar (default: one line per epoch).")
@@ -195,11 +200,7 @@ def suite(name: str, file: Path, results: Path, data_dir: str | None, dry_run: b
 
 
 @main.command()
-@click.argument("name")
-@click.option("--file", "file", type=click.Path(path_type=Path), default=Path("bench.toml"), show_default=True,
-              help="The suites file.")
-@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
-              help="Where the suite's runs are (RESULTS/NAME/...).")
+@_suite_options
 @click.option("--golden", type=click.Path(path_type=Path), default=Path("results/golden"), show_default=True,
               help="Golden figures: GOLDEN/NAME/<hardware>.json.")
 @click.option("--update", is_flag=True, help="Write the current runs' figures as the golden ones (after a deliberate change).")

@@ -96,6 +96,23 @@ def wait_for_an_epoch(launcher: subprocess.Popen, out: Path) -> None:
         time.sleep(0.05)
 
 
+def signal_a_worker(launcher: subprocess.Popen, out: Path, sig: int, pick: int) -> tuple[list[int], str, float]:
+    """After the first recorded epoch, send ``sig`` to one module process; wait (60 s at most) for the launcher.
+
+    Returns the module processes, the launcher's stderr and the seconds from the signal to its end.
+    """
+    try:
+        wait_for_an_epoch(launcher, out)
+        workers = children(launcher.pid)
+        os.kill(workers[pick], sig)
+        sent = time.monotonic()
+        _, stderr = launcher.communicate(timeout=60)
+        return workers, stderr, time.monotonic() - sent
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_a_killed_module_ends_the_run_cleanly(k, tmp_path):
     """SIGKILL one module process mid-training: the run stops within 30 s, names the module, is marked
@@ -106,18 +123,8 @@ def test_a_killed_module_ends_the_run_cleanly(k, tmp_path):
          "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
-    try:
-        wait_for_an_epoch(launcher, out)
-        workers = children(launcher.pid)
-        assert len(workers) == k
-        victim = workers[-1]
-        os.kill(victim, signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, stderr = launcher.communicate(timeout=30)
-        elapsed = time.monotonic() - killed_at
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    workers, stderr, elapsed = signal_a_worker(launcher, out, signal.SIGKILL, pick=-1)
+    assert len(workers) == k
     assert launcher.returncode != 0
     assert elapsed < 30
     lines = stderr.strip().splitlines()
@@ -139,16 +146,7 @@ def test_a_hung_module_ends_the_run_within_the_timeout(tmp_path):
          "--comm-timeout", "5", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
-    try:
-        wait_for_an_epoch(launcher, out)
-        workers = children(launcher.pid)
-        os.kill(workers[0], signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        _, stderr = launcher.communicate(timeout=60)
-        elapsed = time.monotonic() - stopped_at
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    workers, stderr, elapsed = signal_a_worker(launcher, out, signal.SIGSTOP, pick=0)
     assert launcher.returncode != 0 and elapsed < 30
     # Which module reports first depends on where each was when the peer went silent (a receive, a
     # send, a gather); the message says that it timed out.
