@@ -70,9 +70,8 @@ def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: 
         ideal = IDEAL[method](k) if method in IDEAL else None
         compute = " / ".join(f"{m['compute_s']:.1f}" for m in s["modules"])
         wait = " / ".join(f"{m['wait_input_s'] + m['wait_grad_s']:.1f}" for m in s["modules"])
-        share = f"{100 * speedup / ideal:.0f}%" if ideal else "–"
-        click.echo(f"| {method} | {s['samples_per_s']:.1f} | {speedup:.2f} | {ideal:.2f} | {share} | {compute} | {wait} |"
-                   if ideal else f"| {method} | {s['samples_per_s']:.1f} | {speedup:.2f} | – | – | {compute} | {wait} |")
+        ideal_text, share = (f"{ideal:.2f}", f"{100 * speedup / ideal:.0f}%") if ideal else ("–", "–")
+        click.echo(f"| {method} | {s['samples_per_s']:.1f} | {speedup:.2f} | {ideal_text} | {share} | {compute} | {wait} |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dbench.errors import DbenchError
 from dbench.record import atomic_write_json
-from dbench.suites import Suite
+from dbench.suites import Suite, status
 
 GOLDEN_ROOT = Path("results/golden")
 # Accuracy: absolute, in accuracy units (0.03 = 3 points). The runs are
@@ -70,8 +70,7 @@ def collect(suite: Suite, results: Path) -> tuple[dict[str, dict], dict[str, str
     found, missing, kinds = {}, {}, set()
     for planned in suite.runs:
         path = planned.path(results)
-        summary = path / "summary.json"
-        state = json.loads(summary.read_text()).get("status") if summary.exists() else "missing"
+        state = status(planned, results)
         if state != "complete":
             missing[planned.name] = state
             continue

@@ -204,7 +204,17 @@ def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], Non
 
 def _epochs_done(run: RunDir) -> int:
     checkpoint = run.path / CHECKPOINT
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["epochs_done"] if checkpoint.exists() else 0
+    if not checkpoint.exists():
+        return 0
+    # mmap: read the one number without loading every tensor of the checkpoint.
+    return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["epochs_done"]
+
+
+def _keep_checkpointed_rows(run: RunDir, done: int) -> list[dict]:
+    """Drop metric rows past the checkpoint (an epoch that did not finish saving); returns the rest."""
+    rows = [r for r in run.metrics() if r["epoch"] <= done]  # epoch and probe rows
+    run.write_metrics(rows)
+    return rows
 
 
 def _continue(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | None) -> None:
@@ -235,9 +245,7 @@ def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | N
         done = checkpoint["epochs_done"]
     rows: list[dict] = []
     if setup.trainer.is_writer:
-        # Rows past the checkpoint come from an epoch that did not finish saving.
-        rows = [r for r in run.metrics() if r["epoch"] <= done]  # epoch and probe rows
-        run.write_metrics(rows)
+        rows = _keep_checkpointed_rows(run, done)
     _train(setup, run, rows, done, quiet, on_epoch_end)
 
 
@@ -297,11 +305,8 @@ def _train(setup: Setup, run: RunDir, rows: list[dict], first_epoch: int, quiet:
 def mark(run: RunDir, status: str, error: str | None = None) -> None:
     """Set a run's status from outside its training (the launcher, after its workers ended)."""
     cfg = RunConfig.from_dict(run.read(CONFIG)["run"], source=str(run.path / CONFIG))
-    # Rows past the checkpoint belong to an epoch that did not finish saving: drop
-    # them, so the metrics, the checkpoint and the summary tell the same story.
-    done = _epochs_done(run)
-    rows = [r for r in run.metrics() if r["epoch"] <= done]
-    run.write_metrics(rows)
+    # The metrics, the checkpoint and the summary must tell the same story.
+    rows = _keep_checkpointed_rows(run, _epochs_done(run))
     _write_summary(run, cfg, rows, status, error)
 
 

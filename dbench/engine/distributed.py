@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dbench.engine.transport import Transport
-from dbench.meters import Meters, SigmaResult, StageMeter, combine, sigma_of, true_gradient
+from dbench.meters import Meters, SigmaResult, StageMeter, sigma_results, true_gradient
 from dbench.method import UP, Recv, Send, Stage, StepOutput
 from dbench.optim import OptimConfig
 from dbench.registry import METHODS
@@ -122,8 +122,7 @@ class RankTrainer:
         taken = self.gather(self.meters.stages[0].sigma.take())
         if not self.is_writer:
             return None
-        modules = [sigma_of(k, sums, updated) for k, (sums, updated) in enumerate(taken)]
-        return modules, sigma_of(None, combine([sums for sums, _ in taken]))
+        return sigma_results(taken)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None) -> torch.Tensor | None:

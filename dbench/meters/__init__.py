@@ -12,9 +12,10 @@ import torch
 from dbench.meters.clock import STATES
 from dbench.meters.memory import cuda_peaks
 from dbench.meters.stage_meter import StageMeter
-from dbench.meters.sigma import SigmaResult, combine, sigma_of, true_gradient
+from dbench.meters.sigma import SigmaResult, true_gradient
+from dbench.meters.sigma import results as sigma_results
 
-__all__ = ["Meters", "StageMeter", "SigmaResult", "true_gradient", "sigma_of", "combine", "STATES"]
+__all__ = ["Meters", "StageMeter", "SigmaResult", "true_gradient", "sigma_results", "STATES"]
 
 
 class Meters:
@@ -61,5 +62,4 @@ class Meters:
         taken = [m.sigma.take() for m in self.stages]
         if any(t is None for t in taken):
             raise RuntimeError("take_sigma without arm_sigma before the step")
-        modules = [sigma_of(k, sums, updated) for k, (sums, updated) in enumerate(taken)]
-        return modules, sigma_of(None, combine([sums for sums, _ in taken]))
+        return sigma_results(taken)

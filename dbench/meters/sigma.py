@@ -156,6 +156,12 @@ def sigma_of(module: int | None, sums: tuple[float, float, float, float], update
     return SigmaResult(module, sigma, corrected, cosine, math.sqrt(sq), math.sqrt(gg), sums)
 
 
+def results(taken: list[tuple[tuple[float, ...], bool]]) -> tuple[list[SigmaResult], SigmaResult]:
+    """σ per module and of the whole network from every module's ``SigmaCapture.take()``, in module order."""
+    modules = [sigma_of(k, sums, updated) for k, (sums, updated) in enumerate(taken)]
+    return modules, sigma_of(None, combine([sums for sums, _ in taken]))
+
+
 def combine(per_module: list[tuple[float, ...]]) -> tuple[float, ...]:
     """The whole network's sums: the same products over the concatenated vectors.
 
