@@ -37,6 +37,7 @@ from torch import nn
 
 from dbench.errors import DbenchError
 from dbench.optim import OptimConfig
+from dbench.partition import forward_backward
 
 UP = "up"
 DOWN = "down"
@@ -91,6 +92,11 @@ class Stage:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    # Seconds of one training step of module ``index`` of ``num_stages``, given
+    # its forward and backward seconds: what the ``time`` partition balances.
+    # One forward and one backward, unless a method overrides it. (DNI's
+    # synthesizer is not counted: it is small next to a module, and unprofiled.)
+    step_cost = staticmethod(forward_backward)
 
     def __init__(
         self,

@@ -6,15 +6,21 @@ every block once, in order. It is saved with the run.
 - ``blocks``: equal block count per module (the original FR/DDG code's rule);
   when the count does not divide, the first modules get one block more.
 - ``params``: minimise the largest parameter count of a module.
-- ``time``: profile forward+backward of every block on the target device and
-  minimise the slowest module (torchgpipe's balance-by-time idea).
+- ``time``: profile the forward and the backward of every block on the target
+  device and minimise the slowest module's cost *per training step of the
+  method being run* (torchgpipe's balance-by-time idea, made method-aware):
+  each method says what one step costs a module, given the module's forward
+  and backward times (:meth:`dbench.method.Stage.step_cost`). For BP, DDG or
+  DFA that is forward + backward; FR's modules below the top add a second
+  forward (play, then replay), so FR's balanced cut gives its top module more
+  blocks than BP's does.
 - explicit cut points, e.g. ``4,8`` for K=3: modules [0,4), [4,8), [8,n).
 """
 from __future__ import annotations
 
 import copy
 import time
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +29,18 @@ from dbench.errors import DbenchError
 
 RULES = ("blocks", "params", "time")
 Ranges = list[tuple[int, int]]
+# step_cost(forward_s, backward_s, index, num_modules) -> seconds of one training step of that module
+StepCost = Callable[[float, float, int, int], float]
+
+
+class BlockTime(NamedTuple):
+    forward: float  # seconds, forward with autograd recording (as in training)
+    backward: float  # seconds
+
+
+def forward_backward(forward: float, backward: float, index: int, num_modules: int) -> float:
+    """BP's cost of one step of a module: one forward, one backward."""
+    return forward + backward
 
 
 def parse_split(spec: str) -> str | list[int]:
@@ -64,15 +82,20 @@ def from_cuts(cuts: Sequence[int], num_blocks: int, k: int) -> Ranges:
 
 
 def min_max(costs: Sequence[float], k: int) -> Ranges:
-    """Contiguous cut of ``costs`` into k non-empty parts minimising the largest part sum.
+    """Contiguous cut of ``costs`` into k non-empty parts minimising the largest part sum."""
+    prefix = _prefix(costs)
+    return min_max_by(len(costs), k, lambda j, a, b: prefix[b] - prefix[a])
 
-    Dynamic programme over (blocks used, parts): exact, O(k·n²), instant for
-    the few hundred blocks a model has. Ties go to the earliest cut.
+
+def min_max_by(n: int, k: int, part_cost: Callable[[int, int, int], float]) -> Ranges:
+    """Contiguous cut of n blocks into k non-empty parts minimising the largest ``part_cost(j, a, b)``.
+
+    ``part_cost(j, a, b)`` is the cost of blocks [a, b) as part j (0-based);
+    it may depend on j (FR's top module does less per block than the others).
+    Dynamic programme over (blocks used, parts): exact for any part cost that
+    does not decrease when a part grows, O(k·n²), instant for the few hundred
+    blocks a model has. Ties go to the earliest cut.
     """
-    n = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
     inf = float("inf")
     # best[j][i]: smallest possible max-part over the first i blocks in j parts
     best = [[inf] * (n + 1) for _ in range(k + 1)]
@@ -81,7 +104,7 @@ def min_max(costs: Sequence[float], k: int) -> Ranges:
     for j in range(1, k + 1):
         for i in range(j, n - (k - j) + 1):
             for s in range(j - 1, i):
-                value = max(best[j - 1][s], prefix[i] - prefix[s])
+                value = max(best[j - 1][s], part_cost(j - 1, s, i))
                 if value < best[j][i]:
                     best[j][i], cut[j][i] = value, s
     bounds = [n]
@@ -91,14 +114,37 @@ def min_max(costs: Sequence[float], k: int) -> Ranges:
     return list(zip(bounds, bounds[1:]))
 
 
+def step_costs(times: Sequence[BlockTime], ranges: Ranges, step_cost: StepCost = forward_backward) -> list[float]:
+    """Each module's cost per training step under ``step_cost``, for blocks cut as ``ranges``."""
+    cost = _part_cost(times, len(ranges), step_cost)
+    return [cost(j, a, b) for j, (a, b) in enumerate(ranges)]
+
+
+def balance_time(times: Sequence[BlockTime], k: int, step_cost: StepCost = forward_backward) -> Ranges:
+    """The contiguous cut that minimises the slowest module's ``step_cost``."""
+    return min_max_by(len(times), k, _part_cost(times, k, step_cost))
+
+
+def _part_cost(times: Sequence[BlockTime], k: int, step_cost: StepCost) -> Callable[[int, int, int], float]:
+    forward, backward = _prefix([t.forward for t in times]), _prefix([t.backward for t in times])
+    return lambda j, a, b: step_cost(forward[b] - forward[a], backward[b] - backward[a], j, k)
+
+
+def _prefix(values: Sequence[float]) -> list[float]:
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    return prefix
+
+
 def param_costs(blocks: Sequence[nn.Module]) -> list[float]:
     return [float(sum(p.numel() for p in b.parameters())) for b in blocks]
 
 
 def time_costs(
     blocks: Sequence[nn.Module], sample: torch.Tensor, device: torch.device, repeats: int = 3
-) -> list[float]:
-    """Seconds of forward+backward of each block on ``device``, median of ``repeats``.
+) -> list[BlockTime]:
+    """Forward and backward seconds of each block on ``device``, each the median of ``repeats``.
 
     Blocks are profiled on copies so that BatchNorm statistics and the
     training trajectory are untouched.
@@ -108,20 +154,27 @@ def time_costs(
     for block in blocks:
         probe = copy.deepcopy(block).to(device).train()
         x = h.detach().requires_grad_()
-        times = []
+        forwards, backwards = [], []
         for _ in range(repeats + 1):  # the first run warms up kernels and allocator
+            # Synchronize around each phase so the host clock measures finished GPU work, not launches.
             _sync(device)
             start = time.perf_counter()
             out = probe(x)
-            out.backward(torch.ones_like(out))
-            # Synchronize so the host clock measures finished GPU work, not launches.
             _sync(device)
-            times.append(time.perf_counter() - start)
+            middle = time.perf_counter()
+            out.backward(torch.ones_like(out))
+            _sync(device)
+            forwards.append(middle - start)
+            backwards.append(time.perf_counter() - middle)
             x.grad = None
-        costs.append(sorted(times[1:])[len(times[1:]) // 2])
+        costs.append(BlockTime(_median(forwards[1:]), _median(backwards[1:])))
         with torch.no_grad():
             h = probe(x)
     return costs
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def _sync(device: torch.device) -> None:
@@ -137,7 +190,9 @@ def partition(
     sample: torch.Tensor | None = None,
     device: torch.device | None = None,
     model: str = "the model",
+    step_cost: StepCost = forward_backward,
 ) -> Ranges:
+    """Cut ``blocks`` into k modules by ``split``; ``step_cost`` is the method's cost model for ``time``."""
     check_k(k, len(blocks), model)
     if isinstance(split, list):
         return from_cuts(split, len(blocks), k)
@@ -148,7 +203,7 @@ def partition(
     if split == "time":
         if sample is None or device is None:
             raise ValueError("split by time needs a sample batch and a device")
-        return min_max(time_costs(blocks, sample, device), k)
+        return balance_time(time_costs(blocks, sample, device), k, step_cost)
     raise DbenchError(f"unknown split {split!r}; known: {', '.join(RULES)} or cut points like 4,8")
 
 

@@ -1,13 +1,14 @@
 """One run end to end: config → data, model, partition, trainer → epochs → run directory."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 import torch
@@ -124,7 +125,9 @@ def prepare(cfg: RunConfig, ranges: Ranges | None = None, *, build: bool = True,
     blocks = model.blocks
     if ranges is None:
         sample = next(iter(train.epoch(0)))[0] if split == "time" else None
-        ranges = partition(blocks, cfg.gpus, split, sample=sample, device=devices[0], model=cfg.model)
+        with profiling_threads(engine, devices):
+            ranges = partition(blocks, cfg.gpus, split, sample=sample, device=devices[0], model=cfg.model,
+                               step_cost=stage_cls.step_cost)
     modules = split_modules(blocks, ranges)
     trainer = None
     if build and rank is None:
@@ -147,6 +150,27 @@ def prepare(cfg: RunConfig, ranges: Ranges | None = None, *, build: bool = True,
         sigma_every=sigma_every,
         probe=train.fixed_batches(cfg.sigma_batches, PROBE_SEED) if sigma_every else [],
     )
+
+
+@contextlib.contextmanager
+def profiling_threads(engine: str, devices: list[torch.device]) -> Iterator[None]:
+    """Profile blocks (``--split time``) with the torch threads each module will train with.
+
+    Our launcher gives each CPU worker a share of the cores, while this process
+    has them all; small layers scale worse with threads than big ones, so a
+    profile taken with all cores would balance the wrong costs. (Under
+    torchrun this process already is a worker with its own thread count.)
+    """
+    threads = launch.worker_threads(devices) if engine == "distributed" and not launch.under_torchrun() else None
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_run_dir(cfg: RunConfig, root: Path = Path("results")) -> Path:

@@ -30,6 +30,14 @@ class FeaturesReplay(Stage):
     name = "fr"
     summary = "features replay: replay stored inputs with current weights, gradients one iteration late per module"
 
+    @staticmethod
+    def step_cost(forward: float, backward: float, index: int, num_stages: int) -> float:
+        # Below the top a step is play (a forward without a graph), replay (a
+        # forward with one) and backward; the top module does one of each. The
+        # no-graph play is counted as a full forward: it does the same arithmetic.
+        forwards = 1 if index == num_stages - 1 else 2
+        return forwards * forward + backward
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.delay = self.num_stages - 1 - self.index

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from dbench.errors import DbenchError
-from dbench.partition import by_count, from_cuts, min_max, parse_split, partition
+from dbench.partition import (BlockTime, balance_time, by_count, from_cuts, min_max, min_max_by, parse_split,
+                              partition, step_costs)
+from dbench.registry import METHODS
 
 
 def assert_valid(ranges, n, k):
@@ -51,6 +53,39 @@ def test_min_max_is_optimal(seed):
     assert max(sum(costs[a:b]) for a, b in ranges) == pytest.approx(brute_force(costs, k))
 
 
+def fr_like(j, a, b, k, costs):
+    # a part cost that depends on the part's position: the top part pays once, the others twice
+    return sum(costs[a:b]) * (1 if j == k - 1 else 2)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_min_max_by_position_dependent_cost_is_optimal(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 9)
+    k = rng.randint(1, n)
+    costs = [rng.random() * 10 for _ in range(n)]
+    ranges = min_max_by(n, k, lambda j, a, b: fr_like(j, a, b, k, costs))
+    assert_valid(ranges, n, k)
+    best = min(
+        max(fr_like(j, a, b, k, costs) for j, (a, b) in enumerate(zip(bounds, bounds[1:])))
+        for cuts in itertools.combinations(range(1, n), k - 1)
+        for bounds in [[0, *cuts, n]]
+    )
+    assert max(fr_like(j, a, b, k, costs) for j, (a, b) in enumerate(ranges)) == pytest.approx(best)
+
+
+def test_fr_balances_its_own_step_not_bps():
+    """FR's modules below the top run two forwards a step, so its balanced cut gives the top more blocks."""
+    times = [BlockTime(1.0, 2.0)] * 8  # backward = 2 forwards, as ALGORITHMS.md's cost model
+    fr, bp = METHODS.get("fr").step_cost, METHODS.get("bp").step_cost
+    assert balance_time(times, 2, bp) == [(0, 4), (4, 8)]  # 12 | 12
+    assert balance_time(times, 2, fr) == [(0, 3), (3, 8)]  # 3·(2+2)=12 | 5·3=15
+    assert step_costs(times, [(0, 3), (3, 8)], fr) == [12.0, 15.0]
+    assert step_costs(times, [(0, 4), (4, 8)], fr) == [16.0, 12.0]  # BP's cut leaves FR's module 0 the slowest
+    for name in ("bp", "ddg", "dfa", "bdfa", "dni"):
+        assert METHODS.get(name).step_cost(1.0, 2.0, 0, 2) == 3.0
+
+
 class Sleepy(nn.Module):
     """A fake block whose forward takes a known time."""
 
@@ -69,6 +104,29 @@ def test_time_split_isolates_the_slow_block():
     ranges = partition(blocks, 2, "time", sample=torch.ones(2, 3), device=torch.device("cpu"))
     assert ranges == [(0, 4), (4, 5)]
     assert by_count(5, 2) == [(0, 3), (3, 5)]  # what equal counts would have done
+
+
+def test_time_split_uses_the_method_cost():
+    blocks = [Sleepy(0.01) for _ in range(6)]  # forward-only cost: sleeping
+    sample, cpu = torch.ones(2, 3), torch.device("cpu")
+    assert partition(blocks, 2, "time", sample=sample, device=cpu) == [(0, 3), (3, 6)]
+    fr = METHODS.get("fr").step_cost
+    assert partition(blocks, 2, "time", sample=sample, device=cpu, step_cost=fr) == [(0, 2), (2, 6)]  # 2·2 | 4
+
+
+def test_profiling_uses_the_threads_a_cpu_worker_gets(monkeypatch):
+    from dbench import run
+    from dbench.engine import launch
+
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    cpu = [torch.device("cpu")] * 4
+    with run.profiling_threads("distributed", cpu):
+        assert torch.get_num_threads() == 2  # 8 cores shared by 4 module processes
+    assert torch.get_num_threads() == before
+    with run.profiling_threads("local", cpu):
+        assert torch.get_num_threads() == before  # the local engine trains every module in this process
+    assert launch.worker_threads(["cuda:0", "cuda:1"]) is None
 
 
 def test_params_split_balances_parameters():
@@ -93,3 +151,17 @@ def test_explicit_cuts_and_errors():
         from_cuts([0, 4], 11, 3)
     with pytest.raises(DbenchError, match=r"\(5 blocks\) into 6 modules"):
         partition([nn.Identity()] * 5, 6, "blocks")
+
+
+@pytest.mark.parametrize("method,expected", [("fr", [(0, 4), (4, 11)]), ("bp", [(0, 5), (5, 11)])])
+def test_run_balances_the_cost_of_the_method_it_runs(monkeypatch, method, expected):
+    from dbench import partition as partition_module
+    from dbench import run
+    from dbench.config import RunConfig
+
+    fake = [BlockTime(1.0, 2.0)] * 10 + [BlockTime(0.1, 0.2)]  # resnet20 has 11 blocks, the head is cheap
+    monkeypatch.setattr(partition_module, "time_costs", lambda blocks, sample, device: fake)
+    setup = run.prepare(RunConfig(method=method, model="resnet20", gpus=2, split="time", epochs=1), build=False)
+    assert setup.ranges == balance_time(fake, 2, METHODS.get(method).step_cost)
+    # BP: 5·3=15 | 5·3+0.3=15.3; FR: 4·4=16 | 6·3+0.3=18.3, where BP's cut would cost FR 20 | 15.3
+    assert setup.ranges == expected

@@ -42,14 +42,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_threads(devices: list) -> int | None:
+    """Torch threads of each worker process: the cores shared out when every module is on the CPU, else None (as is)."""
+    if all(torch.device(d).type == "cpu" for d in devices):
+        return max(1, (os.cpu_count() or 1) // len(devices))
+    return None
+
+
 def launch(run, quiet: bool) -> None:
     """Train ``run`` (a RunDir) with one process per module; returns when all finished."""
     from dbench import run as runner
 
     record = run.read(runner.CONFIG)
     world = record["run"]["gpus"]
-    cpu = all(d == "cpu" for d in record["devices"])
-    threads = max(1, (os.cpu_count() or 1) // world) if cpu else None
+    threads = worker_threads(record["devices"])
     ctx = mp.get_context("spawn")
     reports = ctx.Queue()
     port = free_port()

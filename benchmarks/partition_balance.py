@@ -1,0 +1,124 @@
+"""Partition balance: the `time` partition against equal blocks, slowest module over mean module time.
+
+For each model the blocks are profiled once, exactly as ``--split time``
+profiles them (forward and backward of each block, median of 3, on the
+device). Three cuts into K modules are then compared:
+
+- ``blocks``: equal block counts (the FR/DDG code's rule, dbench's default);
+- ``time`` for BP (and DDG, DFA): balances forward + backward per module;
+- ``time`` for FR: balances FR's step, where modules below the top pay a
+  second forward (play, then replay).
+
+Each module of each cut is then *timed again as a whole* (forward, backward,
+median of ``--repeats``, the cuts interleaved so drifts of the machine hit all
+alike): the balance figures are measured, not the profile's own sums, which
+would flatter the `time` cut that was chosen from them (they are printed
+beside, as "predicted by the profile"). Balance is the slowest
+module's step time over the mean module's (1.00 is perfect). For a pipeline
+the slowest module sets the period, so the last column gives each cut's
+period relative to equal blocks.
+
+    python benchmarks/partition_balance.py --models resnet110,wrn28_10 --k 4
+"""
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+import time
+from datetime import date
+
+import click
+import torch
+from torch import nn
+
+import methods  # noqa: F401  (registers the methods, whose step costs the `time` cut balances)
+from dbench.partition import BlockTime, Ranges, balance_time, by_count, step_costs, time_costs
+from dbench.registry import METHODS, MODELS
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the clock must see the queued kernels finish
+
+
+def module_times(modules: list[nn.Module], sample: torch.Tensor, device: torch.device) -> list[BlockTime]:
+    """One forward+backward of each whole module, fed the previous module's output."""
+    times = []
+    h = sample
+    for module in modules:
+        x = h.detach().requires_grad_()
+        sync(device)
+        start = time.perf_counter()
+        out = module(x)
+        sync(device)
+        middle = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        sync(device)
+        times.append(BlockTime(middle - start, time.perf_counter() - middle))
+        h = out
+    return times
+
+
+def measure(blocks, cuts: dict[str, Ranges], sample, device, repeats: int) -> dict[str, list[BlockTime]]:
+    """Median forward and backward seconds of every module of every cut, cuts interleaved round by round."""
+    modules = {name: [nn.Sequential(*copy.deepcopy(blocks[a:b])).to(device).train() for a, b in ranges]
+               for name, ranges in cuts.items()}
+    rounds: dict[str, list[list[BlockTime]]] = {name: [] for name in cuts}
+    for name in cuts:  # warm-up: kernel selection, allocator
+        module_times(modules[name], sample, device)
+    for _ in range(repeats):
+        for name in cuts:
+            rounds[name].append(module_times(modules[name], sample, device))
+    return {name: [BlockTime(statistics.median(r[j].forward for r in runs), statistics.median(r[j].backward for r in runs))
+                   for j in range(len(cuts[name]))]
+            for name, runs in rounds.items()}
+
+
+@click.command()
+@click.option("--models", default="resnet110,wrn28_10", show_default=True)
+@click.option("--k", type=int, default=4, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed rounds per cut (after one warm-up).")
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+def main(models: str, k: int, batch_size: int, repeats: int, device: str) -> None:
+    device = torch.device(device)
+    bp, fr = METHODS.get("bp").step_cost, METHODS.get("fr").step_cost
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+    click.echo(f"### Partition balance, K={k}, batch {batch_size}, {device.type} ({date.today().isoformat()})\n")
+    click.echo(f"Machine: {where}; {platform.platform()}; torch {torch.__version__}. Modules timed as wholes, "
+               f"median of {repeats} interleaved rounds after one warm-up; one process, one device.\n")
+    click.echo("| model | cut | blocks per module | step ms per module | slowest / mean | predicted by the profile | period vs equal blocks |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for model in models.split(","):
+        torch.manual_seed(0)
+        blocks = MODELS.get(model)(num_classes=10).blocks
+        sample = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+        profile = time_costs(blocks, sample, device)  # what --split time sees
+        equal = by_count(len(blocks), k)
+        # name: (cut, the step cost it is judged by, the row it is compared with)
+        cuts = {
+            "blocks": (equal, bp, "blocks"),
+            "time, BP's step": (balance_time(profile, k, bp), bp, "blocks"),
+            "blocks, FR's step": (equal, fr, "blocks, FR's step"),
+            "time, FR's step": (balance_time(profile, k, fr), fr, "blocks, FR's step"),
+        }
+        # The two "blocks" rows share one cut, measured once.
+        distinct = {name: ranges for name, (ranges, _, _) in cuts.items() if name != "blocks, FR's step"}
+        measured = measure(blocks, distinct, sample, device, repeats)
+        measured["blocks, FR's step"] = measured["blocks"]
+        periods: dict[str, float] = {}
+        for name, (ranges, cost, baseline) in cuts.items():
+            steps = [cost(t.forward, t.backward, j, k) for j, t in enumerate(measured[name])]
+            periods[name] = max(steps)
+            predicted = step_costs(profile, ranges, cost)  # the block profile's sums, what the `time` cut minimised
+            sizes = "/".join(str(b - a) for a, b in ranges)
+            click.echo(f"| {model} | {name} | {sizes} | {' / '.join(f'{1e3 * s:.0f}' for s in steps)} "
+                       f"| {max(steps) / statistics.mean(steps):.2f} | {max(predicted) / statistics.mean(predicted):.2f} "
+                       f"| {periods[name] / periods[baseline]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
