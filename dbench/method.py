@@ -95,7 +95,7 @@ class Stage:
     # Seconds of one training step of module ``index`` of ``num_stages``, given
     # its forward and backward seconds: what the ``time`` partition balances.
     # One forward and one backward, unless a method overrides it. (DNI's
-    # synthesizer is not counted: it is small next to a module, and unprofiled.)
+    # synthesizer is not counted: it is not among the profiled blocks.)
     step_cost = staticmethod(forward_backward)
 
     def __init__(
