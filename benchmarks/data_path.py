@@ -30,11 +30,13 @@ Two measurements per contender:
    fixed list of batches already on the device ("no data path", the
    baseline). All share one model and optimizer. Rounds interleave the
    contenders so drifts of the machine hit all alike; the table gives the
-   median time per step. Each round opens the contender's batch stream (for
-   the DataLoader: a fresh iterator, whose workers then prefetch while the
-   model trains, as users run it), takes one untimed step on its first batch
-   (worker start-up, paid once an epoch, shows in the data-only column
-   instead), then times ``--steps`` steps. Only full batches are trained on.
+   median time per step and its spread over the rounds. Each round opens
+   the contender's batch stream (for the DataLoader: a fresh iterator, whose
+   workers then prefetch while the model trains, as users run it), takes one
+   untimed step on its first batch (worker start-up, paid once an epoch,
+   shows in the data-only column instead), then times ``--steps`` steps.
+   Only full batches are trained on; past the end of an epoch the stream
+   goes on into the next one.
 
 Share of training step = (step with contender - baseline step) / step with
 contender; noise can make it slightly negative, and it is printed as
@@ -111,17 +113,20 @@ def _workers(ctx, param, value: str) -> list[int]:
 
 
 def _load_real(data_dir: Path, make_transform: Callable) -> tuple[Tensor, Tensor, tuple, tuple, Dataset, str]:
-    """The real CIFAR-10 training split: dbench's tensors for the DeviceLoader, torchvision's data set for the DataLoader."""
+    """The real CIFAR-10 training split: dbench's tensors for the DeviceLoader, torchvision's data set for the
+    DataLoader, each read and checked by its own library."""
     data_dir = data_dir.expanduser()
     expected = f"expected a folder holding the extracted CIFAR-10 python archive ({CIFAR10.folder}/)"
+    fetch = f"this script does not download; `dbench run --dataset cifar10 --data-dir {data_dir} --download` does"
     if not data_dir.is_dir():
-        raise click.ClickException(f"--data-dir {data_dir}: {'not a directory' if data_dir.exists() else 'no such directory'}; {expected}")
+        what = "not a directory" if data_dir.exists() else "no such directory"
+        raise click.ClickException(f"--data-dir {data_dir}: {what}; {expected}")
     if not (data_dir / CIFAR10.folder).is_dir():
-        raise click.ClickException(f"--data-dir {data_dir}: no {CIFAR10.folder}/ in it; {expected}")
+        raise click.ClickException(f"--data-dir {data_dir}: no {CIFAR10.folder}/ in it; {expected} ({fetch})")
     try:
         splits = read_cifar(CIFAR10, data_dir)
     except DbenchError as e:
-        raise click.ClickException(f"--data-dir {data_dir} is not an intact CIFAR-10 archive: {e}") from e
+        raise click.ClickException(f"--data-dir {data_dir} is not an intact CIFAR-10 archive: {e} ({fetch})") from e
     try:
         dataset = torchvision.datasets.CIFAR10(str(data_dir), train=True,
                                                transform=make_transform(splits.mean, splits.std))
@@ -141,7 +146,7 @@ def _generate(samples: int) -> tuple[np.ndarray, list[int]]:
 @click.command()
 @click.option("--model", default="resnet20", show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--workers", default=str(os.cpu_count()), show_default=True, callback=_workers,
+@click.option("--workers", default=str(os.cpu_count() or 1), show_default=True, callback=_workers,
               help="DataLoader num_workers; a comma list (e.g. 0,2) measures each, one row apiece.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Folder holding the real cifar-10-batches-py/; without it, generated images of CIFAR's shape.")
@@ -157,6 +162,10 @@ def main(model: str, batch_size: int, workers: list[int], data_dir: Path | None,
             raise click.BadParameter(f"must be a positive integer, got {value}", param_hint=name)
     device = torch.device(device)
     torch.manual_seed(0)
+    try:
+        blocks = MODELS.get(model)(num_classes=NUM_CLASSES).blocks
+    except DbenchError as e:
+        raise click.BadParameter(str(e), param_hint="--model") from e
 
     # Mean and std are only for Normalize; they come from the data, as dbench computes them.
     def standard_transform(mean, std):
@@ -188,8 +197,8 @@ def main(model: str, batch_size: int, workers: list[int], data_dir: Path | None,
                           pin_memory=device.type == "cuda", persistent_workers=False,
                           generator=torch.Generator().manual_seed(0))
 
-    # Each contender: (data-only epoch: yields every batch on the device, partial last one included,
-    #                  endless stream of full batches for training, given the round).
+    # Each contender is (workers column, epoch): epoch() yields one epoch's batches on the device, the
+    # partial last batch included; stream() below chains epochs into the training rounds' supply.
     epochs_used = [0]  # every pass over the DeviceLoader gets a new epoch number, so new draws
 
     def device_epoch() -> Iterator[Batch]:
@@ -204,7 +213,8 @@ def main(model: str, batch_size: int, workers: list[int], data_dir: Path | None,
 
     contenders: dict[str, tuple[str, Callable[[], Iterator[Batch]]]] = {"dbench DeviceLoader": ("–", device_epoch)}
     for n in workers:
-        contenders[f"torchvision DataLoader, {n} workers"] = (str(n), loader_epoch(data_loader(n)))
+        name = f"torchvision DataLoader, {n} worker{'' if n == 1 else 's'}"
+        contenders[name] = (str(n), loader_epoch(data_loader(n)))
 
     def stream(epoch: Callable[[], Iterator[Batch]]) -> Iterator[Batch]:
         while True:  # past the end of an epoch, on into the next one (a new epoch: new workers for a DataLoader)
@@ -212,7 +222,6 @@ def main(model: str, batch_size: int, workers: list[int], data_dir: Path | None,
                 if len(yb) == batch_size:
                     yield xb, yb
 
-    blocks = MODELS.get(model)(num_classes=NUM_CLASSES).blocks
     trainer = Trainer([nn.Sequential(*blocks)], "bp", devices=[device], lr=0.1, momentum=0.9, weight_decay=5e-4)
     # The baseline's batches: made once, already on the device, augmented and normalized like the rest.
     made = stream(device_epoch)
@@ -256,16 +265,21 @@ def main(model: str, batch_size: int, workers: list[int], data_dir: Path | None,
             step_s[name].append(train(batches))
             batches.close()  # drops a DataLoader's iterator, which stops its workers before the next contender
 
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.4f}–{max(values):.4f}"
+
     base = statistics.median(step_s["no data path"])
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} CPU cores"
     else:
         where = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
     click.echo(f"### Data path, {model}, batch {batch_size}, {device.type} ({date.today().isoformat()})\n")
-    click.echo(f"Machine: {where}, {torch.get_num_threads()} threads; {platform.platform()}; torch {torch.__version__}; "
-               f"torchvision {torchvision.__version__}. Data: {data_what}. {rounds} interleaved rounds of "
-               f"{steps} training steps per contender, after {WARMUP_STEPS} warm-up steps; medians over rounds. "
-               f"Data-only epochs include the DataLoader's worker start-up; training rounds do not.\n")
+    rounds_text = f"{rounds} interleaved round{'' if rounds == 1 else 's'}"
+    click.echo(f"Machine: {where}, {torch.get_num_threads()} threads; {platform.platform()}; "
+               f"torch {torch.__version__}; torchvision {torchvision.__version__}. Data: {data_what}. "
+               f"{rounds_text} of {steps} training steps per contender, after {WARMUP_STEPS} warm-up steps; "
+               f"medians over rounds, step times with their spread (min–max). Data-only epochs include the "
+               f"DataLoader's worker start-up; training rounds do not.\n")
     click.echo("| data path | workers | data only: s/epoch | images/s | ms/batch | step s (training with it) "
                "| step s (no data path) | share of training step | data-only share |")
     click.echo("|---|---|---|---|---|---|---|---|---|")
@@ -276,7 +290,8 @@ def main(model: str, batch_size: int, workers: list[int], data_dir: Path | None,
         step_med = statistics.median(step_s[name])
         shares[name] = 100 * (step_med - base) / step_med
         click.echo(f"| {name} | {n} | {epoch_med:.2f} | {len(x) / epoch_med:,.0f} | {1000 * per_batch:.2f} | "
-                   f"{step_med:.4f} | {base:.4f} | {shares[name]:.1f}% | {100 * per_batch / (base + per_batch):.1f}% |")
+                   f"{step_med:.4f} ({spread(step_s[name])}) | {base:.4f} ({spread(step_s['no data path'])}) | "
+                   f"{shares[name]:.1f}% | {100 * per_batch / (base + per_batch):.1f}% |")
     click.echo()
     ours = shares["dbench DeviceLoader"]
     if device.type == "cuda":

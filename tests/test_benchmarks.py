@@ -1,0 +1,37 @@
+"""Every benchmark script runs and prints its table (tiny settings: this checks that they work, not how fast)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+TINY = {
+    "overhead.py": ["--model", "resnet8", "--batch-size", "8", "--rounds", "1", "--steps", "1"],
+    "partition_balance.py": ["--models", "resnet8", "--k", "2", "--batch-size", "4", "--repeats", "1"],
+    "data_path.py": ["--model", "resnet8", "--samples", "256", "--batch-size", "32", "--steps", "1", "--rounds", "1",
+                     "--workers", "0"],
+    "sigma_cost.py": ["--model", "mlp", "--k", "2", "--methods", "bp", "--root", "{tmp}/sigma"],
+    "speedup.py": ["--model", "mlp", "--k", "2", "--batch-size", "512", "--methods", "bp,ddg", "--root", "{tmp}/speed"],
+    "learning.py": ["--model", "mlp", "--epochs", "1", "--ks", "2", "--methods", "bp", "--root", "{tmp}/learning"],
+}
+
+
+def test_every_script_is_covered():
+    assert sorted(TINY) == sorted(p.name for p in BENCHMARKS.glob("*.py"))
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_benchmark_prints_its_table(script, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in TINY[script]]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("### ") for line in lines), done.stdout
+    assert any(line.startswith("Machine:") for line in lines), done.stdout  # every table names where it ran
+    assert any(re.match(r"\|\s*---", line) for line in lines), done.stdout  # a Markdown table
