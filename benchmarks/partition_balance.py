@@ -26,7 +26,6 @@ import copy
 import os
 import platform
 import statistics
-import time
 from datetime import date
 
 import click
@@ -34,43 +33,34 @@ import torch
 from torch import nn
 
 import methods  # noqa: F401  (registers the methods, whose step costs the `time` cut balances)
-from dbench.partition import BlockTime, Ranges, balance_time, by_count, step_costs, time_costs
+from dbench.partition import BlockTime, Ranges, balance_time, by_count, step_costs, time_costs, time_forward_backward
 from dbench.registry import METHODS, MODELS
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the clock must see the queued kernels finish
-
-
-def module_times(modules: list[nn.Module], sample: torch.Tensor, device: torch.device) -> list[BlockTime]:
-    """One forward+backward of each whole module, fed the previous module's output."""
-    times = []
-    h = sample
-    for module in modules:
-        x = h.detach().requires_grad_()
-        sync(device)
-        start = time.perf_counter()
-        out = module(x)
-        sync(device)
-        middle = time.perf_counter()
-        out.backward(torch.ones_like(out))
-        sync(device)
-        times.append(BlockTime(middle - start, time.perf_counter() - middle))
-        h = out
-    return times
+def module_inputs(modules: list[nn.Module], sample: torch.Tensor) -> list[torch.Tensor]:
+    """What each module is fed: the sample, then each module's output (fixed: nothing trains here)."""
+    inputs = [sample]
+    with torch.no_grad():
+        for module in modules[:-1]:
+            inputs.append(module(inputs[-1]))
+    return [x.requires_grad_() for x in inputs]
 
 
 def measure(blocks, cuts: dict[str, Ranges], sample, device, repeats: int) -> dict[str, list[BlockTime]]:
     """Median forward and backward seconds of every module of every cut, cuts interleaved round by round."""
     modules = {name: [nn.Sequential(*copy.deepcopy(blocks[a:b])).to(device).train() for a, b in ranges]
                for name, ranges in cuts.items()}
+    inputs = {name: module_inputs(mods, sample) for name, mods in modules.items()}
+
+    def one_round(name: str) -> list[BlockTime]:
+        return [time_forward_backward(m, x, device) for m, x in zip(modules[name], inputs[name])]
+
     rounds: dict[str, list[list[BlockTime]]] = {name: [] for name in cuts}
     for name in cuts:  # warm-up: kernel selection, allocator
-        module_times(modules[name], sample, device)
+        one_round(name)
     for _ in range(repeats):
         for name in cuts:
-            rounds[name].append(module_times(modules[name], sample, device))
+            rounds[name].append(one_round(name))
     return {name: [BlockTime(statistics.median(r[j].forward for r in runs), statistics.median(r[j].backward for r in runs))
                    for j in range(len(cuts[name]))]
             for name, runs in rounds.items()}

@@ -154,23 +154,26 @@ def time_costs(
     for block in blocks:
         probe = copy.deepcopy(block).to(device).train()
         x = h.detach().requires_grad_()
-        forwards, backwards = [], []
-        for _ in range(repeats + 1):  # the first run warms up kernels and allocator
-            # Synchronize around each phase so the host clock measures finished GPU work, not launches.
-            _sync(device)
-            start = time.perf_counter()
-            out = probe(x)
-            _sync(device)
-            middle = time.perf_counter()
-            out.backward(torch.ones_like(out))
-            _sync(device)
-            forwards.append(middle - start)
-            backwards.append(time.perf_counter() - middle)
-            x.grad = None
-        costs.append(BlockTime(_median(forwards[1:]), _median(backwards[1:])))
+        runs = [time_forward_backward(probe, x, device) for _ in range(repeats + 1)]
+        # The first run warms up kernels and the allocator and is left out.
+        costs.append(BlockTime(_median([r.forward for r in runs[1:]]), _median([r.backward for r in runs[1:]])))
         with torch.no_grad():
             h = probe(x)
     return costs
+
+
+def time_forward_backward(module: nn.Module, x: torch.Tensor, device: torch.device) -> BlockTime:
+    """Seconds of one forward and one backward (of a gradient of ones) of ``module`` on ``x``."""
+    # Synchronize around each phase so the host clock measures finished GPU work, not launches.
+    _sync(device)
+    start = time.perf_counter()
+    out = module(x)
+    _sync(device)
+    middle = time.perf_counter()
+    out.backward(torch.ones_like(out))
+    _sync(device)
+    x.grad = None
+    return BlockTime(middle - start, time.perf_counter() - middle)
 
 
 def _median(values: list[float]) -> float:
