@@ -94,9 +94,13 @@ class Stage:
     Options: ClassVar[type] = NoOptions
     # Seconds of one training step of module ``index`` of ``num_stages``, given
     # its forward and backward seconds: what the ``time`` partition balances.
-    # One forward and one backward, unless a method overrides it. (DNI's
-    # synthesizer is not counted: it is not among the profiled blocks.)
+    # One forward and one backward, unless a method overrides it.
     step_cost = staticmethod(forward_backward)
+    # None, or a classmethod ``(output_shape, device, options, num_classes) ->
+    # seconds`` that a module below the top spends per step at its output
+    # beyond forward and backward (DNI's synthesizer). It depends on where a
+    # cut falls, so the ``time`` partition profiles it at each candidate cut.
+    boundary_cost: ClassVar[Any] = None
 
     def __init__(
         self,

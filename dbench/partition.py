@@ -13,7 +13,10 @@ every block once, in order. It is saved with the run.
   and backward times (:meth:`dbench.method.Stage.step_cost`). For BP, DDG or
   DFA that is forward + backward; FR's modules below the top add a second
   forward (play, then replay), so FR's balanced cut gives its top module more
-  blocks than BP's does.
+  blocks than BP's does. DNI's modules below the top also run their
+  synthesizer, whose cost depends on the shape at the cut (a full-resolution
+  cut costs many times a low-resolution one), so it is profiled once per
+  candidate output shape and added at each candidate cut.
 - explicit cut points, e.g. ``4,8`` for K=3: modules [0,4), [4,8), [8,n).
 """
 from __future__ import annotations
@@ -36,6 +39,12 @@ StepCost = Callable[[float, float, int, int], float]
 class BlockTime(NamedTuple):
     forward: float  # seconds, forward with autograd recording (as in training)
     backward: float  # seconds
+    output_shape: tuple[int, ...] = ()  # of the block's output, batch first: where a cut after it would send
+
+
+# boundary_cost(output_shape) -> seconds per step a module below the top spends at its output, beyond its
+# forward and backward (DNI's synthesizer); it depends on where the cut falls, not on the blocks inside
+BoundaryCost = Callable[[tuple[int, ...]], float]
 
 
 def forward_backward(forward: float, backward: float, index: int, num_modules: int) -> float:
@@ -114,20 +123,43 @@ def min_max_by(n: int, k: int, part_cost: Callable[[int, int, int], float]) -> R
     return list(zip(bounds, bounds[1:]))
 
 
-def step_costs(times: Sequence[BlockTime], ranges: Ranges, step_cost: StepCost = forward_backward) -> list[float]:
-    """Each module's cost per training step under ``step_cost``, for blocks cut as ``ranges``."""
-    cost = _part_cost(times, len(ranges), step_cost)
+def step_costs(times: Sequence[BlockTime], ranges: Ranges, step_cost: StepCost = forward_backward,
+               boundaries: Sequence[float] | None = None) -> list[float]:
+    """Each module's cost per training step under ``step_cost``, for blocks cut as ``ranges``.
+
+    ``boundaries[i]`` is added to a module below the top that ends with block i.
+    """
+    cost = _part_cost(times, len(ranges), step_cost, boundaries)
     return [cost(j, a, b) for j, (a, b) in enumerate(ranges)]
 
 
-def balance_time(times: Sequence[BlockTime], k: int, step_cost: StepCost = forward_backward) -> Ranges:
-    """The contiguous cut that minimises the slowest module's ``step_cost``."""
-    return min_max_by(len(times), k, _part_cost(times, k, step_cost))
+def balance_time(times: Sequence[BlockTime], k: int, step_cost: StepCost = forward_backward,
+                 boundaries: Sequence[float] | None = None) -> Ranges:
+    """The contiguous cut that minimises the slowest module's ``step_cost`` (plus its boundary cost)."""
+    return min_max_by(len(times), k, _part_cost(times, k, step_cost, boundaries))
 
 
-def _part_cost(times: Sequence[BlockTime], k: int, step_cost: StepCost) -> Callable[[int, int, int], float]:
+def boundary_costs(times: Sequence[BlockTime], boundary_cost: BoundaryCost) -> list[float]:
+    """``boundary_cost`` after each block but the last (no cut falls there), profiled once per output shape."""
+    seen: dict[tuple[int, ...], float] = {}
+    costs = []
+    for t in times[:-1]:
+        if t.output_shape not in seen:
+            seen[t.output_shape] = boundary_cost(t.output_shape)
+        costs.append(seen[t.output_shape])
+    return [*costs, 0.0]
+
+
+def _part_cost(times: Sequence[BlockTime], k: int, step_cost: StepCost,
+               boundaries: Sequence[float] | None) -> Callable[[int, int, int], float]:
     forward, backward = _prefix([t.forward for t in times]), _prefix([t.backward for t in times])
-    return lambda j, a, b: step_cost(forward[b] - forward[a], backward[b] - backward[a], j, k)
+    edge = boundaries if boundaries is not None else [0.0] * len(times)
+
+    def cost(j: int, a: int, b: int) -> float:
+        own = step_cost(forward[b] - forward[a], backward[b] - backward[a], j, k)
+        return own + (edge[b - 1] if j < k - 1 else 0.0)
+
+    return cost
 
 
 def _prefix(values: Sequence[float]) -> list[float]:
@@ -156,9 +188,10 @@ def time_costs(
         x = h.detach().requires_grad_()
         runs = [time_forward_backward(probe, x, device) for _ in range(repeats + 1)]
         # The first run warms up kernels and the allocator and is left out.
-        costs.append(BlockTime(_median([r.forward for r in runs[1:]]), _median([r.backward for r in runs[1:]])))
         with torch.no_grad():
             h = probe(x)
+        costs.append(BlockTime(_median([r.forward for r in runs[1:]]), _median([r.backward for r in runs[1:]]),
+                               tuple(h.shape)))
     return costs
 
 
@@ -174,6 +207,18 @@ def time_forward_backward(module: nn.Module, x: torch.Tensor, device: torch.devi
     _sync(device)
     x.grad = None
     return BlockTime(middle - start, time.perf_counter() - middle)
+
+
+def median_seconds(run: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Median wall-clock seconds of ``run()`` on ``device`` over ``repeats`` calls, after one warm-up call."""
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)  # the host clock must see the device's work finish, not just its launch
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return _median(times[1:])
 
 
 def _median(values: list[float]) -> float:
@@ -194,8 +239,12 @@ def partition(
     device: torch.device | None = None,
     model: str = "the model",
     step_cost: StepCost = forward_backward,
+    boundary_cost: BoundaryCost | None = None,
 ) -> Ranges:
-    """Cut ``blocks`` into k modules by ``split``; ``step_cost`` is the method's cost model for ``time``."""
+    """Cut ``blocks`` into k modules by ``split``.
+
+    For ``time``, ``step_cost`` and ``boundary_cost`` are the method's cost model.
+    """
     check_k(k, len(blocks), model)
     if isinstance(split, list):
         return from_cuts(split, len(blocks), k)
@@ -206,7 +255,9 @@ def partition(
     if split == "time":
         if sample is None or device is None:
             raise ValueError("split by time needs a sample batch and a device")
-        return balance_time(time_costs(blocks, sample, device), k, step_cost)
+        times = time_costs(blocks, sample, device)
+        boundaries = boundary_costs(times, boundary_cost) if boundary_cost is not None else None
+        return balance_time(times, k, step_cost, boundaries)
     raise DbenchError(f"unknown split {split!r}; known: {', '.join(RULES)} or cut points like 4,8")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -125,9 +126,13 @@ def prepare(cfg: RunConfig, ranges: Ranges | None = None, *, build: bool = True,
     blocks = model.blocks
     if ranges is None:
         sample = next(iter(train.epoch(0)))[0] if split == "time" else None
+        boundary = None
+        if stage_cls.boundary_cost is not None:
+            boundary = functools.partial(stage_cls.boundary_cost, device=devices[0], options=options,
+                                         num_classes=splits.num_classes)
         with profiling_threads(engine, devices):
             ranges = partition(blocks, cfg.gpus, split, sample=sample, device=devices[0], model=cfg.model,
-                               step_cost=stage_cls.step_cost)
+                               step_cost=stage_cls.step_cost, boundary_cost=boundary)
     modules = split_modules(blocks, ranges)
     trainer = None
     if build and rank is None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from dbench.errors import DbenchError
 from dbench.method import DOWN, UP, Recv, Send, Stage, StepProgram
+from dbench.partition import median_seconds
 from dbench.registry import METHODS
 
 SCALE_DECAY = 0.9  # of the running RMS of synthesizer targets: adapts within ~10 steps
@@ -102,6 +103,27 @@ class SyntheticGradients(Stage):
     summary = "synthetic gradients: update at once with a learned gradient predictor per module"
     Options = SynthOptions
     conditioned = False
+
+    @classmethod
+    def boundary_cost(cls, output_shape: tuple[int, ...], device: torch.device, options: SynthOptions,
+                      num_classes: int | None) -> float:
+        """Seconds of one synthesizer step (forward, regression backward, Adam) at a module output of this shape."""
+        classes = num_classes if cls.conditioned else 0
+        # Profiling must not move the global generator: a run's numbers may not depend on its --split.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            synth = Synthesizer(tuple(output_shape[1:]), options.hidden, options.layers, classes).to(device)
+            h, target = (torch.randn(output_shape).to(device) for _ in range(2))
+            y = torch.randint(0, max(classes, 1), (output_shape[0],)).to(device)
+        optimizer = torch.optim.Adam(synth.parameters(), lr=options.synth_lr)
+
+        def synth_step() -> None:
+            loss = F.mse_loss(synth(h, y if classes else None), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return median_seconds(synth_step, torch.device(device))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from dbench.errors import DbenchError
-from dbench.partition import (BlockTime, balance_time, by_count, from_cuts, min_max, min_max_by, parse_split,
-                              partition, step_costs)
+from dbench.partition import (BlockTime, balance_time, boundary_costs, by_count, from_cuts, min_max, min_max_by,
+                              parse_split, partition, step_costs)
 from dbench.registry import METHODS
 
 
@@ -165,3 +165,57 @@ def test_run_balances_the_cost_of_the_method_it_runs(monkeypatch, method, expect
     assert setup.ranges == balance_time(fake, 2, METHODS.get(method).step_cost)
     # BP: 5·3=15 | 5·3+0.3=15.3; FR: 4·4=16 | 6·3+0.3=18.3, where BP's cut would cost FR 20 | 15.3
     assert setup.ranges == expected
+
+
+def test_boundary_costs_are_profiled_once_per_shape_and_never_after_the_last_block():
+    shapes = [(2, 8, 4, 4)] * 3 + [(2, 16, 2, 2)] * 2 + [(2, 10)]
+    times = [BlockTime(1.0, 2.0, shape) for shape in shapes]
+    asked = []
+
+    def cost(shape):
+        asked.append(shape)
+        return float(shape[1])
+
+    assert boundary_costs(times, cost) == [8.0, 8.0, 8.0, 16.0, 16.0, 0.0]
+    assert asked == [(2, 8, 4, 4), (2, 16, 2, 2)]
+
+
+def test_a_costly_boundary_moves_the_cut():
+    times = [BlockTime(1.0, 2.0)] * 8
+    boundaries = [100.0] * 5 + [0.0] * 3  # a synthesizer after any of the first five blocks would dominate
+    assert balance_time(times, 2) == [(0, 4), (4, 8)]
+    assert balance_time(times, 2, boundaries=boundaries) == [(0, 6), (6, 8)]
+    assert step_costs(times, [(0, 4), (4, 8)], boundaries=boundaries) == [112.0, 12.0]  # the top pays no boundary
+
+
+def test_dni_balances_its_synthesizer_too(monkeypatch):
+    from dbench import partition as partition_module
+    from dbench import run
+    from dbench.config import RunConfig
+
+    # resnet20's 11 blocks; the first six "output at full resolution", where a synthesizer is dear
+    fake = [BlockTime(1.0, 2.0, (128, 16, 32, 32))] * 6 + [BlockTime(1.0, 2.0, (128, 64, 8, 8))] * 5
+    monkeypatch.setattr(partition_module, "time_costs", lambda blocks, sample, device: fake)
+    dni = METHODS.get("dni")
+    seen = []
+
+    def synthesizer_seconds(cls, shape, device, options, num_classes):
+        seen.append((shape, options.hidden, num_classes))
+        return 100.0 if shape[2] == 32 else 0.5
+
+    monkeypatch.setattr(dni, "boundary_cost", classmethod(synthesizer_seconds))
+    setup = run.prepare(RunConfig(method="dni", model="resnet20", gpus=2, split="time", epochs=1), build=False)
+    assert setup.ranges == [(0, 7), (7, 11)]  # BP's cost model would cut at 5
+    assert seen == [((128, 16, 32, 32), 64, 10), ((128, 64, 8, 8), 64, 10)]
+
+
+@pytest.mark.parametrize("name", ["dni", "cdni"])
+def test_dni_synthesizer_profile_leaves_the_random_generator_alone(name):
+    from dbench.method import parse_options
+
+    cls = METHODS.get(name)
+    state = torch.get_rng_state()
+    for shape in [(4, 8, 4, 4), (4, 16)]:
+        assert cls.boundary_cost(shape, torch.device("cpu"), parse_options(cls, {}), 10) > 0
+    assert torch.equal(torch.get_rng_state(), state)
+    assert METHODS.get("fr").boundary_cost is None and METHODS.get("bp").boundary_cost is None
