@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from dbench import Trainer
+from dbench.devices import synchronize
 from dbench.data.base import channel_stats
 from dbench.data.cifar import CIFAR10, read_cifar
 from dbench.data.loader import DeviceLoader
@@ -81,9 +82,6 @@ WARMUP_STEPS = 3  # before the first round: allocations, kernel selection
 Batch = tuple[Tensor, Tensor]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the clock must see the queued kernels and copies finish
 
 
 class GeneratedImages(Dataset):
@@ -232,7 +230,7 @@ def main(model: str, batch_size: int, workers: list[int], data_dir: Path | None,
         trainer.step(xb, yb)
     for _ in device_epoch():  # the DeviceLoader's untimed warm-up epoch
         pass
-    sync(device)
+    synchronize(device)
 
     epoch_s: dict[str, list[float]] = {name: [] for name in contenders}
     batches_per_epoch: dict[str, int] = {}
@@ -241,22 +239,22 @@ def main(model: str, batch_size: int, workers: list[int], data_dir: Path | None,
     def train(batches: Iterator[Batch]) -> float:
         xb, yb = next(batches)  # untimed: start-up (a DataLoader's workers) and one step on the first batch
         trainer.step(xb, yb)
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
             xb, yb = next(batches)
             trainer.step(xb, yb)
-        sync(device)
+        synchronize(device)
         return (time.perf_counter() - start) / steps
 
     for _ in range(rounds):
         for name, (_, epoch) in contenders.items():
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             count = 0
             for _batch in epoch():
                 count += 1
-            sync(device)
+            synchronize(device)
             epoch_s[name].append(time.perf_counter() - start)
             batches_per_epoch[name] = count
         step_s["no data path"].append(train(iter(fixed + fixed[:1])))

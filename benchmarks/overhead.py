@@ -27,12 +27,10 @@ import torch
 from torch import nn
 
 from dbench import Trainer
+from dbench.devices import synchronize
 from dbench.registry import MODELS
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the clock must see the queued kernels finish
 
 
 @click.command()
@@ -69,13 +67,13 @@ def main(model: str, batch_size: int, rounds: int, steps: int, device: str) -> N
     for name, step in contenders.items():  # warm-up: allocations, kernel selection
         for x, y in data[:3]:
             step(x, y)
-    sync(device)
+    synchronize(device)
     for _ in range(rounds):
         for name, step in contenders.items():
             start = time.perf_counter()
             for x, y in data:
                 step(x, y)
-            sync(device)
+            synchronize(device)
             times[name].append((time.perf_counter() - start) / steps)
 
     base = statistics.median(times["plain PyTorch loop"])

@@ -42,3 +42,13 @@ def _parse_device(text: str) -> torch.device:
     if device.type != "cpu":
         raise DbenchError(f"bad device {text!r}: expected cpu or cuda:N")
     return device
+
+
+def synchronize(*devices: torch.device) -> None:
+    """Wait for the queued work of every CUDA device given, so that a host clock read next sees it finished.
+
+    A no-op for the CPU, whose work is done when the call that launched it returns.
+    """
+    for d in set(devices):
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)

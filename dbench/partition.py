@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from dbench.devices import synchronize
 from dbench.errors import DbenchError
 
 RULES = ("blocks", "params", "time")
@@ -198,13 +199,13 @@ def time_costs(
 def time_forward_backward(module: nn.Module, x: torch.Tensor, device: torch.device) -> BlockTime:
     """Seconds of one forward and one backward (of a gradient of ones) of ``module`` on ``x``."""
     # Synchronize around each phase so the host clock measures finished GPU work, not launches.
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     out = module(x)
-    _sync(device)
+    synchronize(device)
     middle = time.perf_counter()
     out.backward(torch.ones_like(out))
-    _sync(device)
+    synchronize(device)
     x.grad = None
     return BlockTime(middle - start, time.perf_counter() - middle)
 
@@ -213,10 +214,10 @@ def median_seconds(run: Callable[[], object], device: torch.device, repeats: int
     """Median wall-clock seconds of ``run()`` on ``device`` over ``repeats`` calls, after one warm-up call."""
     times = []
     for _ in range(repeats + 1):
-        _sync(device)  # the host clock must see the device's work finish, not just its launch
+        synchronize(device)  # the host clock must see the device's work finish, not just its launch
         start = time.perf_counter()
         run()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return _median(times[1:])
 
@@ -225,9 +226,6 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def partition(

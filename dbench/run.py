@@ -19,7 +19,7 @@ from dbench import environment, run_tables
 from dbench.config import RunConfig
 from dbench.data.base import DataSplits
 from dbench.data.loader import DeviceLoader
-from dbench.devices import resolve_devices
+from dbench.devices import resolve_devices, synchronize
 from dbench.errors import DbenchError
 from dbench.method import parse_options
 from dbench.models.base import describe
@@ -367,22 +367,22 @@ def run_epoch(setup: Setup, epoch: int, progress: Progress) -> tuple[dict, list[
     images = setup.rank in (None, 0)  # the other modules' processes read the labels only
     lr = setup.schedule.lr_at(trainer.iteration)
     progress.start_epoch(epoch, len(loader))
-    _sync(trainer.devices)  # start the clocks on idle devices
+    synchronize(*trainer.devices)  # start the clocks on idle devices
     trainer.barrier()  # distributed: every module's clock starts together
     start = time.perf_counter()
     meters.start_epoch()
     for i, (x, y) in enumerate(loader.epoch(epoch, images=images)):
         if i == warmup:
-            _sync(trainer.devices)  # throughput counts from here: the warm-up's work must be done
+            synchronize(*trainer.devices)  # throughput counts from here: the warm-up's work must be done
             warm_start, warm_seen = time.perf_counter(), seen
         lr = setup.schedule.lr_at(trainer.iteration)
         trainer.set_lr(lr)
         probing = setup.sigma_every > 0 and (i + 1) % setup.sigma_every == 0
         if probing:
-            _sync(trainer.devices)  # time the probe alone, to take it out of samples/s
+            synchronize(*trainer.devices)  # time the probe alone, to take it out of samples/s
             t0 = time.perf_counter()
             trainer.probe_sigma(setup.probe)
-            _sync(trainer.devices)
+            synchronize(*trainer.devices)
             if warm_start is not None:
                 probe_seconds += time.perf_counter() - t0
         iteration = trainer.iteration
@@ -400,7 +400,7 @@ def run_epoch(setup: Setup, epoch: int, progress: Progress) -> tuple[dict, list[
             # .item() waits for the device: one sync every SHOW_EVERY steps.
             progress.show(loss_sum.item() / seen, seen / (time.perf_counter() - start))
     # .item() below synchronizes the top device; sync all so the clocks cover every stage's work.
-    _sync(trainer.devices)
+    synchronize(*trainer.devices)
     trainer.barrier()  # distributed: a module that finished early is idle until the last one is done
     end = time.perf_counter()
     parts = trainer.gather(meters.stop_epoch())  # every module's record, on the writer
@@ -536,7 +536,3 @@ def _module_summary(epochs: list[dict], probes: list[dict]) -> list[dict]:
     return out
 
 
-def _sync(devices: list[torch.device]) -> None:
-    for d in set(devices):
-        if d.type == "cuda":
-            torch.cuda.synchronize(d)
