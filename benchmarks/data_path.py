@@ -69,7 +69,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from dbench import Trainer
-from dbench.devices import synchronize
+from dbench.cli import run_command
+from dbench.devices import parse_device, synchronize
 from dbench.data.base import channel_stats
 from dbench.data.cifar import CIFAR10, read_cifar
 from dbench.data.loader import DeviceLoader
@@ -158,7 +159,7 @@ def main(model: str, batch_size: int, workers: list[int], data_dir: Path | None,
     for name, value in (("--batch-size", batch_size), ("--rounds", rounds), ("--steps", steps), ("--samples", samples)):
         if value < 1:
             raise click.BadParameter(f"must be a positive integer, got {value}", param_hint=name)
-    device = torch.device(device)
+    device = parse_device(device)
     torch.manual_seed(0)
     try:
         blocks = MODELS.get(model)(num_classes=NUM_CLASSES).blocks
@@ -303,4 +304,4 @@ def main(model: str, batch_size: int, workers: list[int], data_dir: Path | None,
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

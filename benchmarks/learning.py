@@ -8,7 +8,6 @@ under --root are reused, so the script can be stopped and started again.
 """
 from __future__ import annotations
 
-import json
 import platform
 from datetime import date
 from pathlib import Path
@@ -17,22 +16,11 @@ import click
 import torch
 
 from dbench import run as runner
+from dbench.cli import run_command
 from dbench.config import RunConfig
 from dbench.registry import METHODS
 
 METHOD_ORDER = ["bp", "fr", "ddg", "dni", "cdni", "dfa", "bdfa"]
-
-
-def run_once(cfg: RunConfig, root: Path) -> dict:
-    path = root / f"{cfg.method}-{cfg.model}-k{cfg.gpus}-e{cfg.epochs}-s{cfg.seed}"
-    summary = path / "summary.json"
-    if summary.exists() and json.loads(summary.read_text())["status"] == "complete":
-        return json.loads(summary.read_text())
-    if path.exists():
-        runner.resume(path, quiet=True)
-    else:
-        runner.start(cfg, path, quiet=True)
-    return json.loads(summary.read_text())
 
 
 @click.command()
@@ -43,12 +31,16 @@ def run_once(cfg: RunConfig, root: Path) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/learning"), show_default=True)
 def main(model: str, epochs: int, ks: str, methods: str, seed: int, root: Path) -> None:
+    try:
+        k_values = [int(v) for v in ks.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected integers separated by commas, e.g. 2,4, got {ks!r}", param_hint="--ks") from None
     rows = []
-    for k in [int(v) for v in ks.split(",")]:
+    for k in k_values:
         for method in methods.split(","):
             METHODS.get(method)
             cfg = RunConfig(method=method, model=model, gpus=k, epochs=epochs, seed=seed)
-            s = run_once(cfg, root)
+            s = runner.completed(cfg, root / f"{cfg.method}-{cfg.model}-k{cfg.gpus}-e{cfg.epochs}-s{cfg.seed}")
             rows.append((method, k, s))
             click.echo(f"{method:>5} K={k}: best test acc {100 * s['best_test_acc']:.2f}%", err=True)
     cpu = platform.processor() or platform.machine()
@@ -68,4 +60,4 @@ def main(model: str, epochs: int, ks: str, methods: str, seed: int, root: Path) 
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

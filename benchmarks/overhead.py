@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from dbench import Trainer
-from dbench.devices import synchronize
+from dbench.cli import run_command
+from dbench.devices import parse_device, synchronize
 from dbench.registry import MODELS
 
 
@@ -35,12 +36,13 @@ from dbench.registry import MODELS
 
 @click.command()
 @click.option("--model", default="resnet20", show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--rounds", type=int, default=5, show_default=True)
-@click.option("--steps", type=int, default=10, show_default=True, help="Iterations per round and contender.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Iterations per round and contender.")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 def main(model: str, batch_size: int, rounds: int, steps: int, device: str) -> None:
-    device = torch.device(device)
+    device = parse_device(device)
     torch.manual_seed(0)
     blocks = MODELS.get(model)(num_classes=10).blocks
     g = torch.Generator().manual_seed(0)
@@ -96,4 +98,4 @@ def _measured(blocks, device, settings):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -33,7 +33,11 @@ import torch
 from torch import nn
 
 import methods  # noqa: F401  (registers the methods, whose step costs the `time` cut balances)
-from dbench.partition import BlockTime, Ranges, balance_time, by_count, step_costs, time_costs, time_forward_backward
+from dbench.cli import run_command
+from dbench.devices import parse_device
+from dbench.models.base import describe
+from dbench.partition import (BlockTime, Ranges, balance_time, by_count, check_k, step_costs, time_costs,
+                              time_forward_backward)
 from dbench.registry import METHODS, MODELS
 
 
@@ -68,12 +72,15 @@ def measure(blocks, cuts: dict[str, Ranges], sample, device, repeats: int) -> di
 
 @click.command()
 @click.option("--models", default="resnet110,wrn28_10", show_default=True)
-@click.option("--k", type=int, default=4, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed rounds per cut (after one warm-up).")
+@click.option("--k", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed rounds per cut (after one warm-up).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 def main(models: str, k: int, batch_size: int, repeats: int, device: str) -> None:
-    device = torch.device(device)
+    device = parse_device(device)
+    for model in models.split(","):  # every name and K checked before the first (long) profile
+        check_k(k, describe(model)["blocks"], model)
     bp, fr = METHODS.get("bp").step_cost, METHODS.get("fr").step_cost
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
@@ -111,4 +118,4 @@ def main(models: str, k: int, batch_size: int, repeats: int, device: str) -> Non
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

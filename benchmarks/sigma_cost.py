@@ -1,6 +1,6 @@
 """What the σ probe costs at its default frequency, as a share of the epoch's training time.
 
-Runs one epoch per method through ``dbench run`` with the default probe
+Runs one epoch per method through dbench's runner (as ``dbench run``), with the default probe
 settings (4 probes an epoch, 2 probe batches) and reads the run's own
 accounting: ``probe_s`` (the probes' extra plain-BP passes, timed apart) over
 ``train_seconds``. A probe costs about ``sigma_batches`` forward+backward
@@ -16,30 +16,31 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 
 import click
 import torch
 
-DBENCH = str(Path(sys.executable).parent / "dbench")
+import methods  # noqa: F401  (registers the methods)
+from dbench import run as runner
+from dbench.cli import run_command
+from dbench.config import RunConfig
+from dbench.registry import METHODS
 
 
 @click.command()
 @click.option("--model", default="resnet20", show_default=True)
-@click.option("--k", type=int, default=2, show_default=True)
+@click.option("--k", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--methods", default="bp,fr", show_default=True)
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/sigma-cost"), show_default=True)
 def main(model: str, k: int, methods: str, root: Path) -> None:
     rows = []
     for method in methods.split(","):
+        METHODS.get(method)  # an unknown name fails here, before the first run starts
+    for method in methods.split(","):
         out = root / f"{method}-{model}-k{k}"
-        if not (out / "summary.json").exists():
-            subprocess.run([DBENCH, "run", "--method", method, "--model", model, "--gpus", str(k), "--epochs", "1",
-                            "--quiet", "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
-        summary = json.loads((out / "summary.json").read_text())
+        summary = runner.completed(RunConfig(method=method, model=model, gpus=k, epochs=1), out)
         config = json.loads((out / "config.json").read_text())
         epoch = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["kind"] == "epoch"][0]
@@ -60,4 +61,4 @@ def main(model: str, k: int, methods: str, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,7 +1,8 @@
 """Parallel speedup over BP at the same K, on the distributed engine, next to ALGORITHMS.md's ideal.
 
-Each method trains the same model for the same steps through ``dbench run
---engine distributed`` (one process per module). On a CPU each process gets
+Each method trains the same model for the same steps on the distributed
+engine, one process per module (as ``dbench run --engine distributed``),
+in folders under ``--root`` that later calls reuse. On a CPU each process gets
 ``cores // K`` threads, so at K=2 on a 2-core machine every module has one
 core of its own. Throughput is the runs' own ``samples_per_s`` (warm-up steps
 excluded, σ probe off), averaged over the epochs; the speedup is a method's
@@ -17,43 +18,42 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 
 import click
 import torch
 
+import methods  # noqa: F401  (registers the methods)
+from dbench import run as runner
+from dbench.cli import run_command
+from dbench.config import RunConfig
+from dbench.registry import METHODS
 from dbench.report.speed import IDEAL_SPEEDUP as IDEAL
 
-DBENCH = str(Path(sys.executable).parent / "dbench")
-
-
 def run(method: str, model: str, k: int, epochs: int, batch: int, split: str, root: Path) -> dict:
+    cfg = RunConfig(method=method, model=model, gpus=k, epochs=epochs, batch_size=batch, split=split,
+                    engine="distributed", sigma_every=0)
     out = root / f"{method}-{model}-k{k}-b{batch}-e{epochs}-{split}"
-    if not (out / "summary.json").exists() or json.loads((out / "summary.json").read_text())["status"] != "complete":
-        if out.exists():
-            raise click.ClickException(f"{out} holds an unfinished run: remove it or resume it first")
-        command = [DBENCH, "run", "--engine", "distributed", "--method", method, "--model", model, "--gpus", str(k),
-                   "--epochs", str(epochs), "--batch-size", str(batch), "--split", split, "--sigma-every", "0",
-                   "--quiet", "--out", str(out)]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    summary = json.loads((out / "summary.json").read_text())
-    config = json.loads((out / "config.json").read_text())
-    return {"summary": summary, "config": config}
+    summary = runner.completed(cfg, out)
+    return {"summary": summary, "config": json.loads((out / "config.json").read_text())}
 
 
 @click.command()
 @click.option("--model", default="resnet20", show_default=True)
-@click.option("--k", type=int, default=2, show_default=True)
-@click.option("--epochs", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--k", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--split", default="time", show_default=True, help="Partition (time: balanced by profiling).")
 @click.option("--methods", default="bp,fr,ddg,dfa", show_default=True)
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/speedup"), show_default=True)
 def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: str, root: Path) -> None:
-    results = {m: run(m, model, k, epochs, batch_size, split, root) for m in methods.split(",")}
+    names = methods.split(",")
+    for name in names:
+        METHODS.get(name)  # an unknown name fails here, before the first run starts
+    if "bp" not in names:
+        raise click.BadParameter(f"{methods!r} lacks bp, the baseline every speedup is over", param_hint="--methods")
+    results = {m: run(m, model, k, epochs, batch_size, split, root) for m in names}
     base = results["bp"]["summary"]["samples_per_s"]
     cpu = platform.processor() or platform.machine()
     devices = results["bp"]["config"]["devices"]
@@ -75,4 +75,4 @@ def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: 
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

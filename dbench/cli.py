@@ -228,13 +228,21 @@ def _raise_interrupt(signum, frame) -> None:
 
 def entry() -> None:
     """Console entry point: user errors are one line on stderr and exit code 2."""
-    from dbench.run import RunInterrupted
-
     # `kill` (SIGTERM) stops a run the way Ctrl-C does: the run directory is
     # marked interrupted and stays resumable, instead of saying "running" forever.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    run_command(main)
+
+
+def run_command(command: click.Command) -> None:
+    """Run a click command as dbench's own: a user error is one line on stderr and exit code 2, no traceback.
+
+    The benchmark scripts run through this too, so a bad option there fails as `dbench` does.
+    """
+    from dbench.run import RunInterrupted
+
     try:
-        main(standalone_mode=False)
+        command(standalone_mode=False)
     except DbenchError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -15,7 +15,7 @@ def resolve_devices(k: int, explicit: list[str] | None = None) -> tuple[list[tor
     if explicit:
         if len(explicit) != k:
             raise DbenchError(f"--devices names {len(explicit)} devices but --gpus is {k}: name one device per module")
-        return [_parse_device(d) for d in explicit], None
+        return [parse_device(d) for d in explicit], None
     if not torch.cuda.is_available():
         return [torch.device("cpu")] * k, f"no CUDA device found: running the {k} module(s) on the CPU"
     found = torch.cuda.device_count()
@@ -27,7 +27,8 @@ def resolve_devices(k: int, explicit: list[str] | None = None) -> tuple[list[tor
     return [torch.device("cuda", i) for i in range(k)], None
 
 
-def _parse_device(text: str) -> torch.device:
+def parse_device(text: str) -> torch.device:
+    """``cpu`` or ``cuda:N`` (``cuda`` is ``cuda:0``), present on this machine; else a one-line DbenchError."""
     try:
         device = torch.device(text)
     except RuntimeError:

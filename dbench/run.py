@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -197,6 +198,24 @@ def start(cfg: RunConfig, out: Path | None = None, *, quiet: bool = False,
     with run.exclusive():
         _continue(run, quiet, on_epoch_end)
     return run.path
+
+
+def completed(cfg: RunConfig, path: Path, *, quiet: bool = True) -> dict:
+    """The summary of run ``cfg`` at ``path``, complete: started if missing, resumed if unfinished, else read.
+
+    For scripts that keep their runs under fixed names (the benchmarks): a
+    directory that holds another configuration is an error, never reused.
+    """
+    if path.exists():
+        recorded = RunDir.open(path).read(CONFIG)["run"]
+        if recorded != json.loads(json.dumps(cfg.to_dict())):
+            raise DbenchError(f"{path} holds a run with other settings than the ones asked for: remove it or "
+                              f"choose another folder")
+        if RunDir.open(path).read(SUMMARY).get("status") != "complete":
+            resume(path, quiet=quiet)
+    else:
+        start(cfg, path, quiet=quiet)
+    return RunDir.open(path).read(SUMMARY)
 
 
 def create_run_dir(cfg: RunConfig, out: Path | None = None) -> Path:

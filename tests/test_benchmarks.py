@@ -35,3 +35,21 @@ def test_benchmark_prints_its_table(script, tmp_path):
     assert any(line.startswith("### ") for line in lines), done.stdout
     assert any(line.startswith("Machine:") for line in lines), done.stdout  # every table names where it ran
     assert any(re.match(r"\|\s*---", line) for line in lines), done.stdout  # a Markdown table
+
+
+@pytest.mark.parametrize("script,args", [
+    ("overhead.py", ["--steps", "0"]),
+    ("overhead.py", ["--device", "bogus"]),
+    ("partition_balance.py", ["--models", "resnet8,nope"]),
+    ("partition_balance.py", ["--models", "resnet8", "--k", "99"]),
+    ("speedup.py", ["--methods", "bp,nope", "--root", "{tmp}/speed"]),
+    ("speedup.py", ["--methods", "fr", "--root", "{tmp}/speed"]),
+    ("learning.py", ["--ks", "a", "--root", "{tmp}/learning"]),
+])
+def test_bad_input_is_one_line_and_exit_2(script, args, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing half-made

@@ -86,3 +86,16 @@ def test_a_run_in_use_cannot_be_resumed_twice(tmp_path):
         with pytest.raises(DbenchError, match="being trained by another process"):
             runner.resume(tmp_path / "r", quiet=True)
     runner.resume(tmp_path / "r", quiet=True)  # free again
+
+
+def test_completed_starts_reuses_and_refuses_other_settings(tmp_path):
+    import dataclasses
+
+    cfg = RunConfig(model="mlp", epochs=1, batch_size=512, sigma_every=0)
+    first = runner.completed(cfg, tmp_path / "run")
+    assert first["status"] == "complete"
+    stamp = (tmp_path / "run" / "summary.json").stat().st_mtime_ns
+    assert runner.completed(cfg, tmp_path / "run") == first  # read, not rerun
+    assert (tmp_path / "run" / "summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(DbenchError, match="other settings"):
+        runner.completed(dataclasses.replace(cfg, seed=1), tmp_path / "run")
