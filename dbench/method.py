@@ -81,17 +81,41 @@ class NoOptions:
     """This method takes no options."""
 
 
+# Families of methods (ALGORITHMS.md), what the report groups and compares by.
+EXACT_GRADIENT = "exact gradient"
+DELAYED_GRADIENT = "delayed gradient"
+SYNTHETIC_GRADIENT = "synthetic gradient"
+FEEDBACK_ALIGNMENT = "feedback alignment"
+LOCAL_LOSS = "local loss"
+
+# How the modules of one iteration wait for each other, for the ideal period of the cost model:
+LOCKED = "locked"  # forward and backward run through the modules one after another (BP)
+FORWARD_LOCKED = "forward locked"  # forwards in turn, then every module's backward at once (DFA)
+UNLOCKED = "unlocked"  # every module works at once on its own part of a different batch (DDG, FR)
+LOCKINGS = (LOCKED, FORWARD_LOCKED, UNLOCKED)
+
+
 class Stage:
     """Module ``index`` of ``num_stages``: its weights, optimizer and method state.
 
     Subclasses set ``summary`` (one line for ``dbench list``), optionally
     ``Options`` (a frozen dataclass whose fields, defaults and docstring are the
     method's documented options) and implement :meth:`train_step`.
+
+    The facts the reports read are class attributes, so a method from another
+    package is reported like a built-in one: ``family``, ``table_order`` (its
+    place in tables and legends), ``reference`` (the baseline that speedups are
+    measured against: model-parallel BP) and the cost model behind
+    :meth:`ideal_speedup` (``step_cost`` and ``locking``).
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    family: ClassVar[str] = ""
+    table_order: ClassVar[float] = 100.0  # built-in methods 0..99, in ALGORITHMS.md's order; others after
+    reference: ClassVar[bool] = False
+    locking: ClassVar[str] = UNLOCKED
     # Seconds of one training step of module ``index`` of ``num_stages``, given
     # its forward and backward seconds: what the ``time`` partition balances.
     # One forward and one backward, unless a method overrides it.
@@ -101,6 +125,41 @@ class Stage:
     # beyond forward and backward (DNI's synthesizer). It depends on where a
     # cut falls, so the ``time`` partition profiles it at each candidate cut.
     boundary_cost: ClassVar[Any] = None
+
+    @classmethod
+    def ideal_speedup(cls, num_stages: int, options: Any = None) -> float | None:
+        """Speedup over model-parallel BP with ``num_stages`` balanced modules, from ALGORITHMS.md's cost model.
+
+        The whole model's forward costs 1 and its backward 2, split evenly over
+        the modules; communication is free. Each module's cost per step is
+        ``step_cost``; the period of one iteration follows from ``locking``:
+        the sum of the modules' costs when locked (BP: 3), the whole forward
+        plus the slowest module's backward when only the forward is locked,
+        the slowest module's cost when unlocked. None where the cost model has
+        no closed form: a cost at the module boundary (``boundary_cost``) is
+        known only by profiling. At K=1 every method is BP.
+        """
+        k = num_stages
+        if k == 1:
+            return 1.0
+        if cls.boundary_cost is not None:
+            return None
+        costs = [cls.step_cost(1 / k, 2 / k, j, k) for j in range(k)]
+        if cls.locking == LOCKED:
+            period = sum(costs)
+        elif cls.locking == FORWARD_LOCKED:
+            period = 1 + max(c - 1 / k for c in costs)
+        elif cls.locking == UNLOCKED:
+            period = max(costs)
+        else:
+            raise ValueError(f"method {cls.name!r}: unknown locking {cls.locking!r}; known: {', '.join(LOCKINGS)}")
+        return 3.0 / period
+
+    @classmethod
+    def facts(cls, num_stages: int, options: Any = None) -> dict:
+        """What a run records about its method, for reports that must not need the method installed."""
+        return {"family": cls.family, "table_order": cls.table_order, "reference": cls.reference,
+                "locking": cls.locking, "ideal_speedup": cls.ideal_speedup(num_stages, options)}
 
     def __init__(
         self,

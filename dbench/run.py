@@ -75,6 +75,8 @@ class Setup:
         return {
             "run": self.config.to_dict(),
             "method_options": dataclasses.asdict(self.options),
+            # the method's facts, so reports need neither the method installed nor its name
+            "method_facts": METHODS.get(self.config.method).facts(self.config.gpus, self.options),
             "milestones": self.config.resolved_milestones(),
             "partition": [list(r) for r in self.ranges],
             "engine": self.engine,

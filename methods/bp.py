@@ -1,7 +1,7 @@
 """BP: plain backpropagation across K modules, the baseline every method is compared with."""
 from __future__ import annotations
 
-from dbench.method import DOWN, UP, Recv, Send, Stage, StepProgram
+from dbench.method import DOWN, EXACT_GRADIENT, LOCKED, UP, Recv, Send, Stage, StepProgram
 from dbench.registry import METHODS
 
 
@@ -15,6 +15,10 @@ class BackProp(Stage):
 
     name = "bp"
     summary = "backpropagation: every module waits for this batch's exact gradient (baseline)"
+    family = EXACT_GRADIENT
+    table_order = 0
+    reference = True  # model-parallel BP: the papers' baseline for every speedup
+    locking = LOCKED
 
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from dbench.method import DOWN, UP, Recv, Send, Stage, StepProgram
+from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepProgram
 from dbench.registry import METHODS
 
 
@@ -41,6 +41,9 @@ class DelayedGradients(Stage):
 
     name = "ddg"
     summary = "delayed gradients: backprop late gradients through stored graphs at the stale weights"
+    family = DELAYED_GRADIENT
+    table_order = 2
+    locking = UNLOCKED
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dbench.errors import DbenchError
-from dbench.method import ERROR, UP, Recv, Send, Stage, StepOutput, StepProgram
+from dbench.method import ERROR, FEEDBACK_ALIGNMENT, FORWARD_LOCKED, UP, Recv, Send, Stage, StepOutput, StepProgram
 from dbench.registry import METHODS
 
 
@@ -40,6 +40,10 @@ class DirectFeedbackAlignment(Stage):
 
     name = "dfa"
     summary = "direct feedback alignment: output error sent to every module through fixed random matrices"
+    family = FEEDBACK_ALIGNMENT
+    table_order = 5
+    # Forwards run in turn up to the loss; then every module has the error and backpropagates at once.
+    locking = FORWARD_LOCKED
     Options = FeedbackOptions
 
     def __init__(self, *args, **kwargs):
@@ -105,6 +109,7 @@ class BinaryDirectFeedbackAlignment(DirectFeedbackAlignment):
 
     name = "bdfa"
     summary = "binary DFA: like dfa with fixed ±1 feedback matrices stored as int8"
+    table_order = 6
 
     def draw_feedback(self, classes: int, size: int, generator: torch.Generator) -> torch.Tensor:
         bits = torch.randint(0, 2, (classes, size), generator=generator, dtype=torch.int8)

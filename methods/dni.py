@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbench.errors import DbenchError
-from dbench.method import DOWN, UP, Recv, Send, Stage, StepProgram
+from dbench.method import DOWN, SYNTHETIC_GRADIENT, UNLOCKED, UP, Recv, Send, Stage, StepProgram
 from dbench.partition import median_seconds
 from dbench.registry import METHODS
 
@@ -101,6 +101,9 @@ class SyntheticGradients(Stage):
 
     name = "dni"
     summary = "synthetic gradients: update at once with a learned gradient predictor per module"
+    family = SYNTHETIC_GRADIENT
+    table_order = 3
+    locking = UNLOCKED  # update unlocked; the synthesizers' cost leaves the ideal without a closed form
     Options = SynthOptions
     conditioned = False
 
@@ -213,4 +216,5 @@ class ConditionedSyntheticGradients(SyntheticGradients):
 
     name = "cdni"
     summary = "conditional synthetic gradients: like dni, the predictor also reads the labels"
+    table_order = 4
     conditioned = True

@@ -5,7 +5,7 @@ from collections import deque
 
 import torch
 
-from dbench.method import DOWN, UP, Recv, Send, Stage, StepProgram, frozen_running_stats
+from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepProgram, frozen_running_stats
 from dbench.registry import METHODS
 
 
@@ -29,6 +29,9 @@ class FeaturesReplay(Stage):
 
     name = "fr"
     summary = "features replay: replay stored inputs with current weights, gradients one iteration late per module"
+    family = DELAYED_GRADIENT
+    table_order = 1
+    locking = UNLOCKED
 
     @staticmethod
     def step_cost(forward: float, backward: float, index: int, num_stages: int) -> float:
