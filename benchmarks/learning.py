@@ -20,14 +20,17 @@ from dbench.cli import run_command
 from dbench.config import RunConfig
 from dbench.registry import METHODS
 
-METHOD_ORDER = ["bp", "fr", "ddg", "dni", "cdni", "dfa", "bdfa"]
+
+def method_order() -> list[str]:
+    """Every installed method, in the order of tables (each method's ``table_order``, then its name)."""
+    return [name for name, _ in sorted(METHODS.items(), key=lambda item: (item[1].table_order, item[0]))]
 
 
 @click.command()
 @click.option("--model", default="resnet8", show_default=True)
 @click.option("--epochs", type=int, default=4, show_default=True)
 @click.option("--ks", default="2,4", show_default=True, help="Values of K, comma separated.")
-@click.option("--methods", default=",".join(METHOD_ORDER), show_default=True)
+@click.option("--methods", default=lambda: ",".join(method_order()), show_default="every method")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/learning"), show_default=True)
 def main(model: str, epochs: int, ks: str, methods: str, seed: int, root: Path) -> None:

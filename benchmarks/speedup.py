@@ -6,8 +6,9 @@ in folders under ``--root`` that later calls reuse. On a CPU each process gets
 ``cores // K`` threads, so at K=2 on a 2-core machine every module has one
 core of its own. Throughput is the runs' own ``samples_per_s`` (warm-up steps
 excluded, σ probe off), averaged over the epochs; the speedup is a method's
-throughput over BP's. The ideal (balanced modules, backward = 2 forwards, free
-communication) is ALGORITHMS.md's: FR 3K/4, DDG K, DFA 3K/(K+2). Per module,
+throughput over the reference method's (BP: the method whose ``reference`` fact
+is set). The ideal (balanced modules, backward = 2 forwards, free
+communication) is ALGORITHMS.md's, each method's ``ideal_speedup``. Per module,
 the table also shows compute and wait seconds, the engine's own account of
 where the time went.
 
@@ -29,7 +30,7 @@ from dbench import run as runner
 from dbench.cli import run_command
 from dbench.config import RunConfig
 from dbench.registry import METHODS
-from dbench.report.speed import IDEAL_SPEEDUP as IDEAL
+
 
 def run(method: str, model: str, k: int, epochs: int, batch: int, split: str, root: Path) -> dict:
     cfg = RunConfig(method=method, model=model, gpus=k, epochs=epochs, batch_size=batch, split=split,
@@ -51,23 +52,27 @@ def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: 
     names = methods.split(",")
     for name in names:
         METHODS.get(name)  # an unknown name fails here, before the first run starts
-    if "bp" not in names:
-        raise click.BadParameter(f"{methods!r} lacks bp, the baseline every speedup is over", param_hint="--methods")
+    references = [name for name in names if METHODS.get(name).reference]
+    if not references:
+        known = ", ".join(name for name, cls in METHODS.items() if cls.reference)
+        raise click.BadParameter(f"{methods!r} lacks a reference method, the baseline every speedup is over "
+                                 f"(one of: {known})", param_hint="--methods")
+    reference = references[0]
     results = {m: run(m, model, k, epochs, batch_size, split, root) for m in names}
-    base = results["bp"]["summary"]["samples_per_s"]
+    base = results[reference]["summary"]["samples_per_s"]
     cpu = platform.processor() or platform.machine()
-    devices = results["bp"]["config"]["devices"]
-    click.echo(f"### Speedup over BP, {model}, K={k}, batch {batch_size}, {split} partition ({date.today().isoformat()})\n")
+    devices = results[reference]["config"]["devices"]
+    click.echo(f"### Speedup over {reference}, {model}, K={k}, batch {batch_size}, {split} partition ({date.today().isoformat()})\n")
     click.echo(f"Machine: {os.cpu_count()} cores ({cpu}, {platform.platform()}), devices {', '.join(devices)}, "
                f"torch {torch.__version__}, distributed engine (one process per module"
                + (f", {max(1, (os.cpu_count() or 1) // k)} thread(s) each" if devices[0] == "cpu" else "")
-               + f"), {epochs} epoch(s) of {results['bp']['config']['steps_per_epoch']} steps, warm-up steps excluded.\n")
-    click.echo("| method | samples/s | speedup over BP | ideal | share of ideal | compute s per module | wait s per module |")
+               + f"), {epochs} epoch(s) of {results[reference]['config']['steps_per_epoch']} steps, warm-up steps excluded.\n")
+    click.echo(f"| method | samples/s | speedup over {reference} | ideal | share of ideal | compute s per module | wait s per module |")
     click.echo("|---|---|---|---|---|---|---|")
     for method, r in results.items():
         s = r["summary"]
         speedup = s["samples_per_s"] / base
-        ideal = IDEAL[method](k) if method in IDEAL else None
+        ideal = METHODS.get(method).ideal_speedup(k)  # default options, as these runs use
         compute = " / ".join(f"{m['compute_s']:.1f}" for m in s["modules"])
         wait = " / ".join(f"{m['wait_input_s'] + m['wait_grad_s']:.1f}" for m in s["modules"])
         ideal_text, share = (f"{ideal:.2f}", f"{100 * speedup / ideal:.0f}%") if ideal else ("–", "–")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from dbench import summary as summaries
 from dbench.errors import DbenchError
 from dbench.record import atomic_write_json
 from dbench.suites import Suite, status
@@ -50,7 +51,7 @@ def hardware_kind(run_path: Path) -> str:
 
 def figures(run_path: Path) -> dict:
     """The figures of one run that the check compares."""
-    summary = json.loads((run_path / "summary.json").read_text())
+    summary = summaries.read(run_path)
     modules = summary.get("modules") or []
     cuda = bool(modules) and "cuda_peak_allocated_bytes" in modules[0]
     key = "cuda_peak_allocated_bytes" if cuda else "accounted_peak_bytes"

@@ -116,9 +116,11 @@ def list_() -> None:
     from dbench.models.base import describe
     from dbench.registry import DATASETS, METHODS, MODELS
 
-    click.echo("methods:")
-    for name, cls in METHODS.items():
+    click.echo("methods (family; ideal speedup over model-parallel BP at K=2 and 4, from the cost model):")
+    for name, cls in sorted(METHODS.items(), key=lambda item: (item[1].table_order, item[0])):
+        ideal = ", ".join("–" if v is None else f"{v:.2f}×" for v in (cls.ideal_speedup(2), cls.ideal_speedup(4)))
         click.echo(f"  {name:<10} {cls.summary}")
+        click.echo(f"  {'':<10}   ({cls.family or 'no family given'}; ideal {ideal})")
         for f in dataclasses.fields(cls.Options):
             doc = f.metadata.get("help", "")
             click.echo(f"  {'':<10}   --opt {f.name}={f.default!r}  {doc}")
@@ -133,7 +135,7 @@ def list_() -> None:
 
 
 def _names(ctx, param, values: tuple[str, ...]) -> list[str]:
-    """A repeatable option whose values may also be comma-separated: --method bp,fr --method ddg."""
+    """A repeatable option whose values may also be comma-separated: --method bp,NAME --method NAME."""
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
@@ -150,7 +152,7 @@ def _ints(ctx, param, values: tuple[str, ...]) -> list[int]:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
               help="Folder to write the report into (created if needed; files of the same name are replaced).")
 @click.option("--method", "methods", multiple=True, callback=_names, metavar="NAMES",
-              help="Only these methods (repeatable or comma-separated), e.g. --method bp,fr,ddg.")
+              help="Only these methods (repeatable or comma-separated), e.g. --method bp,NAME (see `dbench list`).")
 @click.option("--model", "models", multiple=True, callback=_names, metavar="NAMES", help="Only these models.")
 @click.option("--dataset", "datasets", multiple=True, callback=_names, metavar="NAMES", help="Only these data sets.")
 @click.option("--k", "ks", multiple=True, callback=_ints, metavar="K", help="Only these numbers of modules, e.g. --k 2,4.")

@@ -46,22 +46,94 @@ DOWN = "down"
 ERROR = "error"
 PROBE_UP = "probe_up"
 PROBE_DOWN = "probe_down"
-# Where a message on each channel goes: +1 the stage above, -1 the stage below,
-# None every other stage (a broadcast).
-ROUTES = {UP: +1, DOWN: -1, ERROR: None, PROBE_UP: +1, PROBE_DOWN: -1}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Who sends on a channel and who receives: one neighbour (``step`` +1 up, -1 down), or a broadcast
+    from one stage (``sender``, counted from the end when negative) to every other stage."""
+
+    step: int | None = None
+    sender: int | None = None
+
+    def targets(self, channel: str, k: int, num_stages: int) -> list[int]:
+        """The stages that stage k's message on ``channel`` reaches."""
+        if self.step is not None:
+            j = k + self.step
+            if not 0 <= j < num_stages:
+                raise RuntimeError(f"stage {k} sent {channel!r} past the end of the pipeline")
+            return [j]
+        if k != self.sender % num_stages:
+            raise RuntimeError(f"stage {k} sent on {channel!r}, which only stage {self.sender % num_stages} sends on")
+        return [j for j in range(num_stages) if j != k]
+
+    def source(self, k: int, num_stages: int) -> int | None:
+        """The stage whose messages on this channel stage k receives (None: none can reach it)."""
+        j = k - self.step if self.step is not None else self.sender % num_stages
+        return j if 0 <= j < num_stages and j != k else None
+
+    def readers(self, k: int, num_stages: int) -> list[int]:
+        """The stages that read stage k's messages on this channel (none where k cannot send on it)."""
+        if self.step is not None:
+            j = k + self.step
+            return [j] if 0 <= j < num_stages else []
+        return [j for j in range(num_stages) if j != k] if k == self.sender % num_stages else []
+
+
+# Where a message on each channel goes. The engines and the transport derive every route from this table.
+ROUTES = {UP: Route(step=+1), DOWN: Route(step=-1), ERROR: Route(sender=-1),
+          PROBE_UP: Route(step=+1), PROBE_DOWN: Route(step=-1)}
 CHANNELS = tuple(ROUTES)
+
+
+def route(channel: str) -> Route:
+    try:
+        return ROUTES[channel]
+    except KeyError:
+        raise ValueError(f"unknown channel {channel!r}; channels: {', '.join(CHANNELS)}") from None
 INPUT_CHANNELS = (UP, PROBE_UP)  # a stage blocked on these waits for an input; on the others, for a gradient
+
+
+Tag = tuple  # of ints: which iteration (and micro-batch) a message belongs to; () when untagged
 
 
 @dataclass(frozen=True)
 class Send:
+    """Send ``tensor`` on ``channel``, tagged with ``tag`` (e.g. the iteration of the batch it belongs to)."""
+
     channel: str
     tensor: torch.Tensor
+    tag: Tag = ()
 
 
 @dataclass(frozen=True)
 class Recv:
+    """Take the next message of ``channel``; the engine checks its tag when ``expect`` is given.
+
+    Tags do not route or reorder anything (channels stay FIFO): they let a stage
+    assert that what it received is the batch it expects, so a schedule that is
+    off by one fails loudly instead of training on the wrong batch.
+    """
+
     channel: str
+    expect: Tag | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """What travels on a channel: a value (never a graph) and its tag."""
+
+    tensor: torch.Tensor
+    tag: Tag = ()
+
+
+def check_tag(stage: int, op: Recv, message: Message) -> torch.Tensor:
+    """The message's tensor, after checking its tag against what the stage expects."""
+    # An untagged message (from a checkpoint written before messages carried tags) cannot be checked.
+    if op.expect is not None and message.tag and tuple(op.expect) != tuple(message.tag):
+        raise RuntimeError(f"stage {stage} expected a message tagged {tuple(op.expect)} on {op.channel!r} "
+                           f"but received one tagged {tuple(message.tag)}: the method's schedule is off")
+    return message.tensor
 
 
 Op = Union[Send, Recv]
@@ -76,6 +148,33 @@ class StepOutput:
 
 
 StepProgram = Generator[Op, Any, "StepOutput | None"]
+
+
+@dataclass(frozen=True)
+class SideModel:
+    """A model a method trains beside its module: a synthetic-gradient model, an auxiliary head.
+
+    Declared once (``Stage.declare_side``) and built by the stage at first use,
+    when the shape of what it reads is known: ``build(shape)`` gets that shape
+    without the batch dimension. Its initial weights come from ``seed`` alone
+    (never the global generator, so a run's numbers do not depend on what drew
+    from it before). It lives on the module's device in the dtype of what it
+    reads, has its own optimizer (``optimizer(parameters)``), is saved with the
+    stage, and is counted in memory under ``category``.
+    """
+
+    build: Any  # (shape) -> nn.Module
+    optimizer: Any  # (parameters) -> torch.optim.Optimizer
+    seed: int
+    category: str
+
+
+@dataclass
+class _BuiltSide:
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -182,6 +281,8 @@ class Stage:
         self.loss_fn = loss_fn
         self.options = options if options is not None else self.Options()
         self.optimizer = optim.make(self.module.parameters())
+        self.side_models: dict[str, SideModel] = {}
+        self._built_sides: dict[str, _BuiltSide] = {}
         # Set by dbench.meters when a run measures: told before every backward
         # (memory peaks there) and before every update (σ reads the gradient there).
         self.observer: Any = None
@@ -203,31 +304,43 @@ class Stage:
         """
         raise NotImplementedError
 
-    def receive_input(self, x: torch.Tensor | None, needs_grad: bool = True) -> StepProgram:
+    def receive_input(self, x: torch.Tensor | None, needs_grad: bool = True, t: int | None = None) -> StepProgram:
         """The module's input: the batch for the first module, else what the module below sent.
 
         ``needs_grad``: track it, to send the error gradient at the input down.
+        ``t``: the iteration whose activation this must be (checked against the message's tag).
         Use as ``x = yield from self.receive_input(x)``.
         """
         if self.is_first:
             return x
-        x = yield Recv(UP)
+        x = yield Recv(UP, expect=None if t is None else (t,))
         if needs_grad:
             x.requires_grad_()
         return x
 
-    def top_step(self, x: torch.Tensor | None, y: torch.Tensor) -> StepProgram:
-        """The top module in every method but DFA: forward, loss, true backward, update.
+    def top_step(self, t: int, x: torch.Tensor | None, y: torch.Tensor, teach: str | None = DOWN) -> StepProgram:
+        """The top module: forward, loss, true backward, update; and what it teaches the modules below.
 
-        Sends the error gradient at its input down (unless it is also the
-        first module) before it updates, so the module below can start.
+        ``teach``: DOWN sends the error gradient at its input to the module
+        below (BP and the methods that pass gradients down), ERROR sends the
+        output error ``∂f/∂h_K`` to every other module (feedback alignment),
+        None sends nothing. Whatever it sends leaves before the update, and
+        the output error even before the backward, so the modules below can
+        start at once. Messages are tagged with ``t``.
         """
-        x = yield from self.receive_input(x)
+        below = not self.is_first
+        x = yield from self.receive_input(x, needs_grad=teach == DOWN, t=t)
         out = self.module(x)
         loss = self.loss_fn(out, y)
-        self.backward(loss)
-        if not self.is_first:
-            yield Send(DOWN, x.grad)
+        if teach == ERROR and below:
+            self.before_backward()
+            (error,) = torch.autograd.grad(loss, out, retain_graph=True)
+            yield Send(ERROR, error, (t,))
+            self.backward(out, error)  # the same backward as loss.backward(): its first step is this error
+        else:
+            self.backward(loss)
+        if teach == DOWN and below:
+            yield Send(DOWN, x.grad, (t,))
         self.apply_update()
         return StepOutput(loss=loss.detach(), logits=out.detach())
 
@@ -248,14 +361,55 @@ class Stage:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def declare_side(self, name: str, side: SideModel) -> None:
+        """Declare a side model (in ``__init__``); :meth:`side` builds it at first use."""
+        if name in self.side_models:
+            raise ValueError(f"side model {name!r} declared twice")
+        self.side_models[name] = side
+
+    def side(self, name: str, like: torch.Tensor) -> nn.Module:
+        """Side model ``name``, built for inputs shaped like ``like`` (on its device and dtype) the first time."""
+        built = self._built_sides.get(name)
+        if built is None:
+            built = self._build_side(name, tuple(like.shape[1:]), like.dtype)
+        return built.module
+
+    def built_side(self, name: str) -> nn.Module | None:
+        """Side model ``name`` if it has been built, else None."""
+        built = self._built_sides.get(name)
+        return built.module if built is not None else None
+
+    def side_optimizer(self, name: str) -> torch.optim.Optimizer:
+        return self._built_sides[name].optimizer
+
+    def _build_side(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> _BuiltSide:
+        spec = self.side_models[name]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            module = spec.build(shape)
+        module = module.to(device=self.device, dtype=dtype)
+        built = _BuiltSide(module, spec.optimizer(module.parameters()), shape, dtype)
+        self._built_sides[name] = built
+        return built
+
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """The method's own state by memory category (stored inputs, weight snapshots, ...).
+        """The method's own state by memory category (stored inputs, weight snapshots, side models, ...).
 
         What the memory meter reports beside parameters, gradients, optimizer
         state, queued messages and activations saved for backward. A tensor
-        named here is not counted again as an activation.
+        named here is not counted again as an activation. Side models are
+        counted here, each with its gradients and optimizer state; a method
+        with more state extends this dict.
         """
-        return {}
+        held: dict[str, list[torch.Tensor]] = {spec.category: [] for spec in self.side_models.values()}
+        for name, built in self._built_sides.items():
+            params = list(built.module.parameters())
+            optimizer_state = [t for s in built.optimizer.state.values() for t in s.values()
+                               if isinstance(t, torch.Tensor)]
+            held[self.side_models[name].category] += [*params, *built.module.buffers(),
+                                                      *(p.grad for p in params if p.grad is not None),
+                                                      *optimizer_state]
+        return held
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -267,11 +421,26 @@ class Stage:
 
     def state_dict(self) -> dict:
         """Everything needed to continue training exactly; methods with state extend it."""
-        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self._built_sides:
+            state["side_models"] = {
+                name: {"shape": list(b.shape), "dtype": str(b.dtype),
+                       "module": b.module.state_dict(), "optimizer": b.optimizer.state_dict()}
+                for name, b in self._built_sides.items()
+            }
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._built_sides.clear()
+        for name, saved in state.get("side_models", {}).items():
+            if name not in self.side_models:
+                raise ValueError(f"the checkpoint holds side model {name!r}, which method {self.name!r} does not declare")
+            dtype = getattr(torch, saved["dtype"].removeprefix("torch."))
+            built = self._build_side(name, tuple(saved["shape"]), dtype)
+            built.module.load_state_dict(saved["module"])
+            built.optimizer.load_state_dict(saved["optimizer"])
 
 
 @contextlib.contextmanager

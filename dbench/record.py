@@ -30,7 +30,7 @@ from dbench.errors import DbenchError
 CONFIG = "config.json"
 ENVIRONMENT = "environment.json"
 METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
+from dbench.summary import SUMMARY  # noqa: E402  (written here, computed and read by dbench.summary)
 CHECKPOINT = "checkpoint.pt"
 
 

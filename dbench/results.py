@@ -1,9 +1,10 @@
 """Read run directories back as tidy pandas tables, for reports and notebooks.
 
     runs, warnings = load_runs(["results/"])       # finished runs; the rest named in warnings
-    runs_frame(runs)      one row per run: method, model, dataset, K, seed, best test error, speed, git revision
+    runs_frame(runs)      one row per run: method and its facts, model, data set, K, seed, best error, speed, git revision
     epochs_frame(runs)    one row per run and epoch: losses, accuracies, seconds (and their running total)
     modules_frame(runs)   one row per run, epoch and module: time states, peak memory and its categories
+    module_peaks(runs)    one row per run and module: its peak memory over the run, as summary.json has it
     probes_frame(runs)    one row per run, σ probe and module (plus the network): σ, corrected σ, cosine
 
 A run directory is what ``dbench run`` writes (see dbench.record). Older runs
@@ -20,12 +21,13 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from dbench import summary as summaries
 from dbench.errors import DbenchError
 
 CONFIG = "config.json"  # the same names as dbench.record, which imports torch; this module must not
 ENVIRONMENT = "environment.json"
 METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
+SUMMARY = summaries.SUMMARY
 RUN_FILES = (CONFIG, SUMMARY, METRICS)  # a folder holding any of these is taken for a run directory
 
 COMPLETE = "complete"
@@ -33,6 +35,10 @@ MIB = 2**20
 
 # Columns that say which experiment a row belongs to, repeated in every table.
 ID_COLUMNS = ["run", "label", "method", "model", "dataset", "k", "seed"]
+
+# The facts of a method that is not installed, for a run that did not record them: no family,
+# after every installed method in tables, not a baseline, no ideal speedup (Stage's defaults).
+UNKNOWN_FACTS = {"family": "", "table_order": 100.0, "reference": False, "locking": "", "ideal_speedup": None}
 
 # RunConfig fields that do not change what a run computes or measures; runs that
 # differ only in these (and the seed) are repetitions of one experiment.
@@ -65,7 +71,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        """The method with its non-default options: dfa[scale=0.5] is not the same experiment as dfa."""
+        """The method with its non-default options: mymethod[scale=0.5] is not the same experiment as mymethod."""
         options = self.settings.get("method_options") or {}
         if not options:
             return self.method
@@ -74,6 +80,19 @@ class Run:
     @property
     def k(self) -> int:
         return int(self.settings["gpus"])
+
+    @property
+    def facts(self) -> dict:
+        """What the method says about itself (dbench.method.Stage.facts): family, table_order, reference,
+        locking, ideal_speedup, as the run recorded them for its K and options.
+
+        A run recorded before config.json held them asks the installed method
+        (see ``installed_facts``).
+        """
+        recorded = self.config.get("method_facts")
+        if recorded is not None:
+            return {**UNKNOWN_FACTS, **recorded}
+        return installed_facts(self.method, self.k, default_options=self.label == self.method)
 
     @property
     def engine(self) -> str:
@@ -91,6 +110,23 @@ class Run:
     def git_dirty(self) -> bool | None:
         git = self.environment.get("git")
         return git.get("dirty") if isinstance(git, dict) else None
+
+
+def installed_facts(method: str, k: int, default_options: bool = True) -> dict:
+    """The facts of ``method`` at K=``k`` from the installed method; UNKNOWN_FACTS if it is not installed.
+
+    For runs that did not record their facts. ``facts(k)`` assumes the default
+    options, and an option may change the method's cost, so a run with other
+    options gets no ideal speedup. Imports the methods, hence torch.
+    """
+    from dbench.registry import METHODS
+
+    if method not in METHODS:
+        return dict(UNKNOWN_FACTS)
+    facts = METHODS.get(method).facts(k)
+    if not default_options:
+        facts["ideal_speedup"] = None
+    return facts
 
 
 @dataclass
@@ -175,14 +211,19 @@ def load_run(path: Path | str) -> Run:
     """Read one run directory; raises RunSkipped (with the reason) if its files are missing or corrupt."""
     path = Path(path)
     config = _read_json(path / CONFIG, required=True)
-    summary = _read_json(path / SUMMARY, required=True)
+    try:
+        summary = summaries.read(path)
+    except summaries.SummaryUnreadable as e:
+        raise RunSkipped(f"{SUMMARY} {e.reason}") from None
     environment = _read_json(path / ENVIRONMENT, required=False) or {}
     if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
         raise RunSkipped(f"{CONFIG} has no \"run\" settings")
     for key in ("method", "model", "dataset", "gpus", "seed"):
         if key not in config["run"]:
             raise RunSkipped(f"{CONFIG} lacks run.{key}")
-    if not isinstance(summary, dict) or "status" not in summary:
+    if not isinstance(config.get("method_facts", {}), dict):
+        raise RunSkipped(f"{CONFIG}: method_facts is not an object")
+    if "status" not in summary:
         raise RunSkipped(f"{SUMMARY} has no status")
     rows = _read_metrics(path / METRICS)
     epochs = _latest_per_epoch([r for r in rows if r.get("kind") == "epoch" and "epoch" in r])
@@ -262,8 +303,14 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
         s, summ = run.settings, run.summary
         done = summ.get("epochs_done") or 0
         train_seconds = summ.get("train_seconds")
+        facts = run.facts
         rows.append({
             **_ids(run),
+            "family": facts["family"],
+            "table_order": facts["table_order"],
+            "reference": facts["reference"],
+            # for the run's own K and options (recorded with the run); see Run.facts for older runs
+            "ideal_speedup": facts["ideal_speedup"],
             "engine": run.engine,
             "batch_size": s.get("batch_size"),
             "lr": s.get("lr"),
@@ -291,7 +338,11 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             "time_utc": run.environment.get("time_utc"),
             "path": str(run.path),
         })
-    return pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
+    frame = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
+    if rows:
+        frame["ideal_speedup"] = frame["ideal_speedup"].astype(float)  # None → NaN, also when every run lacks one
+        frame["reference"] = frame["reference"].astype(bool)
+    return frame
 
 
 def _settings_key(run: Run) -> str:
@@ -326,15 +377,15 @@ def epochs_frame(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + ["epoch"])
 
 
-MODULE_TIMES = ("compute_s", "wait_input_s", "wait_grad_s", "idle_s", "probe_s")
-CUDA_PEAKS = ("cuda_peak_active_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes")
+MODULE_TIMES = tuple(f"{state}_s" for state in summaries.STATES)
+CUDA_PEAKS = summaries.CUDA_PEAKS
 BYTES_PREFIX = "bytes_"  # modules_frame's memory categories: bytes_parameters, bytes_stored_inputs, ...
 
 
 def modules_frame(runs: list[Run]) -> pd.DataFrame:
     """One row per run, epoch and module: seconds per state, peak memory, and its categories (``bytes_*``).
 
-    A category a run does not have (BP keeps no stored inputs) is 0 there.
+    A category a run does not have (a method that stores no inputs) is 0 there.
     """
     rows = []
     for run in runs:
@@ -361,28 +412,43 @@ def memory_categories(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c.startswith(BYTES_PREFIX)]
 
 
-def module_peaks(modules: pd.DataFrame) -> pd.DataFrame:
-    """Per run and module, the epoch at its accounted peak (with that moment's categories), and CUDA peaks.
+def module_peaks(runs: list[Run]) -> pd.DataFrame:
+    """One row per run and module: its peak memory over all epochs, by dbench.summary.module_peak.
 
-    This is what summary.json's per-module totals hold, rebuilt from the epoch
-    rows so that it also works for runs whose summary predates them.
+    The accounted peak with its categories at that moment (``bytes_*``, 0 for a
+    category the run does not have) and the CUDA peaks: what summary.json's
+    per-module records hold, taken from the epoch rows so that it also works
+    for runs whose summary predates them. Runs without per-module data have no row.
     """
-    if modules.empty:
-        return modules
-    at_peak = modules.loc[modules.groupby(["run", "module"])["accounted_peak_bytes"].idxmax()].copy()
-    for name in CUDA_PEAKS:
-        if name in modules.columns:
-            at_peak[name] = modules.groupby(["run", "module"])[name].max().reindex(
-                pd.MultiIndex.from_frame(at_peak[["run", "module"]])).to_numpy()
-    return at_peak.drop(columns=["epoch"]).reset_index(drop=True)
+    rows = []
+    for run in runs:
+        per_module: dict[int, list[dict]] = {}
+        for r in run.epoch_rows:
+            for m in r.get("modules") or []:
+                per_module.setdefault(m["module"], []).append(m)
+        for module, records in sorted(per_module.items()):
+            peak = summaries.module_peak(records)
+            row = {**_ids(run), "engine": run.engine, "module": module, "device": records[0].get("device"),
+                   "accounted_peak_bytes": peak["accounted_peak_bytes"]}
+            for name in CUDA_PEAKS:
+                if name in peak:
+                    row[name] = peak[name]
+            for category, value in peak["accounted_bytes"].items():
+                row[BYTES_PREFIX + category] = value
+            rows.append(row)
+    frame = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + ["module"])
+    categories = memory_categories(frame)
+    frame[categories] = frame[categories].fillna(0)
+    return frame
 
 
 def probes_frame(runs: list[Run]) -> pd.DataFrame:
     """One row per run, σ probe and part (each module, and the whole network with ``module`` NA).
 
     ``dot``, ``cross`` are the probe's sums <∇f, g> and <∇_A, ∇_B>: pooled over
-    probes, Σdot / Σcross is the corrected σ the summary reports.
-    σ is NA for a module still in its warm-up at that probe.
+    probes (dbench.summary.pooled_sigma), Σdot / Σcross is the corrected σ the
+    summary reports. σ, dot and cross are NA for a module still in its warm-up at
+    that probe: it made no update, so the pooling leaves it out.
     """
     rows = []
     for run in runs:

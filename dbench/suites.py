@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from dbench import summary as summaries
 from dbench.config import RunConfig
 from dbench.errors import DbenchError
 
@@ -153,10 +153,7 @@ def _expect(path: Path, where: str, value: Any, kind: type, what: str) -> None:
 
 def status(run: PlannedRun, root: Path) -> str:
     """What is on disk for a planned run: missing, or the status in its summary."""
-    summary = run.path(root) / "summary.json"
-    if not summary.exists():
-        return "missing"
-    return json.loads(summary.read_text()).get("status", "unknown")
+    return summaries.status_of(run.path(root))
 
 
 def run_suite(suite: Suite, root: Path, *, quiet: bool = True, data_dir: str | None = None,
@@ -191,7 +188,6 @@ def run_suite(suite: Suite, root: Path, *, quiet: bool = True, data_dir: str | N
             if status(planned, root) != "diverged":
                 raise
         final[planned.name] = status(planned, root)
-        summary = json.loads((path / "summary.json").read_text())
-        best = summary.get("best_test_error")
+        best = summaries.read(path).get("best_test_error")
         echo(f"{label}: {final[planned.name]}" + (f", best test error {100 * best:.2f}%" if best is not None else ""))
     return final

@@ -22,15 +22,15 @@ class BackProp(Stage):
 
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
-            return (yield from self.top_step(x, y))
-        x = yield from self.receive_input(x)
+            return (yield from self.top_step(t, x, y))
+        x = yield from self.receive_input(x, t=t)
         out = self.module(x)
-        yield Send(UP, out)
-        grad = yield Recv(DOWN)  # waits for δ_k of this same batch
+        yield Send(UP, out, (t,))
+        grad = yield Recv(DOWN, expect=(t,))  # waits for δ_k of this same batch
         self.backward(out, grad)
         if not self.is_first:
             # Send δ_{k-1} before updating, so the module below can start its
             # backward while this one steps.
-            yield Send(DOWN, x.grad)
+            yield Send(DOWN, x.grad, (t,))
         self.apply_update()
         return None

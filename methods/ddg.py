@@ -52,8 +52,8 @@ class DelayedGradients(Stage):
 
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
-            return (yield from self.top_step(x, y))
-        x = yield from self.receive_input(x)
+            return (yield from self.top_step(t, x, y))
+        x = yield from self.receive_input(x, t=t)
         weights = {n: p.detach().clone().requires_grad_() for n, p in self.module.named_parameters()}
         # BatchNorm's backward reads the running statistics it was given, so the
         # graph gets copies of the buffers too; the updated copies then become
@@ -64,17 +64,17 @@ class DelayedGradients(Stage):
             for name, b in self.module.named_buffers():
                 b.copy_(after[name])
         self.stored.append(_Stored(x, weights, before, out))
-        yield Send(UP, out)
+        yield Send(UP, out, (t,))
         if len(self.stored) <= self.delay:
             return None  # warm-up: no gradient has reached this module yet
-        grad = yield Recv(DOWN)  # δ_k from module k+1 at t-1, for the batch of iteration t-d
+        grad = yield Recv(DOWN, expect=(t - self.delay,))  # δ_k from module k+1 at t-1, for the batch of t-d
         old = self.stored[0]  # dropped only after its backward: what it holds counts until then
         self.backward(old.out, grad)
         self.stored.popleft()
         for name, p in self.module.named_parameters():
             p.grad = old.weights[name].grad
         if not self.is_first:
-            yield Send(DOWN, old.x.grad)
+            yield Send(DOWN, old.x.grad, (t - self.delay,))
         self.apply_update()
         return None
 

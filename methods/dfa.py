@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dbench.errors import DbenchError
-from dbench.method import ERROR, FEEDBACK_ALIGNMENT, FORWARD_LOCKED, UP, Recv, Send, Stage, StepOutput, StepProgram
+from dbench.method import ERROR, FEEDBACK_ALIGNMENT, FORWARD_LOCKED, UP, Recv, Send, Stage, StepProgram
 from dbench.registry import METHODS
 
 
@@ -59,29 +59,17 @@ class DirectFeedbackAlignment(Stage):
 
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
-            return (yield from self._top(x, y))
-        x = yield from self.receive_input(x, needs_grad=False)  # DFA sends nothing down
+            return (yield from self.top_step(t, x, y, teach=ERROR))  # e to every module, no gradient down
+        x = yield from self.receive_input(x, needs_grad=False, t=t)  # DFA sends nothing down
         out = self.module(x)
-        yield Send(UP, out)
-        error = yield Recv(ERROR)  # e of this batch, from the top module
+        yield Send(UP, out, (t,))
+        error = yield Recv(ERROR, expect=(t,))  # e of this batch, from the top module
         if self.feedback is None:
             g = torch.Generator().manual_seed(self.options.feedback_seed * 1000 + self.index)
             self.feedback = self.draw_feedback(error.shape[1], out[0].numel(), g).to(self.device)
         self.backward(out, self.apply_feedback(error).view_as(out))
         self.apply_update()
         return None
-
-    def _top(self, x, y) -> StepProgram:
-        x = yield from self.receive_input(x, needs_grad=False)
-        out = self.module(x)
-        loss = self.loss_fn(out, y)
-        self.before_backward()
-        if not self.is_first:
-            (error,) = torch.autograd.grad(loss, out, retain_graph=True)
-            yield Send(ERROR, error)  # every module below can update now
-        loss.backward()
-        self.apply_update()
-        return StepOutput(loss=loss.detach(), logits=out.detach())
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"feedback": [self.feedback] if self.feedback is not None else []}

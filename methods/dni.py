@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbench.errors import DbenchError
-from dbench.method import DOWN, SYNTHETIC_GRADIENT, UNLOCKED, UP, Recv, Send, Stage, StepProgram
+from dbench.method import DOWN, SYNTHETIC_GRADIENT, UNLOCKED, UP, Recv, Send, SideModel, Stage, StepProgram
 from dbench.partition import median_seconds
 from dbench.registry import METHODS
 
+SYNTH = "synthesizer"  # the side model's name
 SCALE_DECAY = 0.9  # of the running RMS of synthesizer targets: adapts within ~10 steps
 
 
@@ -24,6 +25,8 @@ class SynthOptions:
     layers: int = field(default=2, metadata={"help": "hidden layers of the synthesizer"})
     synth_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the synthesizers"})
     synth_seed: int = field(default=0, metadata={"help": "seed of the synthesizers' initial weights"})
+    normalize: bool = field(default=True, metadata={
+        "help": "regress targets scaled by their running RMS (dbench's variant); false: the paper's plain regression"})
 
     def validate(self) -> None:
         if self.hidden < 1:
@@ -94,7 +97,10 @@ class SyntheticGradients(Stage):
     factor 0.9, set by the first non-zero target, saved with the run). ``s_k`` is a
     scalar, so the prediction is still a regression of ``δ_k``; without it,
     the first Adam steps made ``δ̂`` five times larger than the true gradient
-    and uncorrelated with it, and DNI at K=4 did not learn at all. The
+    and uncorrelated with it, and DNI at K=4 did not learn at all. This
+    scaling is dbench's documented variant (option ``normalize``, on by
+    default); ``normalize=false`` is the paper's plain regression exactly:
+    ``δ̂_k = M_k(h_k)`` trained on ``mean((δ̂_k − target)²)``. The
     synthesizers are trained with Adam (``synth_lr``, constant), and their
     parameters, compute and memory are DNI's own.
     """
@@ -132,82 +138,74 @@ class SyntheticGradients(Stage):
         super().__init__(*args, **kwargs)
         if self.conditioned and not self.num_classes:
             raise DbenchError(f"method {self.name!r} reads the labels: give the trainer num_classes")
-        self.synth: Synthesizer | None = None  # built at the first iteration, when the output shape is known
-        self.synth_optimizer: torch.optim.Optimizer | None = None
+        o = self.options
+        classes = self.num_classes if self.conditioned else 0
+        # Built at the first step, when the output shape is known (see Stage.side).
+        self.declare_side(SYNTH, SideModel(
+            build=lambda shape: Synthesizer(shape, o.hidden, o.layers, classes),
+            optimizer=lambda params: torch.optim.Adam(params, lr=o.synth_lr),
+            seed=o.synth_seed * 1000 + self.index,
+            category="synthesizer",
+        ))
         self.synth_loss: torch.Tensor | None = None  # last regression loss (detached), for inspection
         self.target_scale = torch.zeros((), device=self.device)  # s_k: running RMS of the targets
 
-    def _build_synth(self, shape: tuple[int, ...]) -> None:
-        o = self.options
-        # The synthesizer is built at the first step, when the output shape is
-        # known; its initial weights come from its own seed, so they neither
-        # depend on nor disturb whatever else drew from the global generator.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(o.synth_seed * 1000 + self.index)
-            synth = Synthesizer(shape, o.hidden, o.layers, self.num_classes if self.conditioned else 0)
-        self.synth = synth.to(self.device)
-        self.synth_optimizer = torch.optim.Adam(self.synth.parameters(), lr=o.synth_lr)
+    @property
+    def synth(self) -> Synthesizer | None:
+        """This module's synthesizer, once the first step has built it."""
+        return self.built_side(SYNTH)
 
     def synthesize(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``M_k(h)`` (or ``M_k(h, y)``) in normalized units, with a graph into the synthesizer."""
-        if self.synth is None:
-            self._build_synth(tuple(h.shape[1:]))
-        return self.synth(h, y if self.conditioned else None)
+        return self.side(SYNTH, h)(h, y if self.conditioned else None)
 
     def predict_gradient(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """δ̂ for output ``h`` of a batch with labels ``y``."""
-        return self.synthesize(h, y) * self.target_scale
+        return self.synthesize(h, y) * self.gain()
+
+    def gain(self) -> torch.Tensor:
+        """s_k, what the synthesizer's raw output is multiplied by: the targets' running RMS, or 1 unnormalized."""
+        return self.target_scale if self.options.normalize else torch.ones_like(self.target_scale)
 
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
-            return (yield from self.top_step(x, y))
-        x = yield from self.receive_input(x)
+            return (yield from self.top_step(t, x, y))
+        x = yield from self.receive_input(x, t=t)
         out = self.module(x)
-        yield Send(UP, out)
+        yield Send(UP, out, (t,))
         raw = self.synthesize(out.detach(), y)
-        self.backward(out, (raw * self.target_scale).detach())  # δ̂_k
+        self.backward(out, (raw * self.gain()).detach())  # δ̂_k
         if not self.is_first:
-            yield Send(DOWN, x.grad)  # module k-1's synthesizer target
+            yield Send(DOWN, x.grad, (t,))  # module k-1's synthesizer target
         self.apply_update()  # unlocked: no waiting for the modules above
-        target = yield Recv(DOWN)  # what module k+1 produced at its input for this batch
-        rms = target.pow(2).mean().sqrt()
-        first = self.target_scale == 0
-        self.target_scale = torch.where(first, rms, SCALE_DECAY * self.target_scale + (1 - SCALE_DECAY) * rms)
-        # An all-zero target (the first bootstrapped ones are) leaves s_k at 0: divide by 1 then.
-        unit = torch.where(self.target_scale > 0, self.target_scale, torch.ones_like(self.target_scale))
-        loss = F.mse_loss(raw, target / unit)  # normalized units, see the class docstring
-        self.synth_optimizer.zero_grad(set_to_none=True)
+        target = yield Recv(DOWN, expect=(t,))  # what module k+1 produced at its input for this batch
+        if self.options.normalize:
+            rms = target.pow(2).mean().sqrt()
+            first = self.target_scale == 0
+            self.target_scale = torch.where(first, rms, SCALE_DECAY * self.target_scale + (1 - SCALE_DECAY) * rms)
+            # An all-zero target (the first bootstrapped ones are) leaves s_k at 0: divide by 1 then.
+            unit = torch.where(self.target_scale > 0, self.target_scale, torch.ones_like(self.target_scale))
+            loss = F.mse_loss(raw, target / unit)  # normalized units, see the class docstring
+        else:
+            loss = F.mse_loss(raw, target)  # the paper's ||δ̂ − target||², mean over elements
+        optimizer = self.side_optimizer(SYNTH)
+        optimizer.zero_grad(set_to_none=True)
         self.backward(loss)
-        self.synth_optimizer.step()
+        optimizer.step()
         self.synth_loss = loss.detach()
         return None
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
-        if self.synth is None:
-            return {"synthesizer": []}
-        adam = [t for s in self.synth_optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        params = list(self.synth.parameters())
-        grads = [p.grad for p in params if p.grad is not None]
-        return {"synthesizer": [*params, *self.synth.buffers(), *grads, *adam, self.target_scale]}
+        held = super().held_tensors()  # the synthesizer with its gradients and Adam state
+        held["synthesizer"].append(self.target_scale)
+        return held
 
     def state_dict(self) -> dict:
-        state = super().state_dict()
-        if self.synth is not None:
-            state["synth"] = {
-                "scale": self.target_scale,
-                "shape": list(self.synth.shape),
-                "module": self.synth.state_dict(),
-                "optimizer": self.synth_optimizer.state_dict(),
-            }
-        return state
+        return {**super().state_dict(), "target_scale": self.target_scale}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        if "synth" in state:
-            self._build_synth(tuple(state["synth"]["shape"]))
-            self.synth.load_state_dict(state["synth"]["module"])
-            self.synth_optimizer.load_state_dict(state["synth"]["optimizer"])
-            self.target_scale = state["synth"]["scale"].to(self.device)
+        self.target_scale = state["target_scale"].to(self.device)
 
 
 @METHODS.register("cdni")

@@ -48,16 +48,16 @@ class FeaturesReplay(Stage):
 
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
-            return (yield from self.top_step(x, y))
-        x = yield from self.receive_input(x, needs_grad=False)  # play keeps no graph
+            return (yield from self.top_step(t, x, y))
+        x = yield from self.receive_input(x, needs_grad=False, t=t)  # play keeps no graph
         with torch.no_grad():
             out = self.module(x)  # play: the only pass that updates BN running statistics
-        yield Send(UP, out)
+        yield Send(UP, out, (t,))
         self.history.append(x)
         if len(self.history) <= self.delay:
             return None  # warm-up: no gradient has reached this module yet
         # δ_k that module k+1 computed at iteration t-1, for the batch of iteration t-d.
-        grad = yield Recv(DOWN)
+        grad = yield Recv(DOWN, expect=(t - self.delay,))
         stored = self.history.popleft()
         if not self.is_first:
             stored.requires_grad_()
@@ -65,7 +65,7 @@ class FeaturesReplay(Stage):
             replayed = self.module(stored)  # current weights w^t
         self.backward(replayed, grad)
         if not self.is_first:
-            yield Send(DOWN, stored.grad)
+            yield Send(DOWN, stored.grad, (t - self.delay,))
         self.apply_update()
         return None
 

@@ -184,3 +184,49 @@ def test_options_are_validated(method, options, message):
     with pytest.raises(DbenchError) as info:
         make(method, options=options)
     assert message in str(info.value)
+
+
+def test_dni_unnormalized_is_the_papers_plain_regression():
+    """normalize=false: δ̂ = M(h) and M regresses the raw target, checked by hand on the first two steps."""
+    import torch.nn.functional as F
+
+    trainer = make("dni", options={"normalize": "false", "synth_lr": 1e-3})
+    stage = trainer.stages[0]
+    (x0, y0), (x1, y1) = batches(2)
+    seen = []
+    real = F.mse_loss
+
+    def spy(prediction, target):
+        seen.append((prediction.detach().clone(), target.clone()))
+        return real(prediction, target)
+
+    import methods.dni as dni
+    dni.F.mse_loss = spy
+    try:
+        trainer.step(x0, y0)
+        # After one step: the prediction the module backpropagates is the raw synthesizer output (gain 1).
+        h = torch.randn(4, *stage.synth.shape)
+        with torch.no_grad():
+            assert torch.equal(stage.predict_gradient(h, y0[:4]), stage.synth(h))
+        trainer.step(x1, y1)
+    finally:
+        dni.F.mse_loss = real
+    assert float(stage.target_scale) == 0.0  # no running RMS is kept
+    for prediction, target in seen:
+        assert target.pow(2).mean().sqrt() < 0.1  # raw gradients of a batch-mean loss, not rescaled to RMS 1
+    # The regression loss is plain MSE between the raw prediction and the raw target.
+    prediction, target = seen[0]
+    assert torch.allclose(real(prediction, target), ((prediction - target) ** 2).mean())
+
+
+@pytest.mark.parametrize("method", ["dfa", "bdfa"])
+def test_feedback_alignment_top_backward_goes_through_stage_backward(method, monkeypatch):
+    """The top stage teaches with the output error through Stage.top_step's switch, so the meters see its backward."""
+    trainer = make(method)
+    top = trainer.stages[-1]
+    calls = []
+    real = top.backward
+    monkeypatch.setattr(top, "backward", lambda tensor, grad=None: (calls.append(grad is not None), real(tensor, grad)))
+    for x, y in batches(2):
+        trainer.step(x, y)
+    assert calls == [True, True]  # once per step, backpropagating the output error it sent down

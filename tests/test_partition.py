@@ -115,7 +115,7 @@ def test_time_split_uses_the_method_cost():
 
 
 def test_profiling_uses_the_threads_a_cpu_worker_gets(monkeypatch):
-    from dbench import run
+    from dbench import plan as run
     from dbench.engine import launch
 
     monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
@@ -156,12 +156,12 @@ def test_explicit_cuts_and_errors():
 @pytest.mark.parametrize("method,expected", [("fr", [(0, 4), (4, 11)]), ("bp", [(0, 5), (5, 11)])])
 def test_run_balances_the_cost_of_the_method_it_runs(monkeypatch, method, expected):
     from dbench import partition as partition_module
-    from dbench import run
+    from dbench import plan as run
     from dbench.config import RunConfig
 
     fake = [BlockTime(1.0, 2.0)] * 10 + [BlockTime(0.1, 0.2)]  # resnet20 has 11 blocks, the head is cheap
     monkeypatch.setattr(partition_module, "time_costs", lambda blocks, sample, device: fake)
-    setup = run.prepare(RunConfig(method=method, model="resnet20", gpus=2, split="time", epochs=1), build=False)
+    setup, _ = run.make(RunConfig(method=method, model="resnet20", gpus=2, split="time", epochs=1))
     assert setup.ranges == balance_time(fake, 2, METHODS.get(method).step_cost)
     # BP: 5·3=15 | 5·3+0.3=15.3; FR: 4·4=16 | 6·3+0.3=18.3, where BP's cut would cost FR 20 | 15.3
     assert setup.ranges == expected
@@ -190,7 +190,7 @@ def test_a_costly_boundary_moves_the_cut():
 
 def test_dni_balances_its_synthesizer_too(monkeypatch):
     from dbench import partition as partition_module
-    from dbench import run
+    from dbench import plan as run
     from dbench.config import RunConfig
 
     # resnet20's 11 blocks; the first six "output at full resolution", where a synthesizer is dear
@@ -204,7 +204,7 @@ def test_dni_balances_its_synthesizer_too(monkeypatch):
         return 100.0 if shape[2] == 32 else 0.5
 
     monkeypatch.setattr(dni, "boundary_cost", classmethod(synthesizer_seconds))
-    setup = run.prepare(RunConfig(method="dni", model="resnet20", gpus=2, split="time", epochs=1), build=False)
+    setup, _ = run.make(RunConfig(method="dni", model="resnet20", gpus=2, split="time", epochs=1))
     assert setup.ranges == [(0, 7), (7, 11)]  # BP's cost model would cut at 5
     assert seen == [((128, 16, 32, 32), 64, 10), ((128, 64, 8, 8), 64, 10)]
 

@@ -14,7 +14,8 @@ from dbench import results
 from dbench import run as runner
 from dbench.config import RunConfig
 from dbench.errors import DbenchError
-from dbench.report import build_report, speed, tables
+from dbench.registry import METHODS as REGISTRY
+from dbench.report import build_report, tables
 
 DBENCH = str(Path(sys.executable).parent / "dbench")  # the console script of this environment
 METHODS = ("bp", "fr", "ddg")
@@ -107,12 +108,17 @@ def test_speed_table_speedup_is_the_ratio_of_the_runs(report, runs_root):
     assert any("not parallel speedup" in n for n in notes)
 
 
+def ideal(method: str, k: int) -> float | None:
+    """The ideal is each method's own fact (Stage.ideal_speedup), which runs record and the report reads."""
+    return REGISTRY.get(method).ideal_speedup(k)
+
+
 def test_ideal_speedups_follow_algorithms_md():
-    assert [speed.ideal("fr", k) for k in (2, 4)] == [1.5, 3.0]
-    assert [speed.ideal("bdfa", k) for k in (2, 4)] == [1.5, 2.0]
-    assert speed.ideal("ddg", 4) == 4.0 and speed.ideal("bp", 4) == 1.0
-    assert speed.ideal("dni", 4) is None and speed.ideal("cdni", 2) is None
-    assert speed.ideal("fr", 1) == 1.0  # one module: every method is BP
+    assert [ideal("fr", k) for k in (2, 4)] == [1.5, 3.0]
+    assert [ideal("bdfa", k) for k in (2, 4)] == [1.5, 2.0]
+    assert ideal("ddg", 4) == 4.0 and ideal("bp", 4) == 1.0
+    assert ideal("dni", 4) is None and ideal("cdni", 2) is None
+    assert ideal("fr", 1) == 1.0  # one module: every method is BP
 
 
 def test_sigma_and_memory_show_only_runs_that_have_them(report):
@@ -216,6 +222,36 @@ def test_old_run_without_modules_or_probes_is_reported_without_them(runs_root, t
     assert by_key["sigma"].items == [] and by_key["sigma"].notes
     assert by_key["convergence"].items and by_key["generalization"].items
     assert (tmp_path / "out" / "index.html").exists()
+
+
+def test_runs_without_recorded_facts_ask_the_installed_method(runs_root, tmp_path):
+    def copy_without_facts(name: str, **run_settings) -> results.Run:
+        shutil.copytree(runs_root / name, tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        del config["method_facts"]
+        config["run"].update(run_settings)
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        return results.load_run(tmp_path / name)
+
+    recorded = results.load_run(runs_root / "fr-s0")
+    assert recorded.facts == REGISTRY.get("fr").facts(2) and recorded.facts["ideal_speedup"] == 1.5
+    assert copy_without_facts("fr-s0").facts == recorded.facts
+    # the installed method's facts assume its default options: a run with others gets no ideal
+    labelled = copy_without_facts("nested/dfa-nosigma", method_options={"scale": "0.5"})
+    assert labelled.label == "dfa[scale=0.5]"
+    assert labelled.facts == {**REGISTRY.get("dfa").facts(2), "ideal_speedup": None}
+    assert copy_without_facts("bp-s0", method="notinstalled").facts == results.UNKNOWN_FACTS
+
+
+def test_module_peaks_are_the_summaries_peaks(runs_root):
+    loaded = results.load_runs([runs_root])
+    peaks = results.module_peaks(loaded.runs).set_index(["run", "module"])
+    for run in loaded.runs:
+        for m in run.summary["modules"]:
+            row = peaks.loc[(run.name, m["module"])]
+            assert row["accounted_peak_bytes"] == m["accounted_peak_bytes"]
+            for category, value in m["accounted_bytes"].items():
+                assert row[results.BYTES_PREFIX + category] == value
 
 
 def test_frames_are_tidy(runs_root):

@@ -23,9 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dbench.engine.driver import Driven
+from dbench.engine.messages import pack, unpack
 from dbench.engine.transport import Transport
 from dbench.meters import Meters, SigmaResult, StageMeter, sigma_results, true_gradient
-from dbench.method import UP, Recv, Send, Stage, StepOutput
+from dbench.method import UP, Send, Stage, StepOutput
 from dbench.optim import OptimConfig
 from dbench.registry import METHODS
 
@@ -70,29 +72,10 @@ class RankTrainer:
         return [self.stage.module]
 
     def _run(self, program) -> Any:
-        """Drive this stage's program to its end, blocking on the transport for messages."""
-        meter = self.meters.stages[0]
-        reply = None
-        meter.resumed()
-        with meter.tracking():
-            while True:
-                try:
-                    op = program.send(reply)
-                except StopIteration as stop:
-                    meter.finished()
-                    return stop.value
-                reply = None
-                if isinstance(op, Send):
-                    self.transport.send(op.channel, op.tensor)
-                elif isinstance(op, Recv):
-                    if not self.transport.ready(op.channel):
-                        meter.blocked(op.channel)
-                        reply = self.transport.recv(op.channel)
-                        meter.resumed()
-                    else:
-                        reply = self.transport.recv(op.channel)
-                else:
-                    raise TypeError(f"module {self.rank} yielded {op!r}; a method yields Send or Recv")
+        """Drive this stage's program to its end; a message not yet here blocks on the transport."""
+        driven = Driven(self.rank, program, self.transport, self.meters.stages[0])
+        driven.advance()  # the transport blocks, so this returns with the program finished
+        return driven.output
 
     def step_output(self, x: torch.Tensor | None, y: torch.Tensor) -> StepOutput | None:
         """One iteration of this module; the top module's process gets the StepOutput, the others None."""
@@ -128,10 +111,10 @@ class RankTrainer:
     def predict(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """Logits on the top module's process (None elsewhere): a forward through every process."""
         self.stage.module.eval()
-        h = x.to(self.stage.device) if self.rank == 0 else self.transport.recv(UP)
+        h = x.to(self.stage.device) if self.rank == 0 else self.transport.wait(UP).tensor
         out = self.stage.predict(h)
         if self.rank < self.world - 1:
-            self.transport.send(UP, out)
+            self.transport.send(Send(UP, out))
             return None
         return out
 
@@ -162,7 +145,7 @@ class RankTrainer:
         self.flush()
         own = {
             "stage": _to_cpu(self.stage.state_dict()),
-            "pending": {c: [t.cpu() for t in q] for c, q in self.transport.inbox.items()},
+            "pending": {c: [pack(m) for m in q] for c, q in self.transport.inbox.items()},
         }
         parts = self.gather(own)
         if not self.is_writer:
@@ -179,7 +162,7 @@ class RankTrainer:
         pending = state["engine"]["pending"][self.rank]
         for channel, queue in self.transport.inbox.items():
             queue.clear()
-            queue.extend(t.to(self.stage.device) for t in pending.get(channel, []))
+            queue.extend(unpack(m, self.stage.device) for m in pending.get(channel, []))
 
 
 @contextlib.contextmanager

@@ -52,8 +52,10 @@ def worker_threads(devices: list) -> int | None:
 def launch(run, quiet: bool) -> None:
     """Train ``run`` (a RunDir) with one process per module; returns when all finished."""
     from dbench import run as runner
+    from dbench import summary
+    from dbench.record import CONFIG
 
-    record = run.read(runner.CONFIG)
+    record = run.read(CONFIG)
     world = record["run"]["gpus"]
     threads = worker_threads(record["devices"])
     ctx = mp.get_context("spawn")
@@ -70,7 +72,7 @@ def launch(run, quiet: bool) -> None:
     except KeyboardInterrupt:
         _stop(procs)
         runner.mark(run, "interrupted")
-        raise runner.RunInterrupted(run.path, len(runner.epoch_rows(run.metrics()))) from None
+        raise runner.RunInterrupted(run.path, len(summary.epoch_rows(run.metrics()))) from None
     if failed is not None:
         rank, message = failed
         _stop(procs)
@@ -146,10 +148,10 @@ def run_rank(path: Path, rank: int, world: int, quiet: bool) -> None:
 
     from dbench import run as runner
     from dbench.engine.distributed import init
-    from dbench.record import RunDir
+    from dbench.record import CONFIG, RunDir
 
     run = RunDir(path)
-    record = run.read(runner.CONFIG)
+    record = run.read(CONFIG)
     device = torch.device(record["devices"][rank])
     init(rank, world, device, record["run"]["comm_timeout"])
     try:
@@ -179,8 +181,9 @@ def torchrun_process(cfg, out: Path | None, resume: Path | None, quiet: bool) ->
     import torch.distributed as dist
 
     from dbench import run as runner
+    from dbench.config import RunConfig
     from dbench.engine.distributed import init
-    from dbench.record import RunDir
+    from dbench.record import CONFIG, RunDir
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if resume is None and cfg.gpus != world:
@@ -189,8 +192,8 @@ def torchrun_process(cfg, out: Path | None, resume: Path | None, quiet: bool) ->
         raise DbenchError("--engine local under torchrun: torchrun starts one process per module; use --engine distributed")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    timeout = cfg.comm_timeout if resume is None else runner.RunConfig.from_dict(
-        RunDir.open(resume).read(runner.CONFIG)["run"]).comm_timeout
+    timeout = cfg.comm_timeout if resume is None else RunConfig.from_dict(
+        RunDir.open(resume).read(CONFIG)["run"]).comm_timeout
     init(rank, world, device, timeout)
     try:
         control = dist.new_group(backend="gloo")
@@ -200,13 +203,20 @@ def torchrun_process(cfg, out: Path | None, resume: Path | None, quiet: bool) ->
         if resume is not None:
             path = resume
         else:
+            # The writer plans the run (validates, profiles: once) and creates its directory; every
+            # other rank builds from that plan. A bad setting fails on every rank with the same line.
             cfg.engine, cfg.devices = "distributed", names
-            runner.prepare(cfg, build=False)  # every process validates the same settings the same way
-            box = [None]
+            box: list = [None]
             if rank == writer:
-                box = [str(runner.create_run_dir(cfg, out))]
+                try:
+                    box = [("path", str(runner.create_run_dir(cfg, out)[0]))]
+                except DbenchError as e:
+                    box = [("error", str(e))]
             dist.broadcast_object_list(box, src=writer, group=control)
-            path = Path(box[0])
+            kind, value = box[0]
+            if kind == "error":
+                raise DbenchError(value)
+            path = Path(value)
         runner.train_here(RunDir(path), quiet, rank=rank)
     finally:
         dist.destroy_process_group()

@@ -1,45 +1,37 @@
 """The local engine: K stages on K devices inside one process, run in a fixed order."""
 from __future__ import annotations
 
-import contextlib
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
+from dbench.engine.driver import Driven, NoMeter
+from dbench.engine.messages import pack, unpack
 from dbench.meters.sigma import true_gradient
-from dbench.method import CHANNELS, ROUTES, Recv, Send, Stage, StepOutput
+from dbench.method import CHANNELS, Message, Send, Stage, StepOutput, route
 
 
-@dataclass
-class _Running:
-    """One stage's program for the current iteration and what it is waiting for."""
+class _Port:
+    """Stage k's messages inside one process: sends go straight into the receivers' inboxes."""
 
-    program: Any
-    reply: Any = None
-    waiting_on: str | None = None
-    done: bool = False
-    output: Any = None
+    blocking = False  # an empty inbox suspends the program; the engine runs the other stages meanwhile
 
+    def __init__(self, engine: "LocalEngine", k: int):
+        self.engine, self.k = engine, k
 
-@dataclass
-class _Inbox:
-    queues: dict = field(default_factory=lambda: {c: deque() for c in CHANNELS})
+    def send(self, op: Send) -> None:
+        # The wire carries values only: detach, then copy to the receiver's device.
+        value = op.tensor.detach()
+        for j in route(op.channel).targets(op.channel, self.k, self.engine.num_stages):
+            self.engine.inboxes[j][op.channel].append(Message(value.to(self.engine.stages[j].device), tuple(op.tag)))
 
+    def poll(self, channel: str) -> Message | None:
+        queue = self.engine.inboxes[self.k][channel]
+        return queue.popleft() if queue else None
 
-class _NoMeter:
-    """What the engine drives when nothing is measured."""
-
-    probing = False
-
-    def tracking(self):
-        return contextlib.nullcontext()
-
-    def resumed(self) -> None: ...
-    def blocked(self, channel: str) -> None: ...
-    def handed_step(self) -> None: ...
-    def finished(self) -> None: ...
+    def wait(self, channel: str) -> Message:
+        raise AssertionError("the local engine never blocks")
 
 
 class LocalEngine:
@@ -59,8 +51,9 @@ class LocalEngine:
 
     def __init__(self, stages: list[Stage]):
         self.stages = stages
-        self.inboxes = [_Inbox() for _ in stages]
-        self.meters: list = [_NoMeter() for _ in stages]
+        self.inboxes = [{c: deque() for c in CHANNELS} for _ in stages]
+        self.ports = [_Port(self, k) for k in range(len(stages))]
+        self.meters: list = [NoMeter() for _ in stages]
 
     @property
     def num_stages(self) -> int:
@@ -71,8 +64,8 @@ class LocalEngine:
 
     def queued(self, k: int) -> Iterator[torch.Tensor]:
         """The messages waiting in stage k's inbox (for its memory accounting)."""
-        for q in self.inboxes[k].queues.values():
-            yield from q
+        for q in self.inboxes[k].values():
+            yield from (m.tensor for m in q)
 
     def train(self) -> None:
         for stage in self.stages:
@@ -110,60 +103,18 @@ class LocalEngine:
                 m.probing = False
 
     def _run(self, programs: list, what: str) -> list:
-        running = [_Running(p) for p in programs]
+        running = [Driven(k, p, self.ports[k], self.meters[k]) for k, p in enumerate(programs)]
         for m in self.meters:
             m.handed_step()
         while not all(r.done for r in running):
             progressed = False
-            for k, r in enumerate(running):
+            for r in running:
                 if not r.done:
-                    progressed |= self._advance(k, r)
+                    progressed |= r.advance()
             if not progressed:
-                waits = ", ".join(f"stage {k} on {r.waiting_on!r}" for k, r in enumerate(running) if not r.done)
+                waits = ", ".join(f"stage {r.k} on {r.waiting.channel!r}" for r in running if not r.done)
                 raise RuntimeError(f"deadlock in {what}: {waits}")
         return [r.output for r in running]
-
-    def _advance(self, k: int, r: _Running) -> bool:
-        """Run stage k until it blocks or finishes; True if it made progress."""
-        inbox = self.inboxes[k].queues
-        meter = self.meters[k]
-        if r.waiting_on is not None:
-            if not inbox[r.waiting_on]:
-                return False
-            r.reply = inbox[r.waiting_on].popleft()
-            r.waiting_on = None
-        meter.resumed()
-        with meter.tracking():
-            while True:
-                try:
-                    op = r.program.send(r.reply)  # send(None) starts a fresh generator
-                except StopIteration as stop:
-                    r.done, r.output = True, stop.value
-                    meter.finished()
-                    return True
-                r.reply = None
-                if isinstance(op, Send):
-                    self._deliver(k, op)
-                elif isinstance(op, Recv):
-                    if not inbox[op.channel]:
-                        r.waiting_on = op.channel
-                        meter.blocked(op.channel)
-                        return True
-                    r.reply = inbox[op.channel].popleft()
-                else:
-                    raise TypeError(f"stage {k} yielded {op!r}; a method yields Send or Recv")
-
-    def _deliver(self, k: int, op: Send) -> None:
-        # The wire carries values only: detach, then copy to the receiver's device.
-        value = op.tensor.detach()
-        if op.channel not in ROUTES:
-            raise ValueError(f"stage {k} sent on unknown channel {op.channel!r}; channels: {CHANNELS}")
-        step = ROUTES[op.channel]
-        targets = [j for j in range(self.num_stages) if j != k] if step is None else [k + step]
-        for j in targets:
-            if not 0 <= j < self.num_stages:
-                raise RuntimeError(f"stage {k} sent {op.channel!r} past the end of the pipeline")
-            self.inboxes[j].queues[op.channel].append(value.to(self.stages[j].device))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +130,7 @@ class LocalEngine:
     def state_dict(self) -> dict:
         # Messages still queued belong to the training state (a delayed
         # gradient in flight), so a resumed run must get them back.
-        pending = [{c: list(q) for c, q in inbox.queues.items()} for inbox in self.inboxes]
+        pending = [{c: [pack(m) for m in q] for c, q in inbox.items()} for inbox in self.inboxes]
         return {"stages": [s.state_dict() for s in self.stages], "pending": pending}
 
     def load_state_dict(self, state: dict) -> None:
@@ -188,4 +139,4 @@ class LocalEngine:
                 stage.load_state_dict(s)
         for k, (inbox, pending) in enumerate(zip(self.inboxes, state["pending"], strict=True)):
             for c in CHANNELS:
-                inbox.queues[c] = deque(t.to(self.stages[k].device) for t in pending.get(c, []))
+                inbox[c] = deque(unpack(m, self.stages[k].device) for m in pending.get(c, []))

@@ -3,7 +3,8 @@
 Each ordered pair of processes (sender, receiver) is one FIFO stream: gloo
 matches sends to receives by (peer, tag) in order, NCCL by peer in order. All
 channels between a pair share that stream (one tag), so a message is a fixed
-size header (channel, dtype, shape) followed by the payload, and the receiver
+size header (channel, dtype, shape, and the message's own tag: its iteration)
+followed by the payload, and the receiver
 files what it reads into per-channel inboxes, exactly the inboxes of the local
 engine. A stage asking for a channel whose inbox is empty reads its source's
 stream until a message of that channel arrives; messages of other channels
@@ -11,8 +12,8 @@ stream until a message of that channel arrives; messages of other channels
 
 Sends are asynchronous (``isend``) and never waited on while training: a
 blocking send could wait for a receive that its receiver posts only after a
-message the sender has yet to send (FR's and DDG's gradients are consumed an
-iteration after they are sent). ``flush`` ends an epoch: every process sends
+message the sender has yet to send (a delayed gradient is consumed an
+iteration after it is sent). ``flush`` ends an epoch: every process sends
 an end marker down each of its streams and reads each incoming stream up to
 the marker, so nothing is left in flight and the inboxes hold every pending
 message (they are checkpointed like the local engine's).
@@ -25,64 +26,55 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from dbench.method import CHANNELS, DOWN, ERROR, PROBE_DOWN, PROBE_UP, UP
+from dbench.method import CHANNELS, ROUTES, Message, Send, route
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
           torch.uint8, torch.bool)
 MAX_DIMS = 6
-HEADER = 2 + 1 + MAX_DIMS  # channel, dtype, ndim, dims
+MAX_TAG = 2  # a message's tag: the iteration, and the micro-batch for schedules that split a batch
+HEADER = 3 + MAX_DIMS + 1 + MAX_TAG  # channel, dtype, ndim, dims, tag length, tag
 END = -1  # channel code of the end-of-epoch marker
 
 
 class Transport:
+    """Process ``rank``'s end of the streams; also the driver's port (see dbench.engine.driver)."""
+
+    blocking = True  # a Recv with an empty inbox reads the sender's stream until the message is there
+
     def __init__(self, rank: int, world: int, device: torch.device):
         self.rank, self.world = rank, world
         self.device = torch.device(device)  # NCCL moves CUDA tensors only; gloo CPU ones (and CUDA via copies)
-        self.inbox = {c: deque() for c in CHANNELS}
+        self.inbox: dict[str, deque[Message]] = {c: deque() for c in CHANNELS}
         self._sends: deque = deque()  # (work, tensor) kept alive until the send completes
 
-    # Who talks to whom: activations go up, gradients down, DFA's error from the top to all.
+    # Who talks to whom, from the channel routes of dbench.method.
     def source(self, channel: str) -> int:
-        if channel in (UP, PROBE_UP):
-            return self.rank - 1
-        if channel in (DOWN, PROBE_DOWN):
-            return self.rank + 1
-        if channel == ERROR:
-            return self.world - 1
-        raise ValueError(f"unknown channel {channel!r}; channels: {CHANNELS}")
-
-    def targets(self, channel: str) -> list[int]:
-        if channel in (UP, PROBE_UP):
-            return [self.rank + 1]
-        if channel in (DOWN, PROBE_DOWN):
-            return [self.rank - 1]
-        if channel == ERROR:
-            return [j for j in range(self.world) if j != self.rank]
-        raise ValueError(f"unknown channel {channel!r}; channels: {CHANNELS}")
+        src = route(channel).source(self.rank, self.world)
+        if src is None:
+            raise RuntimeError(f"module {self.rank} waits on {channel!r}, which no module sends to it")
+        return src
 
     def sources(self) -> list[int]:
         """Every process that may send to this one."""
-        return sorted({j for j in (self.rank - 1, self.rank + 1, self.world - 1) if 0 <= j < self.world} - {self.rank})
+        found = {r.source(self.rank, self.world) for r in ROUTES.values()}
+        return sorted(j for j in found if j is not None)
 
     def readers(self) -> list[int]:
         """Every process that reads a stream from this one (the mirror of ``sources``)."""
-        if self.rank == self.world - 1:
-            return [j for j in range(self.world) if j != self.rank]
-        return sorted({j for j in (self.rank - 1, self.rank + 1) if 0 <= j < self.world})
+        return sorted({j for r in ROUTES.values() for j in r.readers(self.rank, self.world)})
 
-    def send(self, channel: str, tensor: torch.Tensor) -> None:
-        payload = tensor.detach().to(self.device).contiguous()
-        for dst in self.targets(channel):
-            if not 0 <= dst < self.world:
-                raise RuntimeError(f"module {self.rank} sent {channel!r} past the end of the pipeline")
-            self._post(dst, _header(CHANNELS.index(channel), payload, self.device))
+    def send(self, op: Send) -> None:
+        payload = op.tensor.detach().to(self.device).contiguous()
+        for dst in route(op.channel).targets(op.channel, self.rank, self.world):
+            self._post(dst, _header(CHANNELS.index(op.channel), payload, tuple(op.tag), self.device))
             self._post(dst, payload)
         self._reap()
 
-    def ready(self, channel: str) -> bool:
-        return bool(self.inbox[channel])
+    def poll(self, channel: str) -> Message | None:
+        queue = self.inbox[channel]
+        return queue.popleft() if queue else None
 
-    def recv(self, channel: str) -> torch.Tensor:
+    def wait(self, channel: str) -> Message:
         """The next message of ``channel``, reading the source's stream until one arrives (blocks)."""
         queue = self.inbox[channel]
         src = self.source(channel)
@@ -107,7 +99,7 @@ class Transport:
 
     def queued(self) -> Iterator[torch.Tensor]:
         for q in self.inbox.values():
-            yield from q
+            yield from (m.tensor for m in q)
 
     def _post(self, dst: int, tensor: torch.Tensor) -> None:
         self._sends.append((dist.isend(tensor, dst), tensor))
@@ -120,15 +112,14 @@ class Transport:
         """Read one message from ``src`` into its inbox; None at the end marker."""
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         self._recv(header, src)
-        code, dtype, ndim, *dims = header.tolist()  # a host copy: waits for the header to arrive
-        if code == END:
+        fields = header.tolist()  # a host copy: waits for the header to arrive
+        if fields[0] == END:
             return None
-        payload = torch.empty(dims[:ndim], dtype=DTYPES[dtype], device=self.device)
+        channel, dtype, shape, tag = parse_header(fields)
+        payload = torch.empty(shape, dtype=dtype, device=self.device)
         self._recv(payload, src)
-        channel = CHANNELS[code]
-        self.inbox[channel].append(payload)
+        self.inbox[channel].append(Message(payload, tag))
         return channel
-
 
     def _recv(self, tensor: torch.Tensor, src: int) -> None:
         try:
@@ -139,10 +130,21 @@ class Transport:
             raise RuntimeError(f"no message from module {src} (timed out or connection lost): {e}") from e
 
 
-def _header(code: int, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _header(code: int, tensor: torch.Tensor, tag: tuple, device: torch.device) -> torch.Tensor:
     if tensor.dim() > MAX_DIMS:
         raise ValueError(f"a message has {tensor.dim()} dimensions; at most {MAX_DIMS} are supported")
     if tensor.dtype not in DTYPES:
         raise ValueError(f"a message has dtype {tensor.dtype}; supported: {DTYPES}")
+    if len(tag) > MAX_TAG or not all(isinstance(v, int) for v in tag):
+        raise ValueError(f"a message's tag {tag!r} must be at most {MAX_TAG} integers")
     dims = list(tensor.shape) + [0] * (MAX_DIMS - tensor.dim())
-    return torch.tensor([code, DTYPES.index(tensor.dtype), tensor.dim(), *dims], dtype=torch.int64, device=device)
+    tags = list(tag) + [0] * (MAX_TAG - len(tag))
+    return torch.tensor([code, DTYPES.index(tensor.dtype), tensor.dim(), *dims, len(tag), *tags],
+                        dtype=torch.int64, device=device)
+
+
+def parse_header(fields: list[int]) -> tuple[str, torch.dtype, list[int], tuple]:
+    """``(channel, dtype, shape, tag)`` of a message from its header (the inverse of ``_header``)."""
+    code, dtype, ndim, *rest = fields
+    dims, (ntag, *tag) = rest[:MAX_DIMS], rest[MAX_DIMS:]
+    return CHANNELS[code], DTYPES[dtype], dims[:ndim], tuple(tag[:ntag])

@@ -1,7 +1,7 @@
 """``dbench report``: run directories in, figures and tables a reader can paste into a paper out.
 
     from dbench.report import build_report
-    report = build_report(["results/"], "reports/", methods=["bp", "fr"])
+    report = build_report(["results/"], "reports/", methods=["bp", "mymethod"])
 
 Sections, one module each: convergence, memory, generalization, sigma, speed;
 index writes index.md and a self-contained index.html over all of them.

@@ -82,7 +82,7 @@ def _why_no_runs(paths: list[Path], loaded: results.Loaded, filters: dict) -> st
 
 
 def _filters_text(filters: dict) -> str:
-    """The filters as the command line spells them: --method bp,fr --k 2."""
+    """The filters as the command line spells them: --method bp,mymethod --k 2."""
     return " ".join(f"--{name} {','.join(map(str, values))}" for name, values in filters.items() if values)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dbench.report import figures
-from dbench.report.figures import new_figure, order_labels, save, theme
+from dbench.report.figures import new_figure, save, theme
 from dbench.report.section import ReportData, Section
 
 METRICS = (("train_loss", "training loss", 1.0), ("test_error", "test error (%)", 100.0))
@@ -30,18 +30,19 @@ def build(data: ReportData, out: Path) -> Section:
         section.notes.append("No run has epoch rows in metrics.jsonl.")
         return section
     for (model, dataset, k), group in epochs.groupby(["model", "dataset", "k"], sort=True):
-        section.items.append(_figure(group, model, dataset, k, data.colors, out))
+        section.items.append(_figure(group, model, dataset, k, data, out))
     engines = set(data.table["engine"])
     if "local" in engines:
         section.notes.append(LOCAL_NOTE)
     return section
 
 
-def _figure(group, model, dataset, k, colors, out: Path) -> figures.Figure:
+def _figure(group, model, dataset, k, data: ReportData, out: Path) -> figures.Figure:
+    colors = data.colors
     with theme():
         fig = new_figure(10, 7)
         axes = fig.subplots(2, 2, sharex="col", sharey="row")
-        for label in order_labels(group["label"]):
+        for label in data.order_labels(group["label"]):
             runs = group[group["label"] == label]
             seeds = runs["seed"].nunique()
             stats = runs.groupby("epoch").agg(

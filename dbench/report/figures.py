@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import matplotlib
 import seaborn as sns
 from matplotlib.figure import Figure as MplFigure
 
-# Methods in the order ALGORITHMS.md presents them: the baseline first, then FR and what it is compared with.
-METHOD_ORDER = ("bp", "fr", "ddg", "dni", "cdni", "dfa", "bdfa")
+# A label missing from the table order given to order_labels goes last, as a method that leaves
+# Stage.table_order at its default does.
+UNKNOWN_ORDER = 100.0
 
-# Memory categories bottom to top in stacked bars: what every method holds, then each method's own state.
-CATEGORY_ORDER = ("parameters", "gradients", "optimizer", "activations", "stored_inputs", "weight_snapshots",
-                  "synthesizer", "feedback", "messages")
+# Memory categories bottom to top in stacked bars: what the framework accounts for every method,
+# in this order; every other category is a method's own state (Stage.held_tensors), after them.
+CATEGORY_ORDER = ("parameters", "gradients", "optimizer", "activations", "messages")
 
 DPI = 150
 
@@ -34,23 +36,28 @@ def new_figure(width: float, height: float) -> MplFigure:
     return MplFigure(figsize=(width, height), layout="constrained")
 
 
-def order_labels(labels) -> list[str]:
-    """Method labels (method[options]) in METHOD_ORDER, unknown methods after, alphabetically."""
+def order_labels(labels, table_order: Mapping[str, float]) -> list[str]:
+    """Method labels (method[options]) by their method's table order, then method name, then label.
+
+    ``table_order`` maps each label to its method's ``table_order`` fact
+    (ReportData.table_order, from the runs): the report learns the order from
+    the methods, not from a list of names.
+    """
     def key(label: str):
-        method = label.split("[", 1)[0]
-        rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-        return rank, method, label
+        method = label.split("[", 1)[0]  # a label is the method, then its options in brackets (results.Run.label)
+        return table_order.get(label, UNKNOWN_ORDER), method, label
     return sorted(set(labels), key=key)
 
 
-def method_colors(labels) -> dict[str, tuple]:
+def method_colors(labels, table_order: Mapping[str, float]) -> dict[str, tuple]:
     """The same colour for a method in every figure of a report (given the report's full label list)."""
-    ordered = order_labels(labels)
+    ordered = order_labels(labels, table_order)
     colors = sns.color_palette("colorblind", n_colors=max(len(ordered), 1))
     return dict(zip(ordered, colors))
 
 
 def order_categories(categories) -> list[str]:
+    """The framework's categories in CATEGORY_ORDER, then the methods' own, alphabetically."""
     categories = list(categories)
     known = [c for c in CATEGORY_ORDER if c in categories]
     return known + sorted(c for c in categories if c not in CATEGORY_ORDER)

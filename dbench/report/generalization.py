@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 
 from dbench.report import tables
-from dbench.report.figures import order_labels
 from dbench.report.section import ReportData, Section
 
 ROW = ["model", "dataset", "k"]
@@ -38,8 +37,8 @@ def build(data: ReportData, out: Path) -> Section:
     section = Section("generalization", "Generalization",
                       "Best test error (%) over the epochs of each run: mean ± standard deviation over seeds.")
     numbers = summarize(data.table)
-    methods = order_labels(numbers["method"])
-    order = {m: i for i, m in enumerate(methods)}
+    methods = data.order_labels(numbers["method"])
+    order = data.label_rank(numbers["method"])
     numbers = numbers.assign(_o=numbers["method"].map(order)).sort_values([*ROW, "_o"]).drop(columns="_o")
     rows = []
     for (model, dataset, k), group in numbers.groupby(ROW, sort=True):

@@ -1,8 +1,8 @@
 """Memory: each module's peak accounted memory per method and K, and what it is made of.
 
-The peak of a module is its largest accounted moment over all epochs (the
-same number as summary.json's per-module ``accounted_peak_bytes``); the
-breakdown is the categories at that moment. Runs of several seeds are averaged
+The peak of a module is its largest accounted moment over all epochs
+(dbench.summary.module_peak: the same number as summary.json's per-module
+``accounted_peak_bytes``); the breakdown is the categories at that moment. Runs of several seeds are averaged
 (the shapes, hence the bytes, rarely depend on the seed). The CUDA allocator's
 peaks, where the runs were on GPUs, are shown beside them: they also hold the
 data set and temporaries, which accounting leaves out.
@@ -16,7 +16,7 @@ import pandas as pd
 
 from dbench import results
 from dbench.report import figures, tables
-from dbench.report.figures import category_colors, new_figure, order_categories, order_labels, save, theme
+from dbench.report.figures import CATEGORY_ORDER, category_colors, new_figure, order_categories, save, theme
 from dbench.report.section import ReportData, Section
 
 MIB = results.MIB
@@ -31,11 +31,12 @@ CUDA_CAPTION = ("Bars: the CUDA allocator's peak on the module's device, largest
 def build(data: ReportData, out: Path) -> Section:
     section = Section("memory", "Memory per module",
                       "Peak memory of each module (MiB) per method and K, and its breakdown by category "
-                      "at that peak. FR keeps K−k+1 inputs in module k, DDG K−k+1 whole forward graphs.")
+                      "at that peak: what the framework accounts for every method "
+                      f"({', '.join(c.replace('_', ' ') for c in CATEGORY_ORDER)}), then each method's own state.")
     if data.modules.empty:
         section.notes.append("No run has per-module measurements (older runs lack them).")
         return section
-    peaks = results.module_peaks(data.modules)
+    peaks = results.module_peaks(data.runs)
     categories = order_categories(c[len(results.BYTES_PREFIX):] for c in results.memory_categories(peaks))
     cuda = [c for c in CUDA_NAMES if c in peaks.columns and peaks[c].notna().any()]
     value_columns = ["accounted_peak_bytes", *(results.BYTES_PREFIX + c for c in categories), *cuda]
@@ -45,17 +46,17 @@ def build(data: ReportData, out: Path) -> Section:
     for (model, dataset), group in mean.groupby(["model", "dataset"], sort=True):
         runs = [r for rs in group["runs"] for r in rs]
         stem = figures.file_stem(model, dataset)
-        section.items.append(_grouped_bars(group, "accounted_peak_bytes", data.colors, out, f"memory/{stem}-peak",
+        section.items.append(_grouped_bars(group, "accounted_peak_bytes", data, out, f"memory/{stem}-peak",
                                            f"Peak accounted memory per module: {model}, {dataset}", runs,
                                            PEAK_CAPTION))
-        section.items.append(_stacked_bars(group, categories, out, f"memory/{stem}-breakdown",
+        section.items.append(_stacked_bars(group, categories, data, out, f"memory/{stem}-breakdown",
                                            f"Memory breakdown at each module's peak: {model}, {dataset}", runs))
         if cuda:  # one figure (peak active, the closest to accounting); the table has all three
             name = cuda[0]
-            section.items.append(_grouped_bars(group, name, data.colors, out, f"memory/{stem}-cuda",
+            section.items.append(_grouped_bars(group, name, data, out, f"memory/{stem}-cuda",
                                                f"{CUDA_NAMES[name]} memory per module: {model}, {dataset}", runs,
                                                CUDA_CAPTION))
-    section.items.append(_table(mean, categories, cuda, out))
+    section.items.append(_table(mean, categories, cuda, data, out))
     return section
 
 
@@ -67,10 +68,11 @@ def _panels(group: pd.DataFrame, height_per_panel: float, width_per_bar: float, 
     return fig, ks, axes
 
 
-def _grouped_bars(group, column, colors, out, stem, title, runs, caption) -> figures.Figure:
+def _grouped_bars(group, column, data: ReportData, out, stem, title, runs, caption) -> figures.Figure:
     """x: module, one bar per method, one panel per K."""
+    colors = data.colors
     with theme():
-        labels_of = {k: order_labels(group.loc[group["k"] == k, "label"]) for k in group["k"].unique()}
+        labels_of = {k: data.order_labels(group.loc[group["k"] == k, "label"]) for k in group["k"].unique()}
         fig, ks, axes = _panels(group, 2.6, 0.35, lambda k: k * len(labels_of[k]))
         for ax, k in zip(axes, ks):
             at_k = group[group["k"] == k]
@@ -88,11 +90,11 @@ def _grouped_bars(group, column, colors, out, stem, title, runs, caption) -> fig
         return save(fig, out, stem, title=title, runs=runs, caption=caption)
 
 
-def _stacked_bars(group, categories, out, stem, title, runs) -> figures.Figure:
+def _stacked_bars(group, categories, data: ReportData, out, stem, title, runs) -> figures.Figure:
     """One bar per (method, module), stacked by category, one panel per K."""
     colors = category_colors(categories)
     with theme():
-        labels_of = {k: order_labels(group.loc[group["k"] == k, "label"]) for k in group["k"].unique()}
+        labels_of = {k: data.order_labels(group.loc[group["k"] == k, "label"]) for k in group["k"].unique()}
         fig, ks, axes = _panels(group, 3.0, 0.45, lambda k: (k + 1) * len(labels_of[k]))
         for ax, k in zip(axes, ks):
             at_k = group[group["k"] == k]
@@ -123,10 +125,17 @@ def _stacked_bars(group, categories, out, stem, title, runs) -> figures.Figure:
             ax.set_title(f"K={k}  (bars: module 0 … {k - 1} of each method)", loc="left", fontsize="medium")
             ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.suptitle(title)
-        return save(fig, out, stem, title=title, runs=runs,
-                    caption="Each bar is one module at its peak, stacked by what the bytes hold (mean over seeds). "
-                            "stored inputs: FR's replay inputs; weight snapshots: DDG's stale weights; "
-                            "synthesizer: DNI's gradient models; feedback: DFA's fixed matrices.")
+        return save(fig, out, stem, title=title, runs=runs, caption=_breakdown_caption(categories))
+
+
+def _breakdown_caption(categories: list[str]) -> str:
+    """Says which of the figure's categories are the framework's and which are the methods' own state."""
+    own = [c.replace("_", " ") for c in categories if c not in CATEGORY_ORDER]
+    caption = "Each bar is one module at its peak, stacked by what the bytes hold (mean over seeds)."
+    if own:
+        caption += (f" {', '.join(own)}: state the methods keep beyond the framework's own "
+                    "(what each method's Stage.held_tensors names).")
+    return caption
 
 
 def _value(frame, label, module, column) -> float:
@@ -134,7 +143,7 @@ def _value(frame, label, module, column) -> float:
     return float(row[column].iloc[0]) if len(row) else 0.0
 
 
-def _table(mean: pd.DataFrame, categories: list[str], cuda: list[str], out: Path) -> tables.Table:
+def _table(mean: pd.DataFrame, categories: list[str], cuda: list[str], data: ReportData, out: Path) -> tables.Table:
     used = [c for c in categories if mean[results.BYTES_PREFIX + c].any()]
     numbers = mean[["model", "dataset", "k", "label", "module", "seeds"]].rename(columns={"label": "method"})
     numbers["peak_mib"] = mean["accounted_peak_bytes"] / MIB
@@ -149,7 +158,7 @@ def _table(mean: pd.DataFrame, categories: list[str], cuda: list[str], out: Path
         shown[c.replace("_", " ")] = numbers[f"{c}_mib"].map(tables.num)
     for c in cuda:
         shown[CUDA_NAMES[c] + " MiB"] = numbers[c.replace("_bytes", "_mib")].map(tables.num)
-    order = {label: i for i, label in enumerate(order_labels(numbers["method"]))}
+    order = data.label_rank(numbers["method"])
     keep = numbers.assign(_o=numbers["method"].map(order)).sort_values(["model", "dataset", "k", "_o", "module"]).index
     runs = [r for rs in mean["runs"] for r in rs]
     return tables.write(out, "memory/memory", title="Peak memory per module (MiB)", shown=shown.loc[keep],

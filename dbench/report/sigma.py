@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from dbench import summary
 from dbench.report import figures, tables
-from dbench.report.figures import new_figure, order_labels, save, theme
+from dbench.report.figures import new_figure, save, theme
 from dbench.report.section import ReportData, Section
 
 NETWORK = "network"
@@ -28,17 +29,23 @@ def per_run(probes: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Per run, part and ``by`` (e.g. epoch): mean σ, mean cosine, probes with a σ, pooled corrected σ,
     and the sums it is pooled from (``dot``, ``cross``, ``usable`` probes), to pool further."""
     keys = ["run", "label", "model", "dataset", "k", "seed", "part", "module", *by]
-    # the corrected σ pools the probes' sums, as summary.json does: Σ<∇f,g> / Σ<∇_A,∇_B>
-    usable = probes["dot"].notna() & np.isfinite(probes["cross"])
+    # the corrected σ pools the probes' sums by summary.json's rule (dbench.summary.pooled_sigma):
+    # the sums over the probes that count, then their ratio
+    usable = np.array([summary.counts(c) for c in probes["cross"]], dtype=bool)
     sums = probes.assign(dot=probes["dot"].where(usable, 0.0), cross=probes["cross"].where(usable, 0.0),
                          usable=usable)
     out = sums.groupby(keys, dropna=False, sort=True).agg(
         sigma=("sigma", "mean"), cosine=("cosine", "mean"), probes=("sigma", "count"),
         dot=("dot", "sum"), cross=("cross", "sum"), usable=("usable", "sum"),
     ).reset_index()
-    valid = (out["usable"] > 0) & (out["cross"] > 0)
-    out["sigma_corrected"] = (out["dot"] / out["cross"]).where(valid)
+    out["sigma_corrected"] = pooled(out)
     return out
+
+
+def pooled(sums: pd.DataFrame) -> np.ndarray:
+    """The corrected σ of each row of summed ``dot``, ``cross`` over its ``usable`` probes (NaN: none)."""
+    values = [summary.ratio(d, c, n) for d, c, n in zip(sums["dot"], sums["cross"], sums["usable"])]
+    return np.array(values, dtype=float)  # None → NaN
 
 
 def build(data: ReportData, out: Path) -> Section:
@@ -55,17 +62,17 @@ def build(data: ReportData, out: Path) -> Section:
         return section
     by_epoch = per_run(probes, ["epoch"])
     for (model, dataset, k), group in by_epoch.groupby(["model", "dataset", "k"], sort=True):
-        section.items.append(_figure(group, model, dataset, k, out))
-    section.items.append(_table(per_run(probes, []), out))
+        section.items.append(_figure(group, model, dataset, k, data, out))
+    section.items.append(_table(per_run(probes, []), data, out))
     return section
 
 
-def _figure(group: pd.DataFrame, model, dataset, k, out: Path) -> figures.Figure:
-    labels = order_labels(group["label"])
+def _figure(group: pd.DataFrame, model, dataset, k, data: ReportData, out: Path) -> figures.Figure:
+    labels = data.order_labels(group["label"])
     # corrected σ per epoch pools the probes of every seed: a ratio of sums is steadier than a mean of ratios
     mean = group.groupby(["label", "part", "epoch"], dropna=False).agg(
         sigma=("sigma", "mean"), dot=("dot", "sum"), cross=("cross", "sum"), usable=("usable", "sum")).reset_index()
-    mean["sigma_corrected"] = (mean["dot"] / mean["cross"]).where((mean["usable"] > 0) & (mean["cross"] > 0))
+    mean["sigma_corrected"] = pooled(mean)
     module_colors = dict(zip(range(k), sns.color_palette("crest", n_colors=k)))
     rows = (("sigma", "σ"), ("sigma_corrected", "σ corrected"))
     clipped = False
@@ -131,12 +138,12 @@ def _clip_row(ax, drawn) -> bool:
     return True
 
 
-def _table(runs: pd.DataFrame, out: Path) -> tables.Table:
+def _table(runs: pd.DataFrame, data: ReportData, out: Path) -> tables.Table:
     numbers = runs.groupby(["model", "dataset", "k", "label", "part"], sort=True).agg(
         seeds=("seed", "nunique"), probes=("probes", "sum"), mean_sigma=("sigma", "mean"),
         sigma_corrected=("sigma_corrected", "mean"), mean_cosine=("cosine", "mean"),
     ).reset_index().rename(columns={"label": "method"})
-    order = {label: i for i, label in enumerate(order_labels(numbers["method"]))}
+    order = data.label_rank(numbers["method"])
     numbers = numbers.assign(_o=numbers["method"].map(order), _p=numbers["part"].eq(NETWORK)).sort_values(
         ["model", "dataset", "k", "_o", "_p", "part"]).drop(columns=["_o", "_p"])
     shown = pd.DataFrame({

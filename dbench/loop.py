@@ -1,0 +1,207 @@
+"""The epoch loop: train, probe σ, evaluate, and record each epoch; every process of a run runs it.
+
+Only the writer (the local engine's process, or the top module's process of
+the distributed engine) writes the run directory: metrics, checkpoint and
+summary after every epoch, each file replaced atomically.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import click
+import torch
+import torch.nn.functional as F
+
+from dbench import run_tables, summary
+from dbench.build import Built
+from dbench.devices import synchronize
+from dbench.errors import DbenchError
+from dbench.meters import SigmaResult
+from dbench.progress import Progress
+from dbench.record import CONFIG, SUMMARY, RunDir
+
+# How often the progress bar reads the running loss. Reading it is a
+# device-to-host copy, i.e. a CUDA synchronization, so it is not done every step.
+SHOW_EVERY = 20
+
+
+class RunInterrupted(Exception):
+    def __init__(self, path, epochs_done: int):
+        super().__init__(f"interrupted: {path} holds {epochs_done} finished epoch(s); continue with: dbench run --resume {path}")
+        self.path = path
+
+
+def train(built: Built, run: RunDir, rows: list[dict], first_epoch: int, quiet: bool,
+           on_epoch_end: Callable[[int], None] | None) -> None:
+    """The epoch loop. Every process of the distributed engine runs it; only the writer writes."""
+    cfg = built.plan.config
+    trainer = built.trainer
+    writer = trainer.is_writer
+    progress = Progress(cfg.epochs, quiet or not writer)
+    status = "running"
+    try:
+        for epoch in range(first_epoch, cfg.epochs):
+            row, probes = run_epoch(built, epoch, progress)
+            state = trainer.state_dict()  # distributed: gathered on the writer
+            if writer:
+                rows.extend(probes)
+                rows.append(row)
+                run.write_metrics(rows)
+                run.save_checkpoint({"epochs_done": epoch + 1, "trainer": state})
+                if not math.isfinite(row["train_loss"]):
+                    status = "diverged"
+                elif epoch + 1 == cfg.epochs:
+                    status = "complete"
+                write_summary(run, rows, status)
+                progress.end_epoch(row)
+            status = trainer.broadcast(status)  # every process stops together
+            if status == "diverged":
+                raise DbenchError(f"training diverged (train loss {row['train_loss']}) in epoch {epoch + 1}; see {run.path}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1)
+    except KeyboardInterrupt:
+        progress.close()
+        if writer:
+            write_summary(run, rows, "interrupted")
+        raise RunInterrupted(run.path, len(summary.epoch_rows(rows))) from None
+    except DbenchError:
+        progress.close()
+        if writer and status != "diverged":
+            write_summary(run, rows, "failed")
+        raise
+    except Exception as e:
+        progress.close()
+        if writer:
+            write_summary(run, rows, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    if writer and not quiet:
+        click.echo(run_tables.modules_table(summary.read(run.path)))
+
+
+def run_epoch(built: Built, epoch: int, progress: Progress) -> tuple[dict, list[dict]]:
+    """Train one epoch and evaluate; returns the epoch's row and its σ probe rows."""
+    trainer, loader = built.trainer, built.train
+    meters = trainer.meters
+    top = trainer.devices[-1]
+    loss_sum = torch.zeros((), device=top)
+    correct = torch.zeros((), dtype=torch.long, device=top)
+    seen = 0
+    warmup, warm_seen, warm_start = built.plan.warmup_steps, 0, None
+    probe_seconds = 0.0  # wall-clock of the σ probes' extra passes, after warm-up
+    probes: list[dict] = []
+    images = built.images  # the other modules' processes read the labels only
+    lr = built.schedule.lr_at(trainer.iteration)
+    progress.start_epoch(epoch, len(loader))
+    synchronize(*trainer.devices)  # start the clocks on idle devices
+    trainer.barrier()  # distributed: every module's clock starts together
+    start = time.perf_counter()
+    meters.start_epoch()
+    for i, (x, y) in enumerate(loader.epoch(epoch, images=images)):
+        if i == warmup:
+            synchronize(*trainer.devices)  # throughput counts from here: the warm-up's work must be done
+            warm_start, warm_seen = time.perf_counter(), seen
+        lr = built.schedule.lr_at(trainer.iteration)
+        trainer.set_lr(lr)
+        probing = built.plan.sigma_every > 0 and (i + 1) % built.plan.sigma_every == 0
+        if probing:
+            synchronize(*trainer.devices)  # time the probe alone, to take it out of samples/s
+            t0 = time.perf_counter()
+            trainer.probe_sigma(built.probe)
+            synchronize(*trainer.devices)
+            if warm_start is not None:
+                probe_seconds += time.perf_counter() - t0
+        iteration = trainer.iteration
+        out = trainer.step_output(x, y)  # distributed: None except in the top module's process
+        if probing:
+            sigma = trainer.take_sigma()  # .item(): a sync per probe (and a gather, distributed)
+            if sigma is not None:
+                probes.append(_probe_row(epoch, i, iteration, *sigma))
+        if out is not None:
+            loss_sum += out.loss * len(y)
+            correct += (out.logits.argmax(dim=1) == y.to(top)).sum()
+        seen += len(y)
+        progress.advance(1)
+        if trainer.is_writer and (i + 1) % SHOW_EVERY == 0:
+            # .item() waits for the device: one sync every SHOW_EVERY steps.
+            progress.show(loss_sum.item() / seen, seen / (time.perf_counter() - start))
+    # .item() below synchronizes the top device; sync all so the clocks cover every stage's work.
+    synchronize(*trainer.devices)
+    trainer.barrier()  # distributed: a module that finished early is idle until the last one is done
+    end = time.perf_counter()
+    parts = trainer.gather(meters.stop_epoch())  # every module's record, on the writer
+    modules = [record for part in parts for record in part] if parts is not None else []
+    train_seconds = end - start
+    if warm_start is None:  # an epoch of one step: nothing left after warm-up
+        warm_start, warm_seen = start, 0
+    measured = end - warm_start - probe_seconds
+    test_loss, test_acc, eval_seconds = evaluate(built)
+    row = {
+        "kind": "epoch",
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": loss_sum.item() / seen,
+        "train_acc": correct.item() / seen,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "epoch_seconds": train_seconds + eval_seconds,
+        "warmup_steps": warmup if warm_seen else 0,
+        "samples_per_s": (seen - warm_seen) / measured if measured > 0 and seen > warm_seen else None,
+        "probes": len(probes),
+        "modules": modules,
+    }
+    return row, probes
+
+
+def _probe_row(epoch: int, i: int, iteration: int, modules: list[SigmaResult], network: SigmaResult) -> dict:
+    return {
+        "kind": "probe",
+        "epoch": epoch + 1,
+        "step": i + 1,
+        "iteration": iteration,
+        "sigma": network.sigma,
+        "sigma_corrected": network.sigma_corrected,
+        "cosine": network.cosine,
+        # (<∇,g>, ||∇||², <∇_A,∇_B>, ||g||²) per module: what σ is computed from, for pooling over probes
+        "sums": [list(r.sums) for r in modules],
+        "modules": [
+            {
+                "module": r.module,
+                "sigma": r.sigma,
+                "sigma_corrected": r.sigma_corrected,
+                "cosine": r.cosine,
+                "true_grad_norm": r.true_grad_norm,
+                "method_grad_norm": r.method_grad_norm,
+            }
+            for r in modules
+        ],
+    }
+
+
+def evaluate(built: Built) -> tuple[float, float, float]:
+    trainer = built.trainer
+    top = trainer.devices[-1]
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=top)
+    correct = torch.zeros((), dtype=torch.long, device=top)
+    for x, y in built.test.epoch(0, images=built.images):
+        logits = trainer.predict(x)  # distributed: None except in the top module's process
+        if logits is None:
+            continue
+        y = y.to(top)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(dim=1) == y).sum()
+    n = built.test.num_samples
+    loss, acc = loss_sum.item() / n, correct.item() / n  # sync: waits for the last batch
+    return loss, acc, time.perf_counter() - start
+
+
+def write_summary(run: RunDir, rows: list[dict], status: str, error: str | None = None) -> None:
+    """summary.json and summary.md from the run's rows (see dbench.summary)."""
+    config = run.read(CONFIG)
+    result = summary.compute(rows, status, config["run"]["epochs"], error)
+    run.write(SUMMARY, result)
+    run.write_text(run_tables.SUMMARY_MD, run_tables.markdown(config, result))

@@ -1,0 +1,172 @@
+"""The plan of a run: every decision taken once, before anything is written, and saved as config.json.
+
+``make(cfg)`` validates the settings, resolves the devices and the engine,
+loads the data set (to know its classes and sizes) and cuts the model into K
+modules (profiling it for ``--split time``). Every process of a run then
+*builds* from the same plan (``dbench.build``): the distributed engine's
+workers and torchrun's ranks read it from config.json and never validate,
+resolve or profile again, so all of them train exactly the cut the plan chose.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from dbench.config import RunConfig
+from dbench.data.base import DataSplits
+from dbench.data.loader import DeviceLoader
+from dbench.devices import resolve_devices
+from dbench.engine import launch
+from dbench.errors import DbenchError
+from dbench.method import Stage, parse_options
+from dbench.models.base import describe
+from dbench.partition import Ranges, check_k, parse_split, partition
+from dbench.registry import DATASETS, METHODS, MODELS
+
+# Steps at the start of each epoch left out of samples/s: first calls allocate,
+# autotune and fill caches, and an epoch starts after evaluation changed modes.
+WARMUP_STEPS = 5
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run trains, where, and how it is cut; ``record()`` is config.json."""
+
+    config: RunConfig
+    options: Any  # the method's Options
+    devices: list[str]  # one per module
+    engine: str  # "local" or "distributed" (resolved)
+    ranges: Ranges  # block range of each module
+    num_params: int
+    num_classes: int
+    steps_per_epoch: int
+    sigma_every: int  # steps between σ probes, 0: none
+    sigma_probe_samples: int
+    train_samples: int
+    test_samples: int
+    device_note: str | None = None  # said once to the user (e.g. no CUDA: modules on the CPU); not recorded
+
+    @property
+    def method(self) -> type[Stage]:
+        return METHODS.get(self.config.method)
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(WARMUP_STEPS, self.steps_per_epoch // 2)
+
+    def record(self) -> dict:
+        return {
+            "run": self.config.to_dict(),
+            "method_options": dataclasses.asdict(self.options),
+            # the method's facts, so reports need neither the method installed nor its name
+            "method_facts": self.method.facts(self.config.gpus, self.options),
+            "milestones": self.config.resolved_milestones(),
+            "partition": [list(r) for r in self.ranges],
+            "engine": self.engine,
+            "devices": list(self.devices),
+            "num_blocks": self.ranges[-1][1],
+            "num_params": self.num_params,
+            "steps_per_epoch": self.steps_per_epoch,
+            "warmup_steps": self.warmup_steps,
+            "sigma_every": self.sigma_every,
+            "sigma_probe_samples": self.sigma_probe_samples,
+            "num_classes": self.num_classes,
+            "train_samples": self.train_samples,
+            "test_samples": self.test_samples,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict, source: str) -> "Plan":
+        """The plan a run directory holds, as its creator made it (nothing is validated or profiled again)."""
+        cfg = RunConfig.from_dict(record["run"], source=source)
+        options = METHODS.get(cfg.method).Options(**record["method_options"])
+        return cls(
+            config=cfg, options=options, devices=list(record["devices"]), engine=record["engine"],
+            ranges=[tuple(r) for r in record["partition"]], num_params=record["num_params"],
+            num_classes=record["num_classes"], steps_per_epoch=record["steps_per_epoch"],
+            sigma_every=record["sigma_every"], sigma_probe_samples=record["sigma_probe_samples"],
+            train_samples=record["train_samples"], test_samples=record["test_samples"],
+        )
+
+
+def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Plan, DataSplits]:
+    """Validate ``cfg`` and decide everything; raises DbenchError before anything is written.
+
+    Returns the plan and the loaded data set (which a process that goes on to
+    build from this plan may reuse rather than load again). ``devices``: the
+    placement decided elsewhere (torchrun: each rank's own device), else
+    ``--gpus``/``--devices`` are resolved here.
+    """
+    cfg.validate()
+    stage_cls = METHODS.get(cfg.method)
+    options = parse_options(stage_cls, cfg.method_options)
+    build_model = MODELS.get(cfg.model)
+    spec = DATASETS.get(cfg.dataset)
+    split = parse_split(cfg.split)
+    check_k(cfg.gpus, describe(cfg.model)["blocks"], cfg.model)
+    if isinstance(split, list) and len(split) + 1 != cfg.gpus:
+        raise DbenchError(
+            f"bad --split {cfg.split}: {len(split)} cut points make {len(split) + 1} modules, but --gpus is {cfg.gpus}"
+        )
+    note = None
+    if devices is None:
+        devices, note = resolve_devices(cfg.gpus, cfg.devices)
+    engine = cfg.resolved_engine(devices)
+    if not spec.needs_data_dir and (cfg.data_dir or cfg.download):
+        raise DbenchError(f"--data-dir/--download do not apply to data set {cfg.dataset!r} (it is generated)")
+    splits = spec.load(Path(cfg.data_dir).expanduser() if cfg.data_dir else None, cfg.download)
+    train = loader(cfg, splits, devices[0], train=True)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(num_classes=splits.num_classes)
+    sample = next(iter(train.epoch(0)))[0] if split == "time" else None
+    boundary = None
+    if stage_cls.boundary_cost is not None:
+        boundary = functools.partial(stage_cls.boundary_cost, device=devices[0], options=options,
+                                     num_classes=splits.num_classes)
+    with profiling_threads(engine, devices):
+        ranges = partition(model.blocks, cfg.gpus, split, sample=sample, device=devices[0], model=cfg.model,
+                           step_cost=stage_cls.step_cost, boundary_cost=boundary)
+    sigma_every = cfg.sigma_interval(len(train))
+    plan = Plan(
+        config=cfg, options=options, devices=[str(d) for d in devices], engine=engine, ranges=ranges,
+        num_params=sum(p.numel() for p in model.parameters()), num_classes=splits.num_classes,
+        steps_per_epoch=len(train), sigma_every=sigma_every,
+        sigma_probe_samples=min(cfg.sigma_batches * cfg.batch_size, train.num_samples) if sigma_every else 0,
+        train_samples=train.num_samples, test_samples=len(splits.test_y), device_note=note,
+    )
+    return plan, splits
+
+
+def loader(cfg: RunConfig, splits: DataSplits, device: torch.device, *, train: bool) -> DeviceLoader:
+    """The training or test loader of ``cfg`` on ``device`` (the one definition both plan and build use)."""
+    x, y = (splits.train_x, splits.train_y) if train else (splits.test_x, splits.test_y)
+    return DeviceLoader(x, y, train=train, batch_size=cfg.batch_size, device=device, mean=splits.mean,
+                        std=splits.std, seed=cfg.seed)
+
+
+@contextlib.contextmanager
+def profiling_threads(engine: str, devices: list[torch.device]) -> Iterator[None]:
+    """Profile blocks (``--split time``) with the torch threads each module will train with.
+
+    Our launcher gives each CPU worker a share of the cores, while this process
+    has them all; small layers scale worse with threads than big ones, so a
+    profile taken with all cores would balance the wrong costs. (Under
+    torchrun this process already is a worker with its own thread count.)
+    """
+    threads = launch.worker_threads(devices) if engine == "distributed" and not launch.under_torchrun() else None
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,177 @@
+"""A run's summary: computed from its metric rows, written as summary.json, and read back.
+
+``compute`` is what ``dbench run`` writes into summary.json after each epoch;
+``read`` and ``status_of`` are the one way every other part (results, suites,
+check) reads it back. The pooling rule of the corrected σ (``pooled_sigma``)
+lives here once, for the summary and for the report.
+
+This module must not import torch: results.py and the report use it, and they
+work where torch is not installed (or slow to import).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from dbench.errors import DbenchError
+
+SUMMARY = "summary.json"
+
+# The states of a module's wall-clock, as dbench.meters.clock.STATES (a test checks that
+# they are the same); repeated here because dbench.meters imports torch.
+STATES = ("compute", "wait_input", "wait_grad", "idle", "probe")
+# The CUDA allocator's peaks an epoch's module record holds when the module sat on a GPU.
+CUDA_PEAKS = ("cuda_peak_active_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes")
+
+
+class SummaryUnreadable(DbenchError):
+    """summary.json is missing or not a JSON object; ``reason`` says which, without the path."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} {reason}")
+        self.path = path
+        self.reason = reason
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read(run_dir: Path) -> dict:
+    """The summary.json of the run directory ``run_dir``; SummaryUnreadable (a DbenchError) if missing or corrupt."""
+    path = Path(run_dir) / SUMMARY
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SummaryUnreadable(path, "is missing") from None
+    try:
+        summary = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SummaryUnreadable(path, f"is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(summary, dict):
+        raise SummaryUnreadable(path, f"is not a JSON object (it holds a {type(summary).__name__})")
+    return summary
+
+
+def status_of(run_dir: Path) -> str:
+    """What is on disk for a run: "missing" without a summary.json, else its status ("unknown" if it has none)."""
+    if not (Path(run_dir) / SUMMARY).exists():
+        return "missing"
+    return read(run_dir).get("status", "unknown")
+
+
+# --- computing -----------------------------------------------------------------------------------
+
+def epoch_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["kind"] == "epoch"]
+
+
+def probe_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["kind"] == "probe"]
+
+
+def compute(rows: list[dict], status: str, epochs: int, error: str | None = None) -> dict:
+    """summary.json of a run with metric ``rows`` (metrics.jsonl, in order) that plans ``epochs`` epochs."""
+    done = epoch_rows(rows)
+    summary: dict[str, Any] = {"status": status, "epochs_done": len(done), "epochs": epochs}
+    if error:
+        summary["error"] = error
+    if done:
+        best = max(done, key=lambda r: r["test_acc"])  # first epoch among equals
+        last = done[-1]
+        rates = [r["samples_per_s"] for r in done if r.get("samples_per_s")]
+        summary.update(
+            best_test_acc=best["test_acc"],
+            best_test_error=1 - best["test_acc"],
+            best_epoch=best["epoch"],
+            final_test_acc=last["test_acc"],
+            final_test_loss=last["test_loss"],
+            final_train_loss=last["train_loss"],
+            final_train_acc=last["train_acc"],
+            train_seconds=sum(r["train_seconds"] for r in done),
+            seconds=sum(r["epoch_seconds"] for r in done),
+            samples_per_s=sum(rates) / len(rates) if rates else None,
+        )
+        probes = probe_rows(rows)
+        if all("modules" in r for r in done):
+            summary["modules"] = module_summary(done, probes)
+        network = [p["sigma"] for p in probes if p["sigma"] is not None]
+        summary["mean_sigma"] = sum(network) / len(network) if network else None
+        summary["sigma_corrected"] = pooled_corrected_sigma(
+            [[sum(col) for col in zip(*p["sums"])] for p in probes]
+        )
+    return summary
+
+
+def module_summary(epochs: list[dict], probes: list[dict]) -> list[dict]:
+    """Per module over the whole run: time totals, peak memory (with its breakdown) and mean σ."""
+    out = []
+    for k, first in enumerate(epochs[0]["modules"]):
+        per_epoch = [r["modules"][k] for r in epochs]
+        record = {"module": k, "device": first["device"]}
+        for state in STATES:
+            record[f"{state}_s"] = sum(m[f"{state}_s"] for m in per_epoch)
+        record.update(module_peak(per_epoch))
+        # a module in its warm-up (σ None) made no update: its probe says nothing about its direction
+        updated = [p for p in probes if p["modules"][k]["sigma"] is not None]
+        sigmas = [p["modules"][k]["sigma"] for p in updated]
+        cosines = [p["modules"][k]["cosine"] for p in updated if p["modules"][k]["cosine"] is not None]
+        record["mean_sigma"] = sum(sigmas) / len(sigmas) if sigmas else None
+        record["sigma_corrected"] = pooled_corrected_sigma([p["sums"][k] for p in updated])
+        record["mean_cosine"] = sum(cosines) / len(cosines) if cosines else None
+        record["sigma_probes"] = len(sigmas)
+        out.append(record)
+    return out
+
+
+def module_peak(per_epoch: list[dict]) -> dict:
+    """One module's peak memory over its epoch records (each epoch's ``modules[k]``).
+
+    The accounted peak and its breakdown by category come from the epoch with
+    the largest ``accounted_peak_bytes`` (the first among equals); each CUDA
+    peak is the largest over the epochs.
+    """
+    peak = max(per_epoch, key=lambda m: m["accounted_peak_bytes"])
+    record = {"accounted_peak_bytes": peak["accounted_peak_bytes"], "accounted_bytes": peak["accounted_bytes"]}
+    for name in CUDA_PEAKS:
+        if name in per_epoch[0]:
+            record[name] = max(m[name] for m in per_epoch)
+    return record
+
+
+# --- the corrected σ, pooled over probes ---------------------------------------------------------
+
+def pooled_corrected_sigma(sums: list[list[float]]) -> float | None:
+    """Σ<∇,g> / Σ<∇_A,∇_B> over probes, each given as its sums (<∇,g>, ||∇||², <∇_A,∇_B>, ||g||²).
+
+    The noise-corrected σ of a run or a module (see dbench.meters.sigma).
+    """
+    return pooled_sigma([s[0] for s in sums], [s[2] for s in sums])
+
+
+def pooled_sigma(dots: Iterable[float], crosses: Iterable[float]) -> float | None:
+    """The pooling rule: Σ dot / Σ cross over the probes whose cross term counts (``counts``); see ``ratio``.
+
+    Give only probes at which the module made an update (σ not None): a module
+    in its warm-up has nothing to compare.
+    """
+    pairs = [(d, c) for d, c in zip(dots, crosses) if counts(c)]
+    return ratio(sum(d for d, _ in pairs), sum(c for _, c in pairs), len(pairs))
+
+
+def counts(cross: float | None) -> bool:
+    """Whether a probe enters the pooled σ: its cross term <∇_A,∇_B> is a finite number.
+
+    A non-finite cross term (a probe half whose gradient overflowed) would turn
+    the whole sum into inf or NaN.
+    """
+    return cross is not None and math.isfinite(cross)
+
+
+def ratio(dot_sum: float, cross_sum: float, usable: int) -> float | None:
+    """The pooled σ from the sums over ``usable`` counted probes: None when there is none, or Σ cross ≤ 0.
+
+    Σ cross estimates ||∇f||² without the probe's noise; at or below 0 the
+    noise swamps it and no ratio means anything.
+    """
+    return dot_sum / cross_sum if usable and cross_sum > 0 else None
