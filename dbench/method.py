@@ -257,6 +257,10 @@ class Stage:
         return 3.0 / period
 
     @classmethod
+    def check_batch(cls, options: Any, num_stages: int, batch_size: int) -> None:
+        """Raise a one-line DbenchError if the method cannot run with this K and batch size (plan time)."""
+
+    @classmethod
     def facts(cls, num_stages: int, options: Any = None) -> dict:
         """What a run records about its method, for reports that must not need the method installed."""
         return {"family": cls.family, "table_order": cls.table_order, "reference": cls.reference,

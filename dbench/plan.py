@@ -106,6 +106,7 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Pla
     cfg.validate()
     stage_cls = METHODS.get(cfg.method)
     options = parse_options(stage_cls, cfg.method_options)
+    stage_cls.check_batch(options, cfg.gpus, cfg.batch_size)
     build_model = MODELS.get(cfg.model)
     spec = DATASETS.get(cfg.dataset)
     split = parse_split(cfg.split)

@@ -49,3 +49,33 @@ def equivalence_worker(rank: int, world: int, port: int, methods: list[str], pat
     if rank == world - 1:
         torch.save(results, path)
     dist.destroy_process_group()
+
+
+def pipelining_worker(rank: int, world: int, port: int, schedule: str, microbatches: int, path: str) -> None:
+    """torch.distributed.pipelining's own schedule on the BatchNorm-free tiny model: the reference for gpipe/1f1b.
+
+    Its loss is the micro-batch mean and it divides the accumulated gradient by M (scale_grads), which is
+    the batch mean for micro-batches of equal size.
+    """
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    module = group(tiny_blocks(batchnorm=False), RANGES[world])[rank]
+    stage = PipelineStage(module, rank, world, torch.device("cpu"))
+    kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    runner = kind(stage, n_microbatches=microbatches, loss_fn=torch.nn.CrossEntropyLoss(), scale_grads=True)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+    for x, y in data()[0]:
+        optimizer.zero_grad(set_to_none=True)
+        if rank == 0:
+            runner.step(x)
+        elif rank == world - 1:
+            runner.step(target=y)
+        else:
+            runner.step()
+        optimizer.step()
+    torch.save(module.state_dict(), f"{path}.{rank}")
+    dist.destroy_process_group()
