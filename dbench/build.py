@@ -14,7 +14,8 @@ import torch
 
 from dbench.data.base import DataSplits
 from dbench.data.loader import DeviceLoader
-from dbench.engine.distributed import RankTrainer
+from dbench.engine.distributed import RankTrainer, ReplicaTrainer
+from dbench.method import DATA_PARALLEL
 from dbench.optim import LRSchedule
 from dbench.partition import split_modules
 from dbench.plan import Plan, loader
@@ -39,7 +40,7 @@ class Built:
     @property
     def images(self) -> bool:
         """Whether this process reads images (the first module's does; the others need labels only)."""
-        return self.rank in (None, 0)
+        return self.rank in (None, 0) or self.plan.method.parallelism == DATA_PARALLEL
 
 
 def build(plan: Plan, rank: int | None = None, splits: DataSplits | None = None) -> Built:
@@ -55,7 +56,13 @@ def build(plan: Plan, rank: int | None = None, splits: DataSplits | None = None)
 
     torch.manual_seed(cfg.seed)  # the model's initial weights: the same in every process and every method
     modules = split_modules(MODELS.get(cfg.model)(num_classes=plan.num_classes).blocks, plan.ranges)
-    if rank is None:
+    if plan.method.parallelism == DATA_PARALLEL:
+        # a whole replica in each process (the plan's ranges all cover every block)
+        trainer = ReplicaTrainer(
+            modules[rank], cfg.method, rank, cfg.gpus, devices[rank], optim=cfg.optim, options=plan.options,
+            num_classes=plan.num_classes, timeout_s=cfg.comm_timeout,
+        )
+    elif rank is None:
         trainer = Trainer(
             modules, cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay, devices=devices, options=plan.options,

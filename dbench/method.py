@@ -195,6 +195,10 @@ FORWARD_LOCKED = "forward locked"  # forwards in turn, then every module's backw
 UNLOCKED = "unlocked"  # every module works at once on its own part of a different batch (DDG, FR)
 LOCKINGS = (LOCKED, FORWARD_LOCKED, UNLOCKED)
 
+# How a method uses the K devices: a module of the model on each (everything but DDP), or a whole replica on each.
+MODEL_PARALLEL = "model"
+DATA_PARALLEL = "data"
+
 
 class Stage:
     """Module ``index`` of ``num_stages``: its weights, optimizer and method state.
@@ -217,6 +221,7 @@ class Stage:
     table_order: ClassVar[float] = 100.0  # built-in methods 0..99, in ALGORITHMS.md's order; others after
     reference: ClassVar[bool] = False
     locking: ClassVar[str] = UNLOCKED
+    parallelism: ClassVar[str] = MODEL_PARALLEL
     # Seconds of one training step of module ``index`` of ``num_stages``, given
     # its forward and backward seconds: what the ``time`` partition balances.
     # One forward and one backward, unless a method overrides it.
@@ -257,14 +262,18 @@ class Stage:
         return 3.0 / period
 
     @classmethod
-    def check_batch(cls, options: Any, num_stages: int, batch_size: int) -> None:
-        """Raise a one-line DbenchError if the method cannot run with this K and batch size (plan time)."""
+    def check_run(cls, options: Any, num_stages: int, batch_size: int, devices: list) -> None:
+        """Raise a one-line DbenchError if the method cannot run with these options, K, batch size and devices.
+
+        Called when a run is planned, before anything is written.
+        """
 
     @classmethod
     def facts(cls, num_stages: int, options: Any = None) -> dict:
         """What a run records about its method, for reports that must not need the method installed."""
         return {"family": cls.family, "table_order": cls.table_order, "reference": cls.reference,
-                "locking": cls.locking, "ideal_speedup": cls.ideal_speedup(num_stages, options)}
+                "locking": cls.locking, "parallelism": cls.parallelism,
+                "ideal_speedup": cls.ideal_speedup(num_stages, options)}
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ from dbench.data.loader import DeviceLoader
 from dbench.devices import resolve_devices
 from dbench.engine import launch
 from dbench.errors import DbenchError
-from dbench.method import Stage, parse_options
+from dbench.method import DATA_PARALLEL, Stage, parse_options
 from dbench.models.base import describe
 from dbench.partition import Ranges, check_k, parse_split, partition
 from dbench.registry import DATASETS, METHODS, MODELS
@@ -106,11 +106,14 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Pla
     cfg.validate()
     stage_cls = METHODS.get(cfg.method)
     options = parse_options(stage_cls, cfg.method_options)
-    stage_cls.check_batch(options, cfg.gpus, cfg.batch_size)
     build_model = MODELS.get(cfg.model)
     spec = DATASETS.get(cfg.dataset)
     split = parse_split(cfg.split)
-    check_k(cfg.gpus, describe(cfg.model)["blocks"], cfg.model)
+    replicas = stage_cls.parallelism == DATA_PARALLEL
+    if replicas and cfg.split != RunConfig.split:
+        raise DbenchError(f"--split {cfg.split} does not apply to {cfg.method}: every device holds the whole model")
+    if not replicas:
+        check_k(cfg.gpus, describe(cfg.model)["blocks"], cfg.model)
     if isinstance(split, list) and len(split) + 1 != cfg.gpus:
         raise DbenchError(
             f"bad --split {cfg.split}: {len(split)} cut points make {len(split) + 1} modules, but --gpus is {cfg.gpus}"
@@ -119,6 +122,13 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Pla
     if devices is None:
         devices, note = resolve_devices(cfg.gpus, cfg.devices)
     engine = cfg.resolved_engine(devices)
+    stage_cls.check_run(options, cfg.gpus, cfg.batch_size, devices)
+    if replicas:
+        # One process per replica whatever the devices: its gradients are averaged across processes.
+        if cfg.engine == "local":
+            raise DbenchError(f"--engine local does not apply to {cfg.method}: it runs one process per replica "
+                              f"(use --engine distributed or auto)")
+        engine = "distributed"
     if not spec.needs_data_dir and (cfg.data_dir or cfg.download):
         raise DbenchError(f"--data-dir/--download do not apply to data set {cfg.dataset!r} (it is generated)")
     splits = spec.load(Path(cfg.data_dir).expanduser() if cfg.data_dir else None, cfg.download)
@@ -131,9 +141,12 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Pla
     if stage_cls.boundary_cost is not None:
         boundary = functools.partial(stage_cls.boundary_cost, device=devices[0], options=options,
                                      num_classes=splits.num_classes)
-    with profiling_threads(engine, devices):
-        ranges = partition(model.blocks, cfg.gpus, split, sample=sample, device=devices[0], model=cfg.model,
-                           step_cost=stage_cls.step_cost, boundary_cost=boundary)
+    if replicas:
+        ranges = [(0, len(model.blocks))] * cfg.gpus  # every replica holds every block
+    else:
+        with profiling_threads(engine, devices):
+            ranges = partition(model.blocks, cfg.gpus, split, sample=sample, device=devices[0], model=cfg.model,
+                               step_cost=stage_cls.step_cost, boundary_cost=boundary)
     sigma_every = cfg.sigma_interval(len(train))
     plan = Plan(
         config=cfg, options=options, devices=[str(d) for d in devices], engine=engine, ranges=ranges,

@@ -22,7 +22,7 @@ from torch import nn
 from dbench.engine import LocalEngine
 from dbench.errors import DbenchError
 from dbench.meters import Meters, SigmaResult, StageMeter
-from dbench.method import Stage, StepOutput, parse_options
+from dbench.method import DATA_PARALLEL, Stage, StepOutput, parse_options
 from dbench.optim import OptimConfig
 from dbench.registry import METHODS
 
@@ -59,6 +59,9 @@ class Trainer:
         optim = OptimConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         optim.validate()
         stage_cls: type[Stage] = METHODS.get(method)
+        if stage_cls.parallelism == DATA_PARALLEL:
+            raise DbenchError(f"method {method!r} keeps a whole replica in each of its own processes; the Trainer runs "
+                              f"every module in this one: train it with `dbench run --method {method}` or under torchrun")
         if options is None or isinstance(options, dict):
             options = parse_options(stage_cls, {k: str(v) for k, v in (options or {}).items()})
         loss_fn = loss if loss is not None else nn.CrossEntropyLoss()

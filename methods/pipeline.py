@@ -69,7 +69,7 @@ class Pipeline(Stage):
         return k * m / (m + k - 1)
 
     @classmethod
-    def check_batch(cls, options: PipelineOptions, num_stages: int, batch_size: int) -> None:
+    def check_run(cls, options: PipelineOptions, num_stages: int, batch_size: int, devices: list) -> None:
         m = microbatch_count(options, num_stages)
         if m > batch_size:
             raise DbenchError(f"bad microbatches {m}: a batch of {batch_size} splits into at most {batch_size} "

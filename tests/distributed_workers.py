@@ -79,3 +79,30 @@ def pipelining_worker(rank: int, world: int, port: int, schedule: str, microbatc
         optimizer.step()
     torch.save(module.state_dict(), f"{path}.{rank}")
     dist.destroy_process_group()
+
+
+def replica_worker(rank: int, world: int, port: int, batch: int, path: str) -> None:
+    """ddp's replica ``rank`` on the BatchNorm-free tiny model (the whole model in each process)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from dbench.engine.distributed import ReplicaTrainer, init
+    from dbench.optim import OptimConfig
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init(rank, world, torch.device("cpu"), timeout_s=60)
+    model = nn.Sequential(*tiny_blocks(batchnorm=False))
+    t = ReplicaTrainer(model, "ddp", rank, world, torch.device("cpu"),
+                       optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4), options=None, num_classes=10,
+                       timeout_s=60)
+    losses = []
+    for x, y in batches(STEPS, batch=batch, seed=11):
+        out = t.step_output(x, y)
+        if out is not None:
+            losses.append(out.loss)
+    logits = t.predict(batches(1, batch=batch, seed=13)[0][0])
+    state = t.state_dict()
+    if t.is_writer:
+        torch.save({"losses": losses, "logits": logits, "state": state}, path)
+    dist.destroy_process_group()

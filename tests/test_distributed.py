@@ -17,9 +17,11 @@ from conftest import group, tiny_blocks
 from distributed_workers import PROBE_AT, RANGES, data, equivalence_worker
 from dbench import Trainer
 from dbench.engine.launch import free_port
+from dbench.method import MODEL_PARALLEL
 from dbench.registry import METHODS
 
-ALL_METHODS = sorted(METHODS.names())
+# one process holds the K modules (the data-parallel methods have their own tests: test_ddp.py)
+ALL_METHODS = sorted(name for name, cls in METHODS.items() if cls.parallelism == MODEL_PARALLEL)
 DBENCH = str(Path(sys.executable).parent / "dbench")
 
 
@@ -179,11 +181,12 @@ def test_launcher_torchrun_and_local_runs_agree(tmp_path):
         assert [m["module"] for m in rows[-1]["modules"]] == [0, 1]
 
 
-def test_interrupted_distributed_run_resumes_to_the_same_numbers(tmp_path):
+@pytest.mark.parametrize("method", ["ddg", "ddp"])
+def test_interrupted_distributed_run_resumes_to_the_same_numbers(tmp_path, method):
     """Ctrl-C stops every module process and marks the run interrupted; --resume ends where an unbroken run does."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["run", "--engine", "distributed", "--gpus", "2", "--model", "mlp", "--epochs", "3", "--quiet",
-              "--method", "ddg"]
+              "--method", method]
     whole = subprocess.run([DBENCH, *common, "--out", str(tmp_path / "whole")], capture_output=True, text=True,
                            env=env, cwd=tmp_path, timeout=300)
     assert whole.returncode == 0, whole.stderr

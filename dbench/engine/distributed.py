@@ -182,3 +182,61 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+class ReplicaTrainer(RankTrainer):
+    """The ``Trainer`` of one replica's process, for methods that put a whole replica on each device.
+
+    Every process reads the whole batch (images and labels) and its method
+    takes its own shard; the gradients are averaged inside the backward (the
+    method wraps its module, e.g. in DistributedDataParallel, once the group
+    is joined). The writer gathers each replica's share of the loss and its
+    logits, so the runner sees the whole batch's, as from the other engines.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage.wrap()
+        self._buffers_stale = False  # replicas' running statistics drift apart until synchronized
+
+    def step_output(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput | None:
+        self.stage.module.train()
+        device = self.stage.device
+        out = self._run(self.stage.train_step(self.iteration, x.to(device), y.to(device)))
+        self.iteration += 1
+        self._buffers_stale = True
+        shares = self.gather((out.loss.cpu(), out.logits.cpu()))  # shards in rank order: the batch's order
+        if not self.is_writer:
+            return None
+        return StepOutput(loss=torch.stack([loss for loss, _ in shares]).sum().to(device),
+                          logits=torch.cat([logits for _, logits in shares]).to(device))
+
+    def probe_sigma(self, probe: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.stage.module.train()
+        device = self.stage.device
+        meter = self.meters.stages[0]
+        meter.probing = True
+        try:  # each replica takes the whole probe set's gradient of its (identical) weights
+            truth = self._run(true_gradient(self.stage, [x.to(device) for x, _ in probe],
+                                            [y.to(device) for _, y in probe]))
+        finally:
+            meter.probing = False
+        meter.sigma.arm(truth)
+
+    def _sync_buffers(self) -> None:
+        if self._buffers_stale:
+            self.stage.sync_buffers()
+            self._buffers_stale = False
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Logits on the writer, from its replica with replica 0's running statistics; None elsewhere."""
+        self._sync_buffers()
+        if not self.is_writer:
+            return None
+        self.stage.module.eval()
+        return self.stage.predict(x.to(self.stage.device))
+
+    def state_dict(self) -> dict | None:
+        self._sync_buffers()  # saved as evaluated: every replica with replica 0's running statistics
+        return super().state_dict()
