@@ -346,12 +346,11 @@ class Stage:
         out = self.module(x)
         loss = self.loss_fn(out, y)
         if teach == ERROR and below:
-            self.before_backward()
+            # The error first (the graph kept), so every module below can start; then the whole backward from
+            # the loss, which also frees the loss's own node (a backward from ``out`` would leave it alive).
             (error,) = torch.autograd.grad(loss, out, retain_graph=True)
             yield Send(ERROR, error, (t,))
-            self.backward(out, error)  # the same backward as loss.backward(): its first step is this error
-        else:
-            self.backward(loss)
+        self.backward(loss)
         if teach == DOWN and below:
             yield Send(DOWN, x.grad, (t,))
         self.apply_update()

@@ -276,3 +276,13 @@ def test_sigma_off(tmp_path):
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["epoch"]
     assert json.loads((path / "summary.json").read_text())["mean_sigma"] is None
+
+
+@pytest.mark.parametrize("method", ["bp", "dni", "cdni", "dfa", "bdfa", "gpipe", "1f1b"])
+def test_no_graph_outlives_a_step_of_a_method_without_delay(method):
+    """These methods keep no graph between iterations: every tensor saved for backward is freed by the step's
+    end (a node left unvisited by the backward, say the loss's, would pile up one per step)."""
+    t = trainer(method)
+    for x, y in batches(4):
+        t.step(x, y)
+        assert [m.saved.live for m in t.meters.stages] == [{}, {}, {}]

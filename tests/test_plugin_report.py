@@ -73,7 +73,7 @@ def test_speed_table_shows_the_ideal_from_the_facts(report):
     assert by_method.loc[PlugStage.name, "ideal_speedup"] == pytest.approx(IDEAL)
     assert by_method.loc["bp", "ideal_speedup"] == 1.0
     assert set(csv["baseline"]) == {"bp"}  # the method whose facts say reference
-    assert by_method.loc[PlugStage.name, "speedup_epoch_time"] > 0
+    assert pd.isna(by_method.loc[PlugStage.name, "speedup_epoch_time"])  # local engine: not a parallel measurement
     speed = next(s for s in report.sections if s.key == "speed")
     shown = next(i for i in speed.items if hasattr(i, "shown")).shown.set_index("method")
     assert shown.loc[PlugStage.name, "ideal"] == f"{IDEAL:.2f}" == "1.71"
