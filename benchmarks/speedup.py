@@ -1,24 +1,29 @@
-"""Parallel speedup over BP at the same K, on the distributed engine, next to ALGORITHMS.md's ideal.
+"""Speedup of each method over model-parallel BP and over the fastest exact-gradient baseline, on the same devices.
 
-Each method trains the same model for the same steps on the distributed
-engine, one process per module (as ``dbench run --engine distributed``),
-in folders under ``--root`` that later calls reuse. On a CPU each process gets
-``cores // K`` threads, so at K=2 on a 2-core machine every module has one
-core of its own. Throughput is the runs' own ``samples_per_s`` (warm-up steps
-excluded, σ probe off), averaged over the epochs; the speedup is a method's
-throughput over the reference method's (BP: the method whose ``reference`` fact
-is set). The ideal (balanced modules, backward = 2 forwards, free
-communication) is ALGORITHMS.md's, each method's ``ideal_speedup``. Per module,
-the table also shows compute and wait seconds, the engine's own account of
-where the time went.
+Every contender trains the same model for the same epochs, in folders under
+``--root`` that later calls reuse:
+- each method of ``--methods`` at K devices on the distributed engine (one
+  process per module, or per replica for ddp; on a CPU each process gets
+  ``cores // K`` threads, so at K=2 on a 2-core machine every process has one
+  core of its own), cut by ``--split`` (ddp holds the whole model on each);
+- ``bp`` on one device (``--gpus 1``: on a CPU one process with every core),
+  the other exact baseline.
+Contenders run interleaved, ``--rounds`` times (round r runs each once before
+round r+1 starts), so the machine's drift spreads over all of them; the
+table gives the median samples/s over the rounds with its min–max.
+Throughput is each run's own ``samples_per_s`` (warm-up steps excluded, σ
+probe off). Speedups are ratios of medians: over the reference method
+(model-parallel BP) at K, and over the fastest exact-gradient baseline (the
+exact-gradient family's runs at K that are not the reference, and bp on one
+device), each beside its ideal from ALGORITHMS.md's cost model.
 
-    python benchmarks/speedup.py --model resnet20 --k 2 --epochs 1
+    python benchmarks/speedup.py --model resnet20 --k 2 --epochs 1 --rounds 2
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
+import statistics
 from datetime import date
 from pathlib import Path
 
@@ -29,26 +34,35 @@ import methods  # noqa: F401  (registers the methods)
 from dbench import run as runner
 from dbench.cli import run_command
 from dbench.config import RunConfig
+from dbench.method import DATA_PARALLEL, EXACT_GRADIENT
 from dbench.registry import METHODS
 
+ONE_DEVICE = "bp@1"  # the whole model on one device
 
-def run(method: str, model: str, k: int, epochs: int, batch: int, split: str, root: Path) -> dict:
-    cfg = RunConfig(method=method, model=model, gpus=k, epochs=epochs, batch_size=batch, split=split,
-                    engine="distributed", sigma_every=0)
-    out = root / f"{method}-{model}-k{k}-b{batch}-e{epochs}-{split}"
-    summary = runner.completed(cfg, out)
-    return {"summary": summary, "config": json.loads((out / "config.json").read_text())}
+
+def config(name: str, model: str, k: int, epochs: int, batch: int, split: str) -> RunConfig:
+    if name == ONE_DEVICE:
+        return RunConfig(method="bp", model=model, gpus=1, epochs=epochs, batch_size=batch, sigma_every=0)
+    whole = METHODS.get(name).parallelism == DATA_PARALLEL  # every device holds the whole model: no cut
+    return RunConfig(method=name, model=model, gpus=k, epochs=epochs, batch_size=batch,
+                     split="blocks" if whole else split, engine="distributed", sigma_every=0)
+
+
+def contenders(names: list[str], reference: str) -> list[str]:
+    return [*names, ONE_DEVICE] if reference in names else names
 
 
 @click.command()
 @click.option("--model", default="resnet20", show_default=True)
-@click.option("--k", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--k", type=click.IntRange(min=2), default=2, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--split", default="time", show_default=True, help="Partition (time: balanced by profiling).")
-@click.option("--methods", default="bp,fr,ddg,dfa", show_default=True)
+@click.option("--methods", default="bp,fr,ddg,dfa,ddp,gpipe,1f1b", show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Interleaved rounds: each contender runs once per round.")
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/speedup"), show_default=True)
-def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: str, root: Path) -> None:
+def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: str, rounds: int, root: Path) -> None:
     names = methods.split(",")
     for name in names:
         METHODS.get(name)  # an unknown name fails here, before the first run starts
@@ -58,25 +72,53 @@ def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: 
         raise click.BadParameter(f"{methods!r} lacks a reference method, the baseline every speedup is over "
                                  f"(one of: {known})", param_hint="--methods")
     reference = references[0]
-    results = {m: run(m, model, k, epochs, batch_size, split, root) for m in names}
-    base = results[reference]["summary"]["samples_per_s"]
+    everyone = contenders(names, reference)
+    for name in everyone:  # every setting is checked before the first run starts
+        config(name, model, k, epochs, batch_size, split).validate()
+    rates: dict[str, list[float]] = {name: [] for name in everyone}
+    last: dict[str, dict] = {}
+    for r in range(rounds):
+        for name in everyone:
+            cfg = config(name, model, k, epochs, batch_size, split)
+            folder = root / f"r{r}" / f"{name}-{model}-k{cfg.gpus}-b{batch_size}-e{epochs}-{cfg.split}"
+            last[name] = runner.completed(cfg, folder)
+            rates[name].append(last[name]["samples_per_s"])
+            click.echo(f"round {r + 1}/{rounds} {name}: {rates[name][-1]:.1f} samples/s", err=True)
+    median = {name: statistics.median(v) for name, v in rates.items()}
+
+    def ideal(name: str) -> float | None:
+        return 1.0 if name == ONE_DEVICE else METHODS.get(name).ideal_speedup(k)  # default options, as run
+
+    exact = [n for n in everyone if n == ONE_DEVICE or (METHODS.get(n).family == EXACT_GRADIENT
+                                                         and not METHODS.get(n).reference)]
+    fastest = max(exact, key=lambda n: median[n]) if exact else None
     cpu = platform.processor() or platform.machine()
-    devices = results[reference]["config"]["devices"]
-    click.echo(f"### Speedup over {reference}, {model}, K={k}, batch {batch_size}, {split} partition ({date.today().isoformat()})\n")
-    click.echo(f"Machine: {os.cpu_count()} cores ({cpu}, {platform.platform()}), devices {', '.join(devices)}, "
-               f"torch {torch.__version__}, distributed engine (one process per module"
-               + (f", {max(1, (os.cpu_count() or 1) // k)} thread(s) each" if devices[0] == "cpu" else "")
-               + f"), {epochs} epoch(s) of {results[reference]['config']['steps_per_epoch']} steps, warm-up steps excluded.\n")
-    click.echo(f"| method | samples/s | speedup over {reference} | ideal | share of ideal | compute s per module | wait s per module |")
-    click.echo("|---|---|---|---|---|---|---|")
-    for method, r in results.items():
-        s = r["summary"]
-        speedup = s["samples_per_s"] / base
-        ideal = METHODS.get(method).ideal_speedup(k)  # default options, as these runs use
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    click.echo(f"### Speedup, {model}, K={k}, batch {batch_size}, {split} partition, {rounds} interleaved round(s) "
+               f"({date.today().isoformat()})\n")
+    click.echo(f"Machine: {os.cpu_count()} cores ({cpu}, {platform.platform()})" + (f", {gpu}" if gpu else "")
+               + f", torch {torch.__version__}. Distributed engine at K={k} (one process per module or replica"
+               + (f", {max(1, (os.cpu_count() or 1) // k)} thread(s) each" if gpu is None else "")
+               + f"); {ONE_DEVICE}: bp on one device" + (" (one process, every core)" if gpu is None else "")
+               + f". {epochs} epoch(s), warm-up steps excluded. Fastest exact baseline: {fastest or '–'}.\n")
+    click.echo(f"| method | samples/s median (min–max) | × model-parallel {reference} | ideal | "
+               f"× fastest exact ({fastest or '–'}) | ideal vs exact | compute s per device | wait s per device |")
+    click.echo("|---|---|---|---|---|---|---|---|")
+    for name in everyone:
+        s = last[name]
+        over_ref = median[name] / median[reference]
+        over_exact = median[name] / median[fastest] if fastest else None
+        mine, theirs = ideal(name), ideal(fastest) if fastest else None
+        vs_exact = mine / theirs if mine is not None and theirs else None
         compute = " / ".join(f"{m['compute_s']:.1f}" for m in s["modules"])
         wait = " / ".join(f"{m['wait_input_s'] + m['wait_grad_s']:.1f}" for m in s["modules"])
-        ideal_text, share = (f"{ideal:.2f}", f"{100 * speedup / ideal:.0f}%") if ideal else ("–", "–")
-        click.echo(f"| {method} | {s['samples_per_s']:.1f} | {speedup:.2f} | {ideal_text} | {share} | {compute} | {wait} |")
+        spread = f"{median[name]:.1f} ({min(rates[name]):.1f}–{max(rates[name]):.1f})"
+        click.echo(f"| {name} | {spread} | {over_ref:.2f} | {_num(mine)} | {_num(over_exact)} | {_num(vs_exact)} | "
+                   f"{compute} | {wait} |")
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ Channels, seen from stage k:
            kept apart so a probe never mixes with gradients queued for a later iteration.
 
 Every channel is first in, first out, and a message is a value (the engine
-detaches it: a graph never crosses a stage boundary). A stage therefore
+detaches it: a graph never crosses a stage boundary) with a tag, a tuple of at
+most two integers (the iteration, and the micro-batch where a batch is split),
+that ``Recv(channel, expect=...)`` checks on receipt. A stage therefore
 computes from nothing but its own state and the ordered streams it receives,
 which makes the network of stages a Kahn process network: the order in which an
 engine runs the stages cannot change any number. That is why the sequential
@@ -23,7 +25,10 @@ local engine and the process-per-module engine must agree exactly.
 Methods differ only in which signal a module learns from and when it arrives
 (see ALGORITHMS.md): BP waits for this iteration's gradient from above, DDG and
 FR consume the one sent in the previous iteration, DNI uses its own synthetic
-gradient, DFA the broadcast output error.
+gradient, DFA the broadcast output error. The exact-gradient baselines are
+methods too: GPipe and 1F1B pipeline micro-batches through the same channels;
+DDP (``parallelism = DATA_PARALLEL``) puts a whole replica on each device and
+leaves the gradient averaging to torch's DistributedDataParallel.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ TINY = {
     "data_path.py": ["--model", "resnet8", "--samples", "256", "--batch-size", "32", "--steps", "1", "--rounds", "1",
                      "--workers", "0"],
     "sigma_cost.py": ["--model", "mlp", "--k", "2", "--methods", "bp", "--root", "{tmp}/sigma"],
-    "speedup.py": ["--model", "mlp", "--k", "2", "--batch-size", "512", "--methods", "bp,ddg", "--root", "{tmp}/speed"],
+    "speedup.py": ["--model", "mlp", "--k", "2", "--batch-size", "512", "--methods", "bp,ddg,ddp", "--rounds", "1",
+                   "--root", "{tmp}/speed"],
     "learning.py": ["--model", "mlp", "--epochs", "1", "--ks", "2", "--methods", "bp", "--root", "{tmp}/learning"],
 }
 

@@ -35,7 +35,8 @@ def stop_after(epoch):
 
 
 @pytest.mark.parametrize(
-    "schedule,method", [("cosine", "bp"), ("step", "bp"), ("cosine", "fr"), ("cosine", "ddg"), ("cosine", "cdni")]
+    "schedule,method", [("cosine", "bp"), ("step", "bp"), ("cosine", "fr"), ("cosine", "ddg"), ("cosine", "cdni"),
+                        ("cosine", "1f1b")]
 )
 def test_resume_equals_uninterrupted(tmp_path, schedule, method):
     """Through the checkpoint file: weights, optimizer, method state and gradients in flight."""
