@@ -197,7 +197,8 @@ class SyntheticGradients(Stage):
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
         held = super().held_tensors()  # the synthesizer with its gradients and Adam state
-        held["synthesizer"].append(self.target_scale)
+        if self.synth is not None:  # s_k belongs to the synthesizer (the top module builds none)
+            held["synthesizer"].append(self.target_scale)
         return held
 
     def state_dict(self) -> dict:
