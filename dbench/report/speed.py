@@ -149,7 +149,7 @@ def build(data: ReportData, out: Path) -> Section:
                  "ideal: ALGORITHMS.md's cost model for the method at that K with the options it ran with, as the "
                  f"run recorded it{_no_ideal(numbers)}. " + " ".join(notes)),
     ))
-    shown_groups = numbers[numbers["parallel"]]
+    shown_groups = numbers[numbers["parallel"] & (numbers["k"] > 1)]  # one device alone has nothing to compare
     for keys, group in shown_groups.groupby(["model", "dataset", "engine", "batch_size"], sort=True):
         if group["speedup_epoch_time"].notna().any() or group["speedup_vs_exact"].notna().any():
             runs = data.table.merge(group[["model", "dataset", "engine", "batch_size"]].drop_duplicates())["run"]
@@ -198,7 +198,7 @@ def _figure(group: pd.DataFrame, keys, data: ReportData, reference: str, runs, o
             ax.set_ylabel("speedup (×)")
             ax.set_title(title)
         handles, names = axes[0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="outside right upper")
+        fig.legend(handles, names, loc="outside right center")
         fig.suptitle(f"Speedup: {model} · {dataset} · {engine} engine · batch {batch}")
         caption = (f"Bars: seconds per epoch of {reference} (left) and of the fastest exact-gradient baseline on the "
                    "same devices (right, named under each K) over the method's, mean over seeds; black ticks: the "
