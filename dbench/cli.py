@@ -147,29 +147,82 @@ def _ints(ctx, param, values: tuple[str, ...]) -> list[int]:
         raise click.BadParameter(f"{','.join(values)!r} is not a list of integers (e.g. --k 2,4)") from None
 
 
+def _target_acc(ctx, param, value: float | None) -> float | None:
+    if value is not None and not 0 < value <= 1:  # NaN fails this too
+        raise click.BadParameter(f"{value} is not a test accuracy in (0, 1]: give e.g. 0.9 for 90%")
+    return value
+
+
+def _engines(ctx, param, values: tuple[str, ...]) -> list[str]:
+    names = _names(ctx, param, values)
+    bad = [n for n in names if n not in ("local", "distributed")]
+    if bad:
+        raise click.BadParameter(f"unknown engine {bad[0]!r}; runs are recorded as local or distributed")
+    return names
+
+
+def _selection_options(command):
+    """The options `report` and `compare` share: which runs, and the verdict's target accuracy."""
+    options = (
+        click.argument("paths", nargs=-1, type=click.Path(path_type=Path)),
+        click.option("--method", "methods", multiple=True, callback=_names, metavar="NAMES",
+                     help="Only these methods (repeatable or comma-separated), e.g. --method bp,NAME "
+                          "(see `dbench list`)."),
+        click.option("--model", "models", multiple=True, callback=_names, metavar="NAMES", help="Only these models."),
+        click.option("--dataset", "datasets", multiple=True, callback=_names, metavar="NAMES",
+                     help="Only these data sets."),
+        click.option("--k", "ks", multiple=True, callback=_ints, metavar="K",
+                     help="Only these numbers of modules, e.g. --k 2,4."),
+        click.option("--engine", "engines", multiple=True, callback=_engines, metavar="NAMES",
+                     help="Only runs of these engines: local, distributed."),
+        click.option("--epochs", "epochs", multiple=True, callback=_ints, metavar="N",
+                     help="Only runs planned for these numbers of epochs, e.g. --epochs 300."),
+        click.option("--include-unfinished", is_flag=True,
+                     help="Also use runs that are not complete (running, interrupted, failed, diverged) "
+                          "and finished at least one epoch."),
+        click.option("--target-acc", type=float, default=None, callback=_target_acc, metavar="ACC",
+                     help="Time to accuracy: training seconds until the test accuracy reaches ACC, in (0, 1] "
+                          "[default: 0.99 × model-parallel bp's mean best accuracy in each comparison]."),
+    )
+    for option in reversed(options):  # the first listed is the outermost decorator, as when stacked
+        command = option(command)
+    return command
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 @main.command()
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@_selection_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
               help="Folder to write the report into (created if needed; files of the same name are replaced).")
-@click.option("--method", "methods", multiple=True, callback=_names, metavar="NAMES",
-              help="Only these methods (repeatable or comma-separated), e.g. --method bp,NAME (see `dbench list`).")
-@click.option("--model", "models", multiple=True, callback=_names, metavar="NAMES", help="Only these models.")
-@click.option("--dataset", "datasets", multiple=True, callback=_names, metavar="NAMES", help="Only these data sets.")
-@click.option("--k", "ks", multiple=True, callback=_ints, metavar="K", help="Only these numbers of modules, e.g. --k 2,4.")
-@click.option("--include-unfinished", is_flag=True,
-              help="Also use runs that are not complete (running, interrupted, failed, diverged) "
-                   "and finished at least one epoch.")
-def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, include_unfinished: bool) -> None:
-    """Figures and tables comparing the runs under PATHS [default: results/]: convergence, memory,
-    generalization, σ and speed, with index.md and a self-contained index.html."""
+def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, engines, epochs,
+           include_unfinished: bool, target_acc: float | None) -> None:
+    """Figures and tables comparing the runs under PATHS [default: results/]: the verdict (which method buys
+    what), convergence, memory, generalization, σ and speed, with index.md and a self-contained index.html."""
     from dbench.report import build_report  # heavy imports (pandas, matplotlib) only when asked
 
     written = build_report(
         list(paths) or [Path("results")], out, methods=methods, models=models, datasets=datasets, ks=ks,
-        include_unfinished=include_unfinished, warn=lambda message: click.echo(f"warning: {message}", err=True),
+        engines=engines, epochs=epochs, include_unfinished=include_unfinished, target_acc=target_acc, warn=_warn,
     )
     click.echo(f"report of {len(written.runs)} run(s) written to {written.out}: "
                f"open {written.index_html} (or {written.index_md.name})")
+
+
+@main.command()
+@_selection_options
+def compare(paths: tuple[Path, ...], methods, models, datasets, ks, engines, epochs, include_unfinished: bool,
+            target_acc: float | None) -> None:
+    """Which method buys what, per model, data set and K, for the runs under PATHS [default: results/]:
+    speedups beside their ideals, peak memory, best test error and time to accuracy (the report's verdict)."""
+    from dbench.report import build, verdict  # heavy imports (pandas, matplotlib) only when asked
+
+    chosen = build.select_runs(list(paths) or [Path("results")], methods=methods, models=models,
+                               datasets=datasets, ks=ks, engines=engines, epochs=epochs,
+                               include_unfinished=include_unfinished, warn=_warn)
+    click.echo(verdict.text(verdict.table(chosen.data, target_acc), target_acc), nl=False)
 
 
 def _suite_options(command):

@@ -7,6 +7,7 @@ summary after every epoch, each file replaced atomically.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable
 
@@ -151,6 +152,10 @@ def run_epoch(built: Built, epoch: int, progress: Progress) -> tuple[dict, list[
         "warmup_steps": warmup if warm_seen else 0,
         "samples_per_s": (seen - warm_seen) / measured if measured > 0 and seen > warm_seen else None,
         "probes": len(probes),
+        # How busy the machine was (1-minute load average, the run's own processes included, and the cores
+        # it has): speed compared between runs means little when one of them shared the machine.
+        "load_avg_1m": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
         "modules": modules,
     }
     return row, probes

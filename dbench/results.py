@@ -60,6 +60,9 @@ class Run:
     epoch_rows: list[dict]
     probe_rows: list[dict]
     name: str = ""  # unique among the runs loaded together (path relative to their common folder)
+    # Settings in which this run differs from other runs of its method, model, data set and K (see
+    # ``distinguish``): part of its label, so that runs of different experiments are never averaged.
+    differs: dict = field(default_factory=dict)
 
     @property
     def settings(self) -> dict:
@@ -70,12 +73,26 @@ class Run:
         return self.settings["method"]
 
     @property
-    def label(self) -> str:
+    def method_label(self) -> str:
         """The method with its non-default options: mymethod[scale=0.5] is not the same experiment as mymethod."""
         options = self.settings.get("method_options") or {}
         if not options:
             return self.method
         return self.method + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
+
+    @property
+    def label(self) -> str:
+        """The method label, plus the settings that set this run apart from others it is shown with:
+        ``bp (engine=local, epochs=2)``."""
+        if not self.differs:
+            return self.method_label
+        return self.method_label + " (" + ", ".join(f"{k}={_text(v)}" for k, v in sorted(self.differs.items())) + ")"
+
+    def comparable_settings(self) -> dict:
+        """The settings that change what a run computes or measures, seed aside (the engine as resolved)."""
+        s = {k: v for k, v in self.settings.items() if k not in NOT_SETTINGS}
+        s["engine"] = self.engine
+        return s
 
     @property
     def k(self) -> int:
@@ -92,7 +109,7 @@ class Run:
         recorded = self.config.get("method_facts")
         if recorded is not None:
             return {**UNKNOWN_FACTS, **recorded}
-        return installed_facts(self.method, self.k, default_options=self.label == self.method)
+        return installed_facts(self.method, self.k, default_options=self.method_label == self.method)
 
     @property
     def engine(self) -> str:
@@ -279,20 +296,52 @@ def _common_parts(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
     return shortest
 
 
-def select(runs: list[Run], *, methods=(), models=(), datasets=(), ks=()) -> list[Run]:
+def select(runs: list[Run], *, methods=(), models=(), datasets=(), ks=(), engines=(), epochs=()) -> list[Run]:
     """The runs matching every filter given (an empty filter keeps everything)."""
     return [
         r for r in runs
-        if (not methods or r.method in methods or r.label in methods)
+        if (not methods or r.method in methods or r.method_label in methods)
         and (not models or r.settings["model"] in models)
         and (not datasets or r.settings["dataset"] in datasets)
         and (not ks or r.k in ks)
+        and (not engines or r.engine in engines)
+        and (not epochs or r.settings.get("epochs") in epochs)
     ]
+
+
+def distinguish(runs: list[Run]) -> None:
+    """Set each run's ``differs``: the settings in which runs of its method label, model, data set and K differ.
+
+    Runs that differ in more than the seed (engine, epochs, batch size, learning
+    rate, ...) are different experiments: their labels now say how, so every
+    table and figure shows them as separate rows instead of averaging them.
+    """
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        key = (run.method_label, run.settings["model"], run.settings["dataset"], run.k)
+        groups.setdefault(key, []).append(run)
+    for group in groups.values():
+        settings = [r.comparable_settings() for r in group]
+        keys = sorted({k for s in settings for k in s if any(t.get(k) != s.get(k) for t in settings)})
+        for run, s in zip(group, settings):
+            run.differs = {k: s.get(k) for k in keys}
+
+
+def _mean(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _text(value) -> str:
+    if isinstance(value, list):
+        return "/".join(map(str, value))
+    return str(value)
 
 
 def _ids(run: Run) -> dict:
     s = run.settings
-    return {"run": run.name, "label": run.label, "method": run.method, "model": s["model"],
+    return {"run": run.name, "label": run.label, "method_label": run.method_label, "method": run.method,
+            "model": s["model"],
             "dataset": s["dataset"], "k": run.k, "seed": s["seed"]}
 
 
@@ -325,6 +374,9 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             "train_seconds": train_seconds,
             "seconds_per_epoch": train_seconds / done if train_seconds is not None and done else None,
             "samples_per_s": summ.get("samples_per_s"),
+            # mean over epochs of the machine's 1-minute load average at each epoch's end (None: not recorded)
+            "load_avg": _mean([r.get("load_avg_1m") for r in run.epoch_rows]),
+            "cpu_count": next((r["cpu_count"] for r in run.epoch_rows if r.get("cpu_count")), None),
             "mean_sigma": summ.get("mean_sigma"),
             "sigma_corrected": summ.get("sigma_corrected"),
             "num_params": run.config.get("num_params"),
@@ -347,9 +399,7 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
 
 def _settings_key(run: Run) -> str:
     """The settings that make runs comparable (everything but the seed and where things live), as text."""
-    s = {k: v for k, v in run.settings.items() if k not in NOT_SETTINGS}
-    s["engine"] = run.engine
-    return json.dumps(s, sort_keys=True)
+    return json.dumps(run.comparable_settings(), sort_keys=True)
 
 
 def epochs_frame(runs: list[Run]) -> pd.DataFrame:

@@ -50,9 +50,20 @@ def modules_table(summary: dict) -> str:
                  _mib(m["accounted_peak_bytes"])]
         if cuda:
             cells += [_mib(m.get("cuda_peak_active_bytes")), _mib(m.get("cuda_peak_reserved_bytes"))]
-        cells += [_num(m.get("mean_sigma")), _num(m.get("sigma_corrected")), _num(m.get("mean_cosine"))]
+        cells += [_num(m.get("mean_sigma")), _corrected(m), _num(m.get("mean_cosine"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _corrected(record: dict) -> str:
+    """The pooled corrected σ with its 95% interval, and a warning when the probe set is too small to tell."""
+    text = _num(record.get("sigma_corrected"))
+    interval = record.get("sigma_corrected_ci")
+    if interval:
+        text += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+    if record.get("sigma_too_noisy") and record.get("sigma_corrected") is not None:
+        text += " (too noisy: more --sigma-batches)"
+    return text
 
 
 def memory_table(summary: dict) -> str:
@@ -87,7 +98,7 @@ def markdown(config: dict, summary: dict) -> str:
             f"Training {summary['train_seconds']:.1f} s, {_num(summary.get('samples_per_s'), '{:.0f}')} samples/s "
             f"(the first {config.get('warmup_steps', 0)} steps of each epoch left out as warm-up, and the σ probes). "
             f"Network σ, mean over probes: {_num(summary.get('mean_sigma'))} "
-            f"(corrected for the probe's noise: {_num(summary.get('sigma_corrected'))}).",
+            f"(corrected for the probe's noise: {_corrected(summary)}).",
             "",
             "Partition (blocks per module): "
             + ", ".join(f"{k}: [{a}, {b})" for k, (a, b) in enumerate(config["partition"]))

@@ -97,9 +97,9 @@ def compute(rows: list[dict], status: str, epochs: int, error: str | None = None
             summary["modules"] = module_summary(done, probes)
         network = [p["sigma"] for p in probes if p["sigma"] is not None]
         summary["mean_sigma"] = sum(network) / len(network) if network else None
-        summary["sigma_corrected"] = pooled_corrected_sigma(
-            [[sum(col) for col in zip(*p["sums"])] for p in probes]
-        )
+        network_sums = [[sum(col) for col in zip(*p["sums"])] for p in probes]
+        summary["sigma_corrected"] = pooled_corrected_sigma(network_sums)
+        summary.update(_interval_fields([s[0] for s in network_sums], [s[2] for s in network_sums]))
     return summary
 
 
@@ -118,10 +118,17 @@ def module_summary(epochs: list[dict], probes: list[dict]) -> list[dict]:
         cosines = [p["modules"][k]["cosine"] for p in updated if p["modules"][k]["cosine"] is not None]
         record["mean_sigma"] = sum(sigmas) / len(sigmas) if sigmas else None
         record["sigma_corrected"] = pooled_corrected_sigma([p["sums"][k] for p in updated])
+        record.update(_interval_fields([p["sums"][k][0] for p in updated], [p["sums"][k][2] for p in updated]))
         record["mean_cosine"] = sum(cosines) / len(cosines) if cosines else None
         record["sigma_probes"] = len(sigmas)
         out.append(record)
     return out
+
+
+def _interval_fields(dots: list[float], crosses: list[float]) -> dict:
+    """``sigma_corrected_ci`` ([low, high], or None) and ``sigma_too_noisy`` for a summary record."""
+    interval = sigma_interval(dots, crosses)
+    return {"sigma_corrected_ci": list(interval) if interval else None, "sigma_too_noisy": too_noisy(interval)}
 
 
 def module_peak(per_epoch: list[dict]) -> dict:
@@ -175,3 +182,36 @@ def ratio(dot_sum: float, cross_sum: float, usable: int) -> float | None:
     noise swamps it and no ratio means anything.
     """
     return dot_sum / cross_sum if usable and cross_sum > 0 else None
+
+
+# How wide the 95% interval of the corrected σ may be before a run cannot tell σ = 1 (an exact gradient)
+# from σ = 0 (no descent): then the probe set is too small for this run, and the summary says so.
+TOO_NOISY_WIDTH = 1.0
+Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+
+
+def sigma_interval(dots: Iterable[float], crosses: Iterable[float]) -> tuple[float, float] | None:
+    """A 95% confidence interval of the pooled σ = Σ dot / Σ cross, over the probes that count.
+
+    The probes are treated as independent draws of (dot, cross) and the ratio
+    of their means by the delta method: its standard error is the sample
+    standard deviation of the residuals dot_i − σ·cross_i over √n, divided by
+    the mean cross term. None with fewer than two probes or no positive Σ cross.
+    """
+    pairs = [(d, c) for d, c in zip(dots, crosses) if counts(c)]
+    n = len(pairs)
+    if n < 2:
+        return None
+    centre = ratio(sum(d for d, _ in pairs), sum(c for _, c in pairs), n)
+    if centre is None:
+        return None
+    residuals = [d - centre * c for d, c in pairs]
+    mean_residual = sum(residuals) / n
+    spread = math.sqrt(sum((r - mean_residual) ** 2 for r in residuals) / (n - 1))
+    half = Z95 * spread / math.sqrt(n) / (sum(c for _, c in pairs) / n)
+    return centre - half, centre + half
+
+
+def too_noisy(interval: tuple[float, float] | None) -> bool:
+    """Whether the corrected σ's interval is missing or wider than TOO_NOISY_WIDTH: too few probe samples."""
+    return interval is None or interval[1] - interval[0] > TOO_NOISY_WIDTH

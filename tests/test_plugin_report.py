@@ -53,7 +53,7 @@ def methods_of(shown: pd.DataFrame) -> set[str]:
 
 
 def test_the_plugin_method_is_in_every_section(report):
-    assert [s.key for s in report.sections] == ["convergence", "memory", "generalization", "sigma", "speed"]
+    assert [s.key for s in report.sections] == ["verdict", "convergence", "memory", "generalization", "sigma", "speed"]
     for section in report.sections:
         assert section.items, f"section {section.key} is empty"
         assert any(PlugStage.name in item.runs for item in section.items), section.key
@@ -61,7 +61,7 @@ def test_the_plugin_method_is_in_every_section(report):
             if hasattr(item, "shown"):  # a table
                 assert methods_of(item.shown) >= {"bp", PlugStage.name}, (section.key, item.title)
     tabled = {s.key for s in report.sections if any(hasattr(i, "shown") for i in s.items)}
-    assert tabled == {"memory", "generalization", "sigma", "speed"}  # convergence has figures only
+    assert tabled == {"verdict", "memory", "generalization", "sigma", "speed"}  # convergence has figures only
     convergence = next(s for s in report.sections if s.key == "convergence")
     assert all(PlugStage.name in f.runs for f in convergence.items)
 

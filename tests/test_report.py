@@ -55,7 +55,7 @@ def test_report_writes_every_section_with_its_files(report):
     assert len(report.runs) == len(METHODS) * len(SEEDS) + 1
     assert report.warnings == []
     keys = [s.key for s in report.sections]
-    assert keys == ["convergence", "memory", "generalization", "sigma", "speed"]
+    assert keys == ["verdict", "convergence", "memory", "generalization", "sigma", "speed"]
     for section in report.sections:
         assert section.items, f"section {section.key} is empty"
         for item in section.items:
@@ -179,17 +179,25 @@ def test_unfinished_and_corrupt_runs_are_skipped_with_warnings(runs_root, tmp_pa
     assert len(with_unfinished.warnings) == 1
 
 
-def test_runs_differing_in_more_than_the_seed_are_flagged(runs_root, tmp_path):
-    from dbench.report.build import mixed_settings
-
+def test_runs_differing_in_more_than_the_seed_are_separate_rows_labelled_by_what_differs(runs_root, tmp_path):
+    """Issue 15: runs that differ in more than the seed are different experiments, never averaged."""
     for seed in SEEDS:
-        shutil.copytree(runs_root / f"bp-s{seed}", tmp_path / f"bp-s{seed}")
-    config = json.loads((tmp_path / "bp-s1" / "config.json").read_text())
+        shutil.copytree(runs_root / f"bp-s{seed}", tmp_path / "runs" / f"bp-s{seed}")
+    config = json.loads((tmp_path / "runs" / "bp-s1" / "config.json").read_text())
     config["run"]["lr"] = 0.1
-    (tmp_path / "bp-s1" / "config.json").write_text(json.dumps(config))
-    warnings = mixed_settings(results.runs_frame(results.load_runs([tmp_path]).runs))
-    assert warnings == ["runs of bp · mlp · synthetic · K=2 differ in lr: 0.05, 0.1; they are averaged together "
-                        "as seeds of one experiment (select them apart with filters or separate folders)"]
+    (tmp_path / "runs" / "bp-s1" / "config.json").write_text(json.dumps(config))
+    report = build_report([tmp_path / "runs"], tmp_path / "out")
+    assert not [w for w in report.warnings if "averaged" in w]
+    table = pd.read_csv(tmp_path / "out" / "generalization" / "generalization.csv")
+    assert sorted(table["method"]) == ["bp (lr=0.05)", "bp (lr=0.1)"]
+    assert set(table["seeds"]) == {1}
+
+
+def test_engine_and_epochs_filters(runs_root):
+    runs = results.load_runs([runs_root]).runs
+    assert results.select(runs, engines=["distributed"]) == []
+    assert len(results.select(runs, engines=["local"], epochs=[2])) == len(runs)
+    assert results.select(runs, epochs=[1]) == []
 
 
 def test_no_runs_is_a_clear_error(tmp_path):

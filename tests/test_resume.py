@@ -9,7 +9,8 @@ from dbench import run as runner
 from dbench.config import RunConfig
 from dbench.errors import DbenchError
 
-TIMING = {"train_seconds", "eval_seconds", "epoch_seconds", "samples_per_s"}
+# measurements of the machine, not of the run: they differ between any two runs
+TIMING = {"train_seconds", "eval_seconds", "epoch_seconds", "samples_per_s", "load_avg_1m"}
 
 
 def numbers(path):

@@ -13,7 +13,7 @@ EXACT, DELAYED = "exact gradient", "delayed gradient"
 
 def row(method, k, engine, seconds, ideal, family=EXACT, reference=False, seed=0, batch=128):
     return {"model": "resnet20", "dataset": "synthetic", "k": k, "engine": engine, "batch_size": batch,
-            "label": method, "method": method, "seed": seed, "seconds_per_epoch": seconds,
+            "label": method, "method_label": method, "method": method, "seed": seed, "seconds_per_epoch": seconds,
             "samples_per_s": 1000.0 / seconds, "table_order": 0.0, "reference": reference, "family": family,
             "ideal_speedup": ideal}
 
@@ -63,3 +63,14 @@ def test_without_the_one_device_run_the_fastest_on_the_same_k_counts():
     assert fr["fastest_exact"] == "gpipe (K=2)"  # model-parallel BP (40 s) is never the exact baseline
     assert fr["speedup_vs_exact"] == pytest.approx(28 / 32)
     assert fr["ideal_vs_exact"] == pytest.approx(1.5 / (16 / 9))
+
+
+def test_runs_timed_under_very_different_load_are_flagged():
+    from dbench.report.speed import load_warnings
+
+    runs = table().assign(run=[f"r{i}" for i in range(len(table()))], load_avg=2.0, cpu_count=2)
+    assert load_warnings(runs, summarize(runs)) == []
+    runs.loc[runs["label"] == "ddg", "load_avg"] = 3.5  # another job shared the machine while ddg ran
+    warnings = load_warnings(runs, summarize(runs))
+    assert len(warnings) == 1 and "resnet20 · synthetic · 128" in warnings[0]
+    assert "2.0 to 3.5 on 2 cores" in warnings[0]

@@ -12,6 +12,7 @@ import pytest
 from dbench import check as checker
 from dbench import suites
 from dbench.errors import DbenchError
+from dbench.registry import METHODS
 from dbench.run import RunInterrupted
 
 DBENCH = str(Path(sys.executable).parent / "dbench")
@@ -43,7 +44,14 @@ def test_the_repository_suites_are_valid():
     found = suites.load_all(REPO / "bench.toml")
     assert {"smoke", "paper-cifar10", "paper-cifar100", "speed"} <= set(found)
     smoke = found["smoke"]
-    assert sorted(r.config.method for r in smoke.runs) == sorted(["bp", "fr", "ddg", "dni", "cdni", "dfa", "bdfa"])
+    # every registered method, the exact-gradient baselines included, is in CI's regression check
+    assert sorted(r.config.method for r in smoke.runs) == sorted(METHODS.names())
+    for name, k in (("honest-speed", 2), ("honest-speed-gpu", 4)):
+        honest = found[name]
+        assert sorted({r.config.method for r in honest.runs}) == sorted(METHODS.names())  # every method and baseline
+        assert {r.config.gpus for r in honest.runs if r.config.method != "bp"} == {k}
+        assert sorted(r.config.gpus for r in honest.runs if r.config.method == "bp") == [1, k]  # one device, and K
+        assert len({(r.config.model, r.config.batch_size, r.config.epochs) for r in honest.runs}) == 1  # same work
     paper = found["paper-cifar10"]
     assert {(r.config.model, r.config.gpus) for r in paper.runs} >= {("resnet56", 2), ("resnet110", 4), ("resnet164", 4)}
     assert all(r.config.epochs == 300 and r.config.milestones == [150, 225] for r in paper.runs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -141,3 +142,19 @@ def test_summary_and_results_do_not_import_torch():
     code = "import dbench.summary, dbench.results, sys; assert 'torch' not in sys.modules, 'torch was imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_sigma_interval_by_the_delta_method_and_the_too_noisy_flag():
+    from dbench import summary
+
+    dots, crosses = [1.0, 3.0, 2.0, 2.0], [2.0, 2.0, 1.0, 3.0]
+    low, high = summary.sigma_interval(dots, crosses)
+    centre = 8.0 / 8.0
+    residuals = [d - centre * c for d, c in zip(dots, crosses)]  # -1, 1, 1, -1: mean 0, sample std sqrt(4/3)
+    half = 1.959964 * math.sqrt(4 / 3) / math.sqrt(4) / (8.0 / 4)
+    assert (low, high) == pytest.approx((centre - half, centre + half))
+    assert summary.too_noisy((low, high)) == (2 * half > 1.0)
+    assert summary.sigma_interval([1.0], [1.0]) is None and summary.too_noisy(None)  # one probe: no interval
+    assert summary.sigma_interval([1.0, 2.0], [-1.0, 0.5]) is None  # Σ cross <= 0: no ratio at all
+    tight = summary.sigma_interval([1.0, 1.01, 0.99, 1.0], [1.0] * 4)
+    assert not summary.too_noisy(tight) and tight[0] < 1.0 < tight[1]

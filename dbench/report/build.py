@@ -11,10 +11,11 @@ import pandas as pd
 
 from dbench import results
 from dbench.errors import DbenchError
-from dbench.report import convergence, generalization, index, memory, sigma, speed
+from dbench.report import convergence, generalization, index, memory, sigma, speed, verdict
 from dbench.report.section import ReportData, Section
 
-SECTIONS = (convergence, memory, generalization, sigma, speed)  # the order of the index
+# The order of the index: the verdict first, as it answers the question the other sections detail.
+SECTIONS = (verdict, convergence, memory, generalization, sigma, speed)
 
 
 @dataclass
@@ -29,15 +30,55 @@ class Report:
 
 def build_report(paths: Iterable[Path | str], out: Path | str, *, methods: Iterable[str] = (),
                  models: Iterable[str] = (), datasets: Iterable[str] = (), ks: Iterable[int] = (),
-                 include_unfinished: bool = False, warn: Callable[[str], None] | None = None) -> Report:
+                 engines: Iterable[str] = (), epochs: Iterable[int] = (),
+                 include_unfinished: bool = False, target_acc: float | None = None,
+                 warn: Callable[[str], None] | None = None) -> Report:
     """Write the report of the runs under ``paths`` into ``out``.
 
-    ``warn`` is called with each warning (a run left out, runs averaged although
-    their settings differ) as soon as it is known, so a caller can show them
-    even when no run is left and this raises DbenchError.
+    ``target_acc`` is the test accuracy the verdict's time to accuracy is measured to (default: 99% of
+    model-parallel BP's mean best accuracy in each comparison). ``warn`` is called with each warning (a run
+    left out, runs averaged although their settings differ) as soon as it is known, so a caller can show
+    them even when no run is left and this raises DbenchError.
     """
-    paths, out = [Path(p) for p in paths], Path(out)
-    filters = {"method": list(methods), "model": list(models), "dataset": list(datasets), "k": list(ks)}
+    verdict.check_target(target_acc)  # before anything is read or written
+    out = Path(out)
+    chosen = select_runs(paths, methods=methods, models=models, datasets=datasets, ks=ks, engines=engines,
+                         epochs=epochs, include_unfinished=include_unfinished, warn=warn)
+    if out.exists() and not out.is_dir():
+        raise DbenchError(f"--out {out} is a file: give a folder for the report")
+    out.mkdir(parents=True, exist_ok=True)
+    # the verdict alone takes an option; every other section is built from the runs alone
+    options = {verdict: {"target_acc": target_acc}}
+    sections = [module.build(chosen.data, out, **options.get(module, {})) for module in SECTIONS]
+    sources = (f"{len(chosen.data.runs)} run(s) from {', '.join(str(p) for p in chosen.paths)}"
+               + (f", selected by {chosen.filters}" if chosen.filters else "")
+               + f"; written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
+    md, page = index.write(out, "dbench report", sources, sections, chosen.data, chosen.warnings)
+    return Report(out=out, index_md=md, index_html=page, runs=chosen.data.runs, sections=sections,
+                  warnings=chosen.warnings)
+
+
+@dataclass
+class Chosen:
+    """The runs a report or `dbench compare` shows, read into tables, and what was said about them."""
+
+    paths: list[Path]
+    data: ReportData
+    warnings: list[str]
+    filters: str  # the filters as the command line spells them ("" for none)
+
+
+def select_runs(paths: Iterable[Path | str], *, methods: Iterable[str] = (), models: Iterable[str] = (),
+                datasets: Iterable[str] = (), ks: Iterable[int] = (), engines: Iterable[str] = (),
+                epochs: Iterable[int] = (), include_unfinished: bool = False,
+                warn: Callable[[str], None] | None = None) -> Chosen:
+    """Read the runs under ``paths`` and keep those the filters select; DbenchError (saying why) if none is left.
+
+    ``warn`` is called with each warning as soon as it is known (see build_report).
+    """
+    paths = [Path(p) for p in paths]
+    filters = {"method": list(methods), "model": list(models), "dataset": list(datasets), "k": list(ks),
+               "engine": list(engines), "epochs": list(epochs)}
     warnings: list[str] = []
 
     def note(message: str) -> None:
@@ -49,22 +90,14 @@ def build_report(paths: Iterable[Path | str], out: Path | str, *, methods: Itera
     for message in loaded.warnings:
         note(message)
     runs = results.select(loaded.runs, methods=filters["method"], models=filters["model"],
-                          datasets=filters["dataset"], ks=filters["k"])
+                          datasets=filters["dataset"], ks=filters["k"], engines=filters["engine"],
+                          epochs=filters["epochs"])
     if not runs:
         raise DbenchError(_why_no_runs(paths, loaded, filters))
     data = ReportData.of(runs)
     for message in mixed_settings(data.table):
         note(message)
-    if out.exists() and not out.is_dir():
-        raise DbenchError(f"--out {out} is a file: give a folder for the report")
-    out.mkdir(parents=True, exist_ok=True)
-    sections = [module.build(data, out) for module in SECTIONS]
-    chosen = _filters_text(filters)
-    sources = (f"{len(runs)} run(s) from {', '.join(str(p) for p in paths)}"
-               + (f", selected by {chosen}" if chosen else "")
-               + f"; written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
-    md, page = index.write(out, "dbench report", sources, sections, data, warnings)
-    return Report(out=out, index_md=md, index_html=page, runs=runs, sections=sections, warnings=warnings)
+    return Chosen(paths=paths, data=data, warnings=warnings, filters=_filters_text(filters))
 
 
 def _why_no_runs(paths: list[Path], loaded: results.Loaded, filters: dict) -> str:
@@ -77,7 +110,7 @@ def _why_no_runs(paths: list[Path], loaded: results.Loaded, filters: dict) -> st
     table = results.runs_frame(loaded.runs)
     have = "; ".join(f"{name} {', '.join(str(v) for v in sorted(set(table[col])))}"
                      for name, col in (("methods", "method"), ("models", "model"), ("data sets", "dataset"),
-                                       ("K", "k")))
+                                       ("K", "k"), ("engines", "engine"), ("epochs", "epochs")))
     return f"no run under {where} matches {_filters_text(filters)}; the {len(loaded.runs)} usable runs have {have}"
 
 

@@ -61,6 +61,8 @@ def _figure(group, model, dataset, k, data: ReportData, out: Path) -> figures.Fi
                         ax.set_xlabel(xlabel)
                     if col == 0:
                         ax.set_ylabel(ylabel)
+        for ax in axes[:, 1]:
+            ax.set_xlim(left=0)  # training time starts at 0, not at the end of the first epoch
         if group["epoch"].max() <= 20:  # few epochs: whole-number ticks, not 1.5, 2.5
             for ax in axes[:, 0]:
                 ax.xaxis.get_major_locator().set_params(integer=True)

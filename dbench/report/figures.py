@@ -44,7 +44,8 @@ def order_labels(labels, table_order: Mapping[str, float]) -> list[str]:
     the methods, not from a list of names.
     """
     def key(label: str):
-        method = label.split("[", 1)[0]  # a label is the method, then its options in brackets (results.Run.label)
+        # a label is the method, then its options in brackets and its distinguishing settings (results.Run.label)
+        method = label.split("[", 1)[0].split(" (", 1)[0]
         return table_order.get(label, UNKNOWN_ORDER), method, label
     return sorted(set(labels), key=key)
 

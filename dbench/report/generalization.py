@@ -50,11 +50,17 @@ def build(data: ReportData, out: Path) -> Section:
         rows.append({"model": model, "data set": dataset, "K": k, **{m: cells.get(m, tables.DASH) for m in methods}})
     shown = pd.DataFrame(rows)
     counts = sorted(set(numbers["runs"]))
-    over = f"{counts[0]} seed{'s' if counts[0] > 1 else ''}" if len(counts) == 1 else "the seeds of each cell (generalization.csv)"
+    if counts == [1]:  # a standard deviation over one seed does not exist: say so rather than "± over 1 seed"
+        spread = "One run per cell, so no spread is shown: run more seeds for a standard deviation"
+    elif len(counts) == 1:
+        spread = f"Mean ± sample standard deviation over {counts[0]} seeds"
+    else:
+        spread = (f"Mean ± sample standard deviation over the seeds of each cell ({', '.join(map(str, counts))}; "
+                  "see the runs column of generalization.csv); a cell of one run has no spread")
     section.items.append(tables.write(
         out, "generalization/generalization", title="Best test error (%)", shown=shown, numbers=numbers,
         runs=data.table["run"],
-        caption=f"Mean ± sample standard deviation over {over}; bold: lowest mean in the row; "
-                f"{tables.DASH}: no run. Each run's best epoch, as in the FR paper's Table 2.",
+        caption=f"{spread}; bold: lowest mean in the row; {tables.DASH}: no run. Each run's best epoch, as in the "
+                "FR paper's Table 2.",
     ))
     return section

@@ -96,6 +96,8 @@ def _stacked_bars(group, categories, data: ReportData, out, stem, title, runs) -
     with theme():
         labels_of = {k: data.order_labels(group.loc[group["k"] == k, "label"]) for k in group["k"].unique()}
         fig, ks, axes = _panels(group, 3.0, 0.45, lambda k: (k + 1) * len(labels_of[k]))
+        shown_max: dict[str, float] = {}  # category -> its largest segment over every panel (MiB)
+        tallest = 0.0
         for ax, k in zip(axes, ks):
             at_k = group[group["k"] == k]
             positions, ticks, centers = [], [], []
@@ -106,14 +108,19 @@ def _stacked_bars(group, categories, data: ReportData, out, stem, title, runs) -
                     positions.append((label, m, start + m))
                     ticks.append(start + m)
             bottom = np.zeros(len(positions))
+            drawn = {}  # category -> its largest segment (MiB) in this panel
             for category in categories:
                 heights = np.array([_value(at_k, label, m, results.BYTES_PREFIX + category) / MIB
                                     for label, m, _ in positions])
+                drawn_max = float(heights.max()) if len(heights) else 0.0
+                shown_max[category] = max(shown_max.get(category, 0.0), drawn_max)
                 if not heights.any():
                     continue
                 ax.bar([p for _, _, p in positions], heights, bottom=bottom, width=0.85,
                        color=colors[category], label=category.replace("_", " "))
+                drawn[category] = drawn_max
                 bottom += heights
+            tallest = max(tallest, float(bottom.max()) if len(bottom) else 0.0)
             ax.set_xticks(ticks, labels=[str(m) for _, m, _ in positions])
             methods = ax.secondary_xaxis("bottom")
             methods.set_xticks(centers, labels=labels_of[k])
@@ -123,18 +130,34 @@ def _stacked_bars(group, categories, data: ReportData, out, stem, title, runs) -
             methods.spines["bottom"].set_visible(False)
             ax.set_ylabel("MiB")
             ax.set_title(f"K={k}  (bars: module 0 … {k - 1} of each method)", loc="left", fontsize="medium")
-            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+            # the legend names what can be seen: a category under VISIBLE of the tallest bar is a sliver
+            handles, names = ax.get_legend_handles_labels()
+            visible = {c.replace("_", " ") for c, top in drawn.items() if top >= VISIBLE * float(bottom.max())}
+            keep = [(h, n) for h, n in zip(handles, names) if n in visible]
+            ax.legend([h for h, _ in keep], [n for _, n in keep], loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.suptitle(title)
-        return save(fig, out, stem, title=title, runs=runs, caption=_breakdown_caption(categories))
+        return save(fig, out, stem, title=title, runs=runs, caption=_breakdown_caption(categories, shown_max, tallest))
 
 
-def _breakdown_caption(categories: list[str]) -> str:
-    """Says which of the figure's categories are the framework's and which are the methods' own state."""
-    own = [c.replace("_", " ") for c in categories if c not in CATEGORY_ORDER]
-    caption = "Each bar is one module at its peak, stacked by what the bytes hold (mean over seeds)."
+VISIBLE = 0.01  # a category's largest segment must reach 1% of the tallest bar to be named in the legend
+
+
+def _breakdown_caption(categories: list[str], largest: dict[str, float], tallest: float) -> str:
+    """What the bars hold: the methods' own state named, and every category the legend leaves out, with why."""
+    own = [c.replace("_", " ") for c in categories if c not in CATEGORY_ORDER and largest.get(c, 0) > 0]
+    caption = "Each bar is one module at its peak, stacked by what the bytes hold then (mean over seeds)."
     if own:
         caption += (f" {', '.join(own)}: state the methods keep beyond the framework's own "
                     "(what each method's Stage.held_tensors names).")
+    small = [c.replace("_", " ") for c in categories if 0 < largest.get(c, 0) < VISIBLE * tallest]
+    if small:
+        caption += (f" Too small to see (under {VISIBLE:.0%} of the tallest bar; their bytes are in memory.csv): "
+                    f"{', '.join(small)}.")
+    zero = [c.replace("_", " ") for c in categories if largest.get(c, 0) == 0]
+    if zero:
+        caption += (f" Zero at every module's peak moment: {', '.join(zero)}"
+                    + (" (the peak comes as a backward starts, when the last update has freed the gradients)"
+                       if "gradients" in zero else "") + ".")
     return caption
 
 

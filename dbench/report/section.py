@@ -24,6 +24,7 @@ class ReportData:
 
     @classmethod
     def of(cls, runs: list[results.Run]) -> "ReportData":
+        results.distinguish(runs)  # runs that differ in more than the seed get labels that say how
         table = results.runs_frame(runs)
         table_order = dict(zip(table["label"], table["table_order"]))
         return cls(runs=runs, table=table, epochs=results.epochs_frame(runs), modules=results.modules_frame(runs),

@@ -22,6 +22,7 @@ from dbench.report.figures import new_figure, save, theme
 from dbench.report.section import ReportData, Section
 
 NETWORK = "network"
+COLUMNS = 3  # methods per row of the σ figure
 Y_RANGE = (-1.0, 3.0)  # σ axes show this range when values stray far outside it (σ of BP is 1)
 
 
@@ -63,7 +64,7 @@ def build(data: ReportData, out: Path) -> Section:
     by_epoch = per_run(probes, ["epoch"])
     for (model, dataset, k), group in by_epoch.groupby(["model", "dataset", "k"], sort=True):
         section.items.append(_figure(group, model, dataset, k, data, out))
-    section.items.append(_table(per_run(probes, []), data, out))
+    section.items.append(_table(per_run(probes, []), probes, data, out))
     return section
 
 
@@ -76,14 +77,22 @@ def _figure(group: pd.DataFrame, model, dataset, k, data: ReportData, out: Path)
     module_colors = dict(zip(range(k), sns.color_palette("crest", n_colors=k)))
     rows = (("sigma", "σ"), ("sigma_corrected", "σ corrected"))
     clipped = False
+    # Methods wrap into a grid of at most COLUMNS: each method is a column of two panels (σ above, corrected σ
+    # below), so a report of many methods stays legible at a page's width.
+    columns = min(len(labels), COLUMNS)
+    blocks = -(-len(labels) // columns)
     with theme():
-        fig = new_figure(max(6.0, 2.9 * len(labels) + 1.0), 5.8)
-        axes = fig.subplots(2, len(labels), squeeze=False, sharex=True, sharey="row")
+        fig = new_figure(max(6.0, 2.9 * columns + 1.0), 5.0 * blocks + 0.8)
+        axes = fig.subplots(2 * blocks, columns, squeeze=False, sharex=True)
         for row, (column, ylabel) in enumerate(rows):
-            drawn = []  # (axes, epochs, values, colour) of every line in this row
-            for col, label in enumerate(labels):
+            first = axes[row][0]  # every panel of this kind shares its y axis with the first one
+            drawn = []  # (axes, epochs, values, colour) of every line of this kind
+            for i, label in enumerate(labels):
+                block, col = divmod(i, columns)
+                ax = axes[2 * block + row][col]
+                if ax is not first:
+                    ax.sharey(first)
                 at = mean[mean["label"] == label]
-                ax = axes[row][col]
                 ax.axhline(1.0, color="0.45", linestyle=":", linewidth=1)
                 ax.axhline(0.0, color="0.3", linewidth=0.8)
                 for part, color, style in [*((f"module {m}", module_colors[m], "-") for m in range(k)),
@@ -95,12 +104,17 @@ def _figure(group: pd.DataFrame, model, dataset, k, data: ReportData, out: Path)
                         drawn.append((ax, line["epoch"], line[column], color))
                 if row == 0:
                     ax.set_title(label)
-                if row == len(rows) - 1:
+                if row == 1:
                     ax.set_xlabel("epoch")
+                    ax.xaxis.set_tick_params(labelbottom=True)
                 if col == 0:
                     ax.set_ylabel(ylabel)
                 ax.xaxis.get_major_locator().set_params(integer=True)
-            clipped |= _clip_row(axes[row][0], drawn)
+            clipped |= _clip_row(first, drawn)
+        for i in range(len(labels), blocks * columns):  # the grid's empty cells
+            block, col = divmod(i, columns)
+            axes[2 * block][col].set_visible(False)
+            axes[2 * block + 1][col].set_visible(False)
         handles, names = [], []
         for ax in axes.flat:  # every module and the network, once, whichever panel drew them
             for h, n in zip(*ax.get_legend_handles_labels()):
@@ -138,11 +152,20 @@ def _clip_row(ax, drawn) -> bool:
     return True
 
 
-def _table(runs: pd.DataFrame, data: ReportData, out: Path) -> tables.Table:
-    numbers = runs.groupby(["model", "dataset", "k", "label", "part"], sort=True).agg(
+def _table(runs: pd.DataFrame, probes: pd.DataFrame, data: ReportData, out: Path) -> tables.Table:
+    keys = ["model", "dataset", "k", "label", "part"]
+    numbers = runs.groupby(keys, sort=True).agg(
         seeds=("seed", "nunique"), probes=("probes", "sum"), mean_sigma=("sigma", "mean"),
         sigma_corrected=("sigma_corrected", "mean"), mean_cosine=("cosine", "mean"),
-    ).reset_index().rename(columns={"label": "method"})
+    ).reset_index()
+    # the 95% interval of the corrected σ pooled over every probe of every seed (dbench.summary.sigma_interval)
+    intervals = {key: summary.sigma_interval(group["dot"].dropna(), group["cross"][group["dot"].notna()])
+                 for key, group in probes.groupby(keys, sort=True)}
+    found = [intervals.get(tuple(r)) for r in numbers[keys].itertuples(index=False)]
+    numbers["ci_low"] = [i[0] if i else float("nan") for i in found]
+    numbers["ci_high"] = [i[1] if i else float("nan") for i in found]
+    numbers["too_noisy"] = [summary.too_noisy(i) for i in found]
+    numbers = numbers.rename(columns={"label": "method"})
     order = data.label_rank(numbers["method"])
     numbers = numbers.assign(_o=numbers["method"].map(order), _p=numbers["part"].eq(NETWORK)).sort_values(
         ["model", "dataset", "k", "_o", "_p", "part"]).drop(columns=["_o", "_p"])
@@ -150,9 +173,16 @@ def _table(runs: pd.DataFrame, data: ReportData, out: Path) -> tables.Table:
         "model": numbers["model"], "data set": numbers["dataset"], "K": numbers["k"], "method": numbers["method"],
         "part": numbers["part"], "mean σ": numbers["mean_sigma"].map(lambda v: tables.num(v, 3)),
         "σ corrected": numbers["sigma_corrected"].map(lambda v: tables.num(v, 3)),
+        "95% interval": [f"[{tables.num(lo)}, {tables.num(hi)}]" + (" too noisy" if noisy else "")
+                         if pd.notna(lo) else tables.DASH
+                         for lo, hi, noisy in zip(numbers["ci_low"], numbers["ci_high"], numbers["too_noisy"])],
         "mean cos": numbers["mean_cosine"].map(lambda v: tables.num(v, 3)), "probes": numbers["probes"],
     })
     return tables.write(out, "sigma/sigma", title="σ per module, whole run", shown=shown, numbers=numbers,
                         runs=runs["run"],
                         caption="mean σ and mean cos: over the run's probes; σ corrected: pooled over them "
-                                "(Σ<∇f,g> / Σ<∇_A,∇_B>); each then averaged over seeds. probes: σ values, all seeds.")
+                                "(Σ<∇f,g> / Σ<∇_A,∇_B>); each then averaged over seeds. probes: σ values, all seeds. "
+                                "95% interval: of the corrected σ pooled over every probe of every seed, by the "
+                                "delta method over probes; 'too noisy' where it is wider than "
+                                f"{summary.TOO_NOISY_WIDTH:g} (it cannot tell an exact gradient, 1, from no "
+                                "descent, 0): measure with more --sigma-batches or more probes.")

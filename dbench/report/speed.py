@@ -46,7 +46,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     Rows that are not parallel measurements (the local engine at K > 1) get no speedup (NaN) and
     ``parallel`` False.
     """
-    means = table.groupby([*GROUP, "label", "method"], sort=True).agg(
+    means = table.groupby([*GROUP, "label", "method_label", "method"], sort=True).agg(
         seeds=("seed", "nunique"), seconds_per_epoch=("seconds_per_epoch", "mean"),
         samples_per_s=("samples_per_s", "mean"), table_order=("table_order", "first"),
         reference=("reference", "first"), family=("family", "first"),
@@ -68,7 +68,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
                                else float("nan") for f, r in zip(fastest, means.itertuples())]
     for column in ("speedup_epoch_time", "speedup_samples_per_s", "speedup_vs_exact"):
         means[column] = means[column].where(means["parallel"])
-    return means.drop(columns=["method", "table_order", "reference"]).rename(columns={"label": "method"})
+    return means.drop(columns=["method", "method_label", "table_order", "reference"]).rename(
+        columns={"label": "method"})
 
 
 def fastest_exact(means: pd.DataFrame, row) -> object | None:
@@ -92,7 +93,8 @@ def baselines(means: pd.DataFrame) -> pd.DataFrame:
     """Per group, the row of its reference method: of several such labels, the one run with the method's
     default options (then the first in table order)."""
     ref = means[means["reference"].astype(bool)]
-    ref = ref.assign(_options=ref["label"] != ref["method"]).sort_values([*GROUP, "_options", "table_order", "label"])
+    ref = ref.assign(_options=ref["method_label"] != ref["method"]).sort_values(
+        [*GROUP, "_options", "table_order", "label"])
     return ref.drop_duplicates(GROUP).set_index(GROUP)
 
 
@@ -100,6 +102,37 @@ def reference_name(numbers: pd.DataFrame) -> str:
     """The baseline's label when every group has the same one, else a generic name."""
     names = set(numbers["baseline"].dropna())
     return names.pop() if len(names) == 1 and numbers["baseline"].notna().all() else REFERENCE
+
+
+LOAD_GAP = 0.5  # of the machine's cores: runs whose load averages differ by more were not timed alike
+
+
+def load_warnings(table: pd.DataFrame, numbers: pd.DataFrame) -> list[str]:
+    """A warning for each comparison whose runs ran under very different machine load.
+
+    The load is the 1-minute load average at each epoch's end, the run's own
+    processes included, averaged over its epochs; runs of one comparison
+    (model, data set, batch size: every K, as the exact baselines span them)
+    whose loads differ by more than LOAD_GAP of the cores shared the machine
+    with other work unequally, and their speed ratios mix that in.
+    """
+    if "load_avg" not in table.columns:
+        return []
+    out = []
+    parallel = table[(table["engine"] != "local") | (table["k"] == 1)]
+    for keys, group in parallel.groupby(SAME_DEVICES, sort=True):
+        loads = group.dropna(subset=["load_avg"])
+        if len(loads) < 2:
+            continue
+        cores = loads["cpu_count"].dropna().max()
+        low, high = loads["load_avg"].min(), loads["load_avg"].max()
+        if pd.notna(cores) and high - low > LOAD_GAP * cores:
+            busiest = loads.loc[loads["load_avg"].idxmax(), "run"]
+            out.append(f"{' · '.join(map(str, keys))}: the runs compared ran under very different machine load "
+                       f"(1-minute load average {low:.1f} to {high:.1f} on {int(cores)} cores; highest: {busiest}): "
+                       "their speed ratios mix the methods with the machine's other work. Rerun them on an idle "
+                       "machine, interleaved (benchmarks/speedup.py).")
+    return out
 
 
 def _ratio(value, parallel: bool, digits: int = 2) -> str:
@@ -140,6 +173,7 @@ def build(data: ReportData, out: Path) -> Section:
         notes.append(f"Where no exact-gradient baseline was measured on the same devices, × fastest exact is "
                      f"{tables.DASH}: run bp with --gpus 1, and ddp, gpipe or 1f1b at the same K "
                      f"(suite honest-speed).")
+    notes.extend(load_warnings(data.table, numbers))
     section.notes.extend(notes)
     section.items.append(tables.write(
         out, "speed/speed", title=f"Seconds per epoch, speedup over {reference} and over the fastest exact baseline",
