@@ -294,3 +294,17 @@ def test_cli_end_to_end(runs_root, tmp_path):
     failed = subprocess.run([DBENCH, "report", str(tmp_path / "nothing-here")], capture_output=True, text=True, timeout=60)
     assert failed.returncode == 2
     assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+
+
+def test_an_undefined_corrected_sigma_is_marked_not_left_as_a_gap(runs_root, tmp_path):
+    """Probes whose cross terms sum to <= 0 cannot define the corrected σ: the figure says so."""
+    from dbench.report import sigma
+    from dbench.report.section import ReportData
+
+    data = ReportData.of(results.select(results.load_runs([runs_root]).runs, methods=["bp"]))
+    data.probes["cross"] = -1.0  # as if the probe set's noise swamped the gradient at every probe
+    section = sigma.build(data, tmp_path)
+    figure = next(i for i in section.items if hasattr(i, "png"))
+    assert "×: an epoch whose probes could not estimate" in figure.caption
+    table = pd.read_csv(tmp_path / "sigma" / "sigma.csv")
+    assert table["sigma_corrected"].isna().all() and table["too_noisy"].all()

@@ -84,6 +84,7 @@ def _figure(group: pd.DataFrame, model, dataset, k, data: ReportData, out: Path)
     with theme():
         fig = new_figure(max(6.0, 2.9 * columns + 1.0), 5.0 * blocks + 0.8)
         axes = fig.subplots(2 * blocks, columns, squeeze=False, sharex=True)
+        undefined_marks: list = []  # (axes, epoch, colour) of corrected σ that the probes cannot define
         for row, (column, ylabel) in enumerate(rows):
             first = axes[row][0]  # every panel of this kind shares its y axis with the first one
             drawn = []  # (axes, epochs, values, colour) of every line of this kind
@@ -102,6 +103,11 @@ def _figure(group: pd.DataFrame, model, dataset, k, data: ReportData, out: Path)
                         ax.plot(line["epoch"], line[column], marker="o" if style == "-" else "s", markersize=3.5,
                                 color=color, linestyle=style, linewidth=1.5 if style == "-" else 1.2, label=part)
                         drawn.append((ax, line["epoch"], line[column], color))
+                    if column == "sigma_corrected":
+                        # an epoch whose probes were taken but cannot estimate ||∇f||² (Σ<∇_A,∇_B> <= 0) is
+                        # marked, not left as a silent gap
+                        undefined = line[line["usable"].gt(0) & line[column].isna()]
+                        undefined_marks.extend((ax, e, color) for e in undefined["epoch"])
                 if row == 0:
                     ax.set_title(label)
                 if row == 1:
@@ -111,6 +117,9 @@ def _figure(group: pd.DataFrame, model, dataset, k, data: ReportData, out: Path)
                     ax.set_ylabel(ylabel)
                 ax.xaxis.get_major_locator().set_params(integer=True)
             clipped |= _clip_row(first, drawn)
+        low = axes[1][0].get_ylim()[0]
+        for ax, epoch, color in undefined_marks:
+            ax.scatter([epoch], [low], marker="x", s=50, color=color, clip_on=False, zorder=4)
         for i in range(len(labels), blocks * columns):  # the grid's empty cells
             block, col = divmod(i, columns)
             axes[2 * block][col].set_visible(False)
@@ -129,6 +138,9 @@ def _figure(group: pd.DataFrame, model, dataset, k, data: ReportData, out: Path)
                    "all seeds. Dotted: 1 (BP's expectation); a module in its warm-up has no σ yet.")
         if clipped:
             caption += f" Values outside [{Y_RANGE[0]}, {Y_RANGE[1]}] are drawn as triangles on the edge (see sigma.csv)."
+        if undefined_marks:
+            caption += (" ×: an epoch whose probes could not estimate ||∇f||² (Σ<∇_A,∇_B> ≤ 0, the probe set's noise "
+                        "swamps the gradient): its corrected σ is undefined; use more --sigma-batches.")
         return save(fig, out, "sigma/" + figures.file_stem(model, dataset, f"k{k}"),
                     title=f"σ per module over epochs: {model}, {dataset}, K={k}", runs=group["run"], caption=caption)
 
