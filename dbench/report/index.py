@@ -104,7 +104,7 @@ STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1, h2, h3 { font-weight: 600; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 img { max-width: 100%; border: 1px solid #eee; }
-table { border-collapse: collapse; font-size: 90%; margin: .5em 0; }
+.scroll { overflow-x: auto; } table { border-collapse: collapse; font-size: 82%; margin: .5em 0; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 .caption, .runs, .files { color: #555; font-size: 90%; } .note { background: #fff8e0; padding: .5em 1em; }
@@ -127,7 +127,8 @@ def _html_table(frame: pd.DataFrame) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in frame.columns)
     body = "".join("<tr>" + "".join(f"<td>{_html_cell(v)}</td>" for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # a wide table (the verdict's) scrolls inside its own box rather than widening the whole page
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _html_runs(names: list[str]) -> str:

@@ -167,7 +167,9 @@ def _value(frame, label, module, column) -> float:
 
 
 def _table(mean: pd.DataFrame, categories: list[str], cuda: list[str], data: ReportData, out: Path) -> tables.Table:
-    used = [c for c in categories if mean[results.BYTES_PREFIX + c].any()]
+    # the framework's own categories always get a column (a 0 is a finding: e.g. no gradient is held at the
+    # peak); a method's own category only where some run holds it
+    used = [c for c in categories if c in CATEGORY_ORDER or mean[results.BYTES_PREFIX + c].any()]
     numbers = mean[["model", "dataset", "k", "label", "module", "seeds"]].rename(columns={"label": "method"})
     numbers["peak_mib"] = mean["accounted_peak_bytes"] / MIB
     for c in used:
