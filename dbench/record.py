@@ -90,6 +90,35 @@ class RunDir:
             raise DbenchError(f"cannot resume {path}: no {CONFIG} there (not a dbench run directory)")
         return run
 
+    @staticmethod
+    @contextlib.contextmanager
+    def claim(path: Path):
+        """Hold the name ``path`` for a run this process is about to create: a second ``dbench run`` with the
+        same ``--out`` is refused at once instead of after its whole set-up.
+
+        The claim is an flock on a hidden file beside ``path`` (the OS drops it if the process dies); the
+        file is removed when the claim ends.
+        """
+        path = Path(path)
+        made = [p for p in reversed(path.parents) if not p.exists()]  # folders this claim creates
+        path.parent.mkdir(parents=True, exist_ok=True)
+        marker = path.parent / f".{path.name}.claim"
+        try:
+            with open(marker, "a+b") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise DbenchError(f"another dbench run is already creating {path}: choose another --out") from None
+                try:
+                    yield
+                finally:
+                    marker.unlink(missing_ok=True)
+        finally:
+            if not path.exists():  # nothing was created: leave no empty folder behind either
+                for folder in reversed(made):
+                    if folder.exists() and not any(folder.iterdir()):
+                        folder.rmdir()
+
     @contextlib.contextmanager
     def exclusive(self):
         """Hold the run for this process: a second process training it would interleave writes.
@@ -125,13 +154,26 @@ class RunDir:
 
     def save_checkpoint(self, state: dict) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", dir=self.path)
-        os.close(fd)
         try:
-            torch.save(state, tmp)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, as every run file
             os.replace(tmp, self.path / CHECKPOINT)
         except BaseException:
             os.unlink(tmp)
             raise
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files a killed process left mid-write (``.<name>.XXXX``); returns them.
+
+        Call only while holding the run (``exclusive``): then no other process is writing one.
+        """
+        stale = [p for p in self.path.iterdir() if p.is_file() and p.name.startswith(".")
+                 and any(p.name.startswith(f".{name}.") for name in (CONFIG, ENVIRONMENT, METRICS, SUMMARY, CHECKPOINT))]
+        for p in stale:
+            p.unlink()
+        return stale
 
     def load_checkpoint(self) -> dict | None:
         path = self.path / CHECKPOINT

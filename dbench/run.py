@@ -73,20 +73,23 @@ def create_run_dir(cfg: RunConfig, out: Path | None = None,
 
     Returns the directory and the data set the plan loaded, for a process that trains here next.
     """
-    if out is not None and out.exists():
-        raise DbenchError(f"run directory {out} already exists: pass --resume {out} to continue it, or another --out")
-    plan, splits = planning.make(cfg, devices)
-    if plan.device_note and launch.speaks():
-        # Said once and never silenced: the user asked for devices and gets the CPU.
-        print(plan.device_note)
-    run = RunDir.create(
-        out or default_run_dir(cfg),
-        {
-            CONFIG: plan.record(),
-            ENVIRONMENT: environment.collect([torch.device(d) for d in plan.devices]),
-            SUMMARY: summary.compute([], "running", cfg.epochs),
-        },
-    )
+    out = out or default_run_dir(cfg)
+    with RunDir.claim(out):  # before the set-up: a second run with this --out is refused at once
+        if out.exists():
+            raise DbenchError(f"run directory {out} already exists: pass --resume {out} to continue it, "
+                              "or another --out")
+        plan, splits = planning.make(cfg, devices)
+        if plan.device_note and launch.speaks():
+            # Said once and never silenced: the user asked for devices and gets the CPU.
+            print(plan.device_note)
+        run = RunDir.create(
+            out,
+            {
+                CONFIG: plan.record(),
+                ENVIRONMENT: environment.collect([torch.device(d) for d in plan.devices]),
+                SUMMARY: summary.compute([], "running", cfg.epochs),
+            },
+        )
     return run.path, splits
 
 
@@ -142,7 +145,15 @@ def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | N
     ``rank``: this process holds that module only (the distributed engine);
     the process group must be joined already.
     """
-    built = build(read_plan(run), rank, splits)
+    if built_by_writer(run, rank):
+        run.remove_stale_temporaries()  # a process killed mid-write left them; this one holds the run now
+    try:
+        built = build(read_plan(run), rank, splits)
+    except KeyboardInterrupt:
+        # Stopped during set-up (data, model): the run exists, so it must not stay "running".
+        if built_by_writer(run, rank):
+            mark(run, "interrupted")
+        raise RunInterrupted(run.path, _epochs_done(run)) from None
     checkpoint = run.load_checkpoint()
     done = 0
     if checkpoint is not None:
@@ -152,6 +163,11 @@ def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | N
     if built.trainer.is_writer:
         rows = _keep_checkpointed_rows(run, done)
     loop.train(built, run, rows, done, quiet, on_epoch_end)
+
+
+def built_by_writer(run: RunDir, rank: int | None) -> bool:
+    """Whether this process writes the run: the local engine's, or the top module's under the distributed one."""
+    return rank is None or rank == run.read(CONFIG)["run"]["gpus"] - 1
 
 
 def mark(run: RunDir, status: str, error: str | None = None) -> None:

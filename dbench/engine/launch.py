@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -34,6 +35,7 @@ from dbench.errors import DbenchError
 POLL_S = 0.1  # how often the launcher looks at its workers
 SETTLE_S = 1.0  # after a failure, how long the peers get to fail and report in turn
 GRACE_S = 5.0  # how long a stopped worker gets before SIGKILL
+WATCH_S = 0.5  # how often a worker checks that its launcher is alive
 
 
 def free_port() -> int:
@@ -125,6 +127,8 @@ def _worker(rank: int, world: int, run_path: str, port: int, quiet: bool, thread
     # Ctrl-C reaches the launcher, which stops the workers with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)
+    threading.Thread(target=_watch_launcher, args=(os.getppid(), rank, world, run_path), daemon=True,
+                     name="launcher-watchdog").start()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     if threads is not None:
         torch.set_num_threads(threads)  # the modules share this machine's cores
@@ -140,6 +144,27 @@ def _worker(rank: int, world: int, run_path: str, port: int, quiet: bool, thread
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _watch_launcher(launcher: int, rank: int, world: int, run_path: str) -> None:
+    """End this worker soon after its launcher dies (say, SIGKILLed): nobody would supervise or stop the run.
+
+    The worker is first stopped as if interrupted (SIGTERM: the run is marked
+    interrupted and stays resumable). A worker blocked in a collective whose
+    peers are gone cannot act on that until its timeout, so after GRACE_S the
+    top module's process marks the run interrupted itself and every worker
+    exits.
+    """
+    while os.getppid() == launcher:
+        time.sleep(WATCH_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(GRACE_S)
+    if rank == world - 1:  # the writer: the run must not stay "running" with nothing running it
+        from dbench import run as runner
+        from dbench.record import RunDir
+
+        runner.mark(RunDir(Path(run_path)), "interrupted", error="the launcher process died")
+    os._exit(130)
 
 
 def run_rank(path: Path, rank: int, world: int, quiet: bool) -> None:
