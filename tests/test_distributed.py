@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import group, tiny_blocks
+from conftest import alive, group, tiny_blocks
 from distributed_workers import PROBE_AT, RANGES, data, equivalence_worker
 from dbench import Trainer
 from dbench.engine.launch import free_port
@@ -76,15 +76,6 @@ def test_distributed_equals_local_for_every_method(k, tmp_path):
 def children(pid: int) -> list[int]:
     found = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in found.splitlines() if "spawn_main" in line]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
 def wait_for_an_epoch(launcher: subprocess.Popen, out: Path) -> None:

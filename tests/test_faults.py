@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import alive
 from dbench import run as runner
 from dbench.config import RunConfig
 from dbench.errors import DbenchError
@@ -77,7 +78,7 @@ def test_workers_stop_by_themselves_when_the_launcher_dies(tmp_path):
     launcher.kill()
     launcher.communicate()
     deadline = time.monotonic() + 20
-    while any(_alive(pid) for pid in workers):
+    while any(alive(pid) for pid in workers):
         assert time.monotonic() < deadline, "module processes outlived their launcher"
         time.sleep(0.1)
     recorded = json.loads(summary.read_text())
@@ -89,11 +90,3 @@ def test_workers_stop_by_themselves_when_the_launcher_dies(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert checkpoint["epochs_done"] == recorded["epochs_done"] == len([r for r in rows if r["kind"] == "epoch"]) >= 1
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
