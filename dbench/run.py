@@ -145,13 +145,15 @@ def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | N
     ``rank``: this process holds that module only (the distributed engine);
     the process group must be joined already.
     """
-    if built_by_writer(run, rank):
+    plan = read_plan(run)
+    writer = rank is None or rank == plan.config.gpus - 1  # the local engine's process, or the top module's
+    if writer:
         run.remove_stale_temporaries()  # a process killed mid-write left them; this one holds the run now
     try:
-        built = build(read_plan(run), rank, splits)
+        built = build(plan, rank, splits)
     except KeyboardInterrupt:
         # Stopped during set-up (data, model): the run exists, so it must not stay "running".
-        if built_by_writer(run, rank):
+        if writer:
             mark(run, "interrupted")
         raise RunInterrupted(run.path, _epochs_done(run)) from None
     checkpoint = run.load_checkpoint()
@@ -163,11 +165,6 @@ def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | N
     if built.trainer.is_writer:
         rows = _keep_checkpointed_rows(run, done)
     loop.train(built, run, rows, done, quiet, on_epoch_end)
-
-
-def built_by_writer(run: RunDir, rank: int | None) -> bool:
-    """Whether this process writes the run: the local engine's, or the top module's under the distributed one."""
-    return rank is None or rank == run.read(CONFIG)["run"]["gpus"] - 1
 
 
 def mark(run: RunDir, status: str, error: str | None = None) -> None:

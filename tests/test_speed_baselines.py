@@ -69,8 +69,8 @@ def test_runs_timed_under_very_different_load_are_flagged():
     from dbench.report.speed import load_warnings
 
     runs = table().assign(run=[f"r{i}" for i in range(len(table()))], load_avg=2.0, cpu_count=2)
-    assert load_warnings(runs, summarize(runs)) == []
+    assert load_warnings(runs) == []
     runs.loc[runs["label"] == "ddg", "load_avg"] = 3.5  # another job shared the machine while ddg ran
-    warnings = load_warnings(runs, summarize(runs))
+    warnings = load_warnings(runs)
     assert len(warnings) == 1 and "resnet20 · synthetic · 128" in warnings[0]
     assert "2.0 to 3.5 on 2 cores" in warnings[0]

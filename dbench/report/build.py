@@ -1,7 +1,6 @@
 """Build a report: read the runs, keep those the filters select, write every section and the index."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,10 +119,10 @@ def _filters_text(filters: dict) -> str:
 
 
 def mixed_settings(table: pd.DataFrame) -> list[str]:
-    """A warning for each method/model/data set/K whose runs differ in more than the seed, or repeat a seed.
+    """A warning for each method label/model/data set/K whose runs repeat a seed.
 
-    They are averaged together as repetitions of one experiment, which is
-    wrong if, say, their learning rates differ; the warning names what differs.
+    (Runs that differ in more than the seed never share a label: results.distinguish
+    labels them by what differs, so only repeated seeds can be averaged unawares.)
     """
     out = []
     for (model, dataset, k, label), group in table.groupby(["model", "dataset", "k", "label"], sort=True):
@@ -131,11 +130,4 @@ def mixed_settings(table: pd.DataFrame) -> list[str]:
         if repeated:
             out.append(f"{len(group)} runs of {label} · {model} · {dataset} · K={k} share seed(s) "
                        f"{', '.join(map(str, repeated))}: each is counted as one more sample")
-        if group["settings"].nunique() < 2:
-            continue
-        settings = [json.loads(s) for s in group["settings"]]
-        differ = sorted({key for s in settings for key in s if any(t.get(key) != s.get(key) for t in settings)})
-        values = "; ".join(f"{key}: {', '.join(sorted({json.dumps(s.get(key)) for s in settings}))}" for key in differ)
-        out.append(f"runs of {label} · {model} · {dataset} · K={k} differ in {values}; they are averaged together "
-                   "as seeds of one experiment (select them apart with filters or separate folders)")
     return out

@@ -53,7 +53,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
         # facts are recorded per run for its K and options, which the label and K fix: the same for every seed
         ideal_speedup=("ideal_speedup", "first"),
     ).reset_index()
-    means["parallel"] = (means["engine"] != "local") | (means["k"] == 1)
+    means["parallel"] = parallel_measurement(means)
     base = baselines(means)
     at = pd.MultiIndex.from_frame(means[GROUP])
     means["baseline"] = base["label"].reindex(at).to_numpy()
@@ -107,7 +107,13 @@ def reference_name(numbers: pd.DataFrame) -> str:
 LOAD_GAP = 0.5  # of the machine's cores: runs whose load averages differ by more were not timed alike
 
 
-def load_warnings(table: pd.DataFrame, numbers: pd.DataFrame) -> list[str]:
+def parallel_measurement(frame: pd.DataFrame) -> pd.Series:
+    """Rows whose seconds are parallel time: the distributed engine, or a single device (the local engine at
+    K > 1 runs its modules one after another)."""
+    return (frame["engine"] != "local") | (frame["k"] == 1)
+
+
+def load_warnings(table: pd.DataFrame) -> list[str]:
     """A warning for each comparison whose runs ran under very different machine load.
 
     The load is the 1-minute load average at each epoch's end, the run's own
@@ -119,7 +125,7 @@ def load_warnings(table: pd.DataFrame, numbers: pd.DataFrame) -> list[str]:
     if "load_avg" not in table.columns:
         return []
     out = []
-    parallel = table[(table["engine"] != "local") | (table["k"] == 1)]
+    parallel = table[parallel_measurement(table)]
     for keys, group in parallel.groupby(SAME_DEVICES, sort=True):
         loads = group.dropna(subset=["load_avg"])
         if len(loads) < 2:
@@ -173,7 +179,7 @@ def build(data: ReportData, out: Path) -> Section:
         notes.append(f"Where no exact-gradient baseline was measured on the same devices, × fastest exact is "
                      f"{tables.DASH}: run bp with --gpus 1, and ddp, gpipe or 1f1b at the same K "
                      f"(suite honest-speed).")
-    notes.extend(load_warnings(data.table, numbers))
+    notes.extend(load_warnings(data.table))
     section.notes.extend(notes)
     section.items.append(tables.write(
         out, "speed/speed", title=f"Seconds per epoch, speedup over {reference} and over the fastest exact baseline",
