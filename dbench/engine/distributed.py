@@ -81,7 +81,9 @@ class RankTrainer:
         """One iteration of this module; the top module's process gets the StepOutput, the others None."""
         self.stage.module.train()
         device = self.stage.device
-        out = self._run(self.stage.train_step(self.iteration, x.to(device) if self.rank == 0 else None, y.to(device)))
+        # The first module reads the batch; a replica of the whole model is its own first module.
+        first = self.stage.is_first
+        out = self._run(self.stage.train_step(self.iteration, x.to(device) if first else None, y.to(device)))
         self.iteration += 1
         return out
 
@@ -94,8 +96,8 @@ class RankTrainer:
         meter = self.meters.stages[0]
         meter.probing = True
         try:
-            truth = self._run(true_gradient(self.stage, [x.to(device) for x, _ in probe] if self.rank == 0 else None,
-                                            [y.to(device) for _, y in probe]))
+            truth = self._run(true_gradient(self.stage, [x.to(device) for x, _ in probe] if self.stage.is_first
+                                            else None, [y.to(device) for _, y in probe]))
         finally:
             meter.probing = False
         meter.sigma.arm(truth)
@@ -200,28 +202,14 @@ class ReplicaTrainer(RankTrainer):
         self._buffers_stale = False  # replicas' running statistics drift apart until synchronized
 
     def step_output(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput | None:
-        self.stage.module.train()
         device = self.stage.device
-        out = self._run(self.stage.train_step(self.iteration, x.to(device), y.to(device)))
-        self.iteration += 1
+        out = super().step_output(x, y)  # every process reads the batch: each replica is its own first module
         self._buffers_stale = True
         shares = self.gather((out.loss.cpu(), out.logits.cpu()))  # shards in rank order: the batch's order
         if not self.is_writer:
             return None
         return StepOutput(loss=torch.stack([loss for loss, _ in shares]).sum().to(device),
                           logits=torch.cat([logits for _, logits in shares]).to(device))
-
-    def probe_sigma(self, probe: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.stage.module.train()
-        device = self.stage.device
-        meter = self.meters.stages[0]
-        meter.probing = True
-        try:  # each replica takes the whole probe set's gradient of its (identical) weights
-            truth = self._run(true_gradient(self.stage, [x.to(device) for x, _ in probe],
-                                            [y.to(device) for _, y in probe]))
-        finally:
-            meter.probing = False
-        meter.sigma.arm(truth)
 
     def _sync_buffers(self) -> None:
         if self._buffers_stale:
