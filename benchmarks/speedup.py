@@ -40,12 +40,14 @@ from dbench.registry import METHODS
 ONE_DEVICE = "bp@1"  # the whole model on one device
 
 
-def config(name: str, model: str, k: int, epochs: int, batch: int, split: str) -> RunConfig:
+def config(name: str, model: str, k: int, epochs: int, batch: int, split: str,
+           devices: list[str] | None = None) -> RunConfig:
     if name == ONE_DEVICE:
-        return RunConfig(method="bp", model=model, gpus=1, epochs=epochs, batch_size=batch, sigma_every=0)
+        return RunConfig(method="bp", model=model, gpus=1, epochs=epochs, batch_size=batch, sigma_every=0,
+                         devices=devices[:1] if devices else None)
     whole = METHODS.get(name).parallelism == DATA_PARALLEL  # every device holds the whole model: no cut
     return RunConfig(method=name, model=model, gpus=k, epochs=epochs, batch_size=batch,
-                     split="blocks" if whole else split, engine="distributed", sigma_every=0)
+                     split="blocks" if whole else split, engine="distributed", sigma_every=0, devices=devices)
 
 
 def contenders(names: list[str], reference: str) -> list[str]:
@@ -61,9 +63,15 @@ def contenders(names: list[str], reference: str) -> list[str]:
 @click.option("--methods", default="bp,fr,ddg,dfa,ddp,gpipe,1f1b", show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Interleaved rounds: each contender runs once per round.")
+@click.option("--devices", default=None,
+              help="Device per module, e.g. cuda:0,cuda:0: one GPU hosting every module. Its processes then "
+                   "time-share the GPU (over gloo, messages staged through the host), so the table measures each "
+                   "method's extra work and transport on that GPU, not a parallel speedup.")
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/speedup"), show_default=True)
-def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: str, rounds: int, root: Path) -> None:
+def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: str, devices: str | None,
+         rounds: int, root: Path) -> None:
     names = methods.split(",")
+    placed = devices.split(",") if devices else None
     for name in names:
         METHODS.get(name)  # an unknown name fails here, before the first run starts
     references = [name for name in names if METHODS.get(name).reference]
@@ -74,12 +82,12 @@ def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: 
     reference = references[0]
     everyone = contenders(names, reference)
     for name in everyone:  # every setting is checked before the first run starts
-        config(name, model, k, epochs, batch_size, split).validate()
+        config(name, model, k, epochs, batch_size, split, placed).validate()
     rates: dict[str, list[float]] = {name: [] for name in everyone}
     last: dict[str, dict] = {}
     for r in range(rounds):
         for name in everyone:
-            cfg = config(name, model, k, epochs, batch_size, split)
+            cfg = config(name, model, k, epochs, batch_size, split, placed)
             folder = root / f"r{r}" / f"{name}-{model}-k{cfg.gpus}-b{batch_size}-e{epochs}-{cfg.split}"
             last[name] = runner.completed(cfg, folder)
             rates[name].append(last[name]["samples_per_s"])
@@ -100,7 +108,9 @@ def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: 
                + f", torch {torch.__version__}. Distributed engine at K={k} (one process per module or replica"
                + (f", {max(1, (os.cpu_count() or 1) // k)} thread(s) each" if gpu is None else "")
                + f"); {ONE_DEVICE}: bp on one device" + (" (one process, every core)" if gpu is None else "")
-               + f". {epochs} epoch(s), warm-up steps excluded. Fastest exact baseline: {fastest or '–'}.\n")
+               + f". {epochs} epoch(s), warm-up steps excluded. Fastest exact baseline: {fastest or '–'}."
+               + (f" Devices {devices}: modules sharing a GPU time-share it, so these are costs on one GPU, "
+                  "not parallel speedups." if placed and len(set(placed)) < len(placed) else "") + "\n")
     click.echo(f"| method | samples/s median (min–max) | × model-parallel {reference} | ideal | "
                f"× fastest exact ({fastest or '–'}) | ideal vs exact | compute s per device | wait s per device |")
     click.echo("|---|---|---|---|---|---|---|---|")

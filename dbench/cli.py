@@ -60,7 +60,7 @@ D = RunConfig()  # the defaults, shown in --help
               help="Explicit device per module, e.g. cuda:0,cuda:0 (the only way to share a device).")
 @click.option("--engine", type=click.Choice(ENGINES), default=D.engine, show_default=True,
               help="local: every module in this process; distributed: one process per module "
-                   "(torch.distributed: NCCL on CUDA, gloo on CPU); auto: distributed when the K modules "
+                   "(torch.distributed: NCCL when each module has a GPU of its own, else gloo); auto: distributed when the K modules "
                    "sit on K distinct GPUs, else local.")
 @click.option("--comm-timeout", type=float, default=D.comm_timeout, show_default=True, metavar="SECONDS",
               help="Distributed engine: how long a module process waits on a message before it fails.")

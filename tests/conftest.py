@@ -52,6 +52,21 @@ def blocks() -> list[nn.Module]:
     return tiny_blocks()
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Every test not marked ``gpu`` runs on the CPU, as on CI's machine, also where a GPU is present.
+
+    Their expected numbers (goldens, equalities with the CPU reference) and
+    their ``--gpus K`` (which on a machine with CUDA asks for K GPUs) assume the
+    CPU. Hidden from this process and from the processes it starts.
+    """
+    if "gpu" in request.keywords or not torch.cuda.is_available():
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` run only where CUDA is present."""
     if torch.cuda.is_available():

@@ -1,6 +1,7 @@
 """Every benchmark script runs and prints its table (tiny settings: this checks that they work, not how fast)."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -20,15 +21,24 @@ TINY = {
                    "--root", "{tmp}/speed"],
     "learning.py": ["--model", "mlp", "--epochs", "1", "--ks", "2", "--methods", "bp", "--root", "{tmp}/learning"],
 }
+GPU_ONLY = {"memory_accuracy.py": ["--models", "resnet8", "--batches", "8"]}
 
 
 def test_every_script_is_covered():
-    assert sorted(TINY) == sorted(p.name for p in BENCHMARKS.glob("*.py"))
+    assert sorted([*TINY, *GPU_ONLY]) == sorted(p.name for p in BENCHMARKS.glob("*.py"))
 
 
-@pytest.mark.parametrize("script", sorted(TINY))
+def test_a_gpu_benchmark_without_cuda_says_so_in_one_line():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "memory_accuracy.py")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2 and "needs a CUDA device" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("script", [*sorted(TINY), *(pytest.param(s, marks=pytest.mark.gpu) for s in GPU_ONLY)])
 def test_benchmark_prints_its_table(script, tmp_path):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in TINY[script]]
+    args = (TINY | GPU_ONLY)[script]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

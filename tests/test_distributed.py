@@ -203,3 +203,16 @@ def test_interrupted_distributed_run_resumes_to_the_same_numbers(tmp_path, metho
     assert_same(torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True),
                 torch.load(cut / "checkpoint.pt", weights_only=True))
     assert json.loads((cut / "summary.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("devices, backend", [
+    (["cuda:0", "cuda:1"], "nccl"),   # a GPU per module: NCCL
+    (["cuda:0", "cuda:0"], "gloo"),   # two processes on one GPU: NCCL refuses them
+    (["cuda:1", "cuda:0", "cuda:1"], "gloo"),
+    (["cuda:0", "cpu"], "gloo"),      # NCCL cannot reach a CPU module
+    (["cpu", "cpu"], "gloo"),
+])
+def test_the_data_backend_is_chosen_from_every_module_s_device(devices, backend):
+    from dbench.engine.distributed import data_backend
+
+    assert data_backend(devices) == backend

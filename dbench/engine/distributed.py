@@ -11,7 +11,8 @@ module knows goes to the *writer*, the top module's process, which computes
 the loss and the logits anyway: the per-module meter records and σ sums are
 gathered there, and so is the checkpoint (the local engine's format, so a run
 can resume under either engine). Object gathers, barriers and broadcasts go
-over a gloo group; tensors over the main group (NCCL on CUDA, gloo on CPU).
+over a gloo group; tensors over the main group (NCCL when each module has a GPU of
+its own, else gloo: see ``data_backend``).
 """
 from __future__ import annotations
 
@@ -32,9 +33,26 @@ from dbench.optim import OptimConfig
 from dbench.registry import METHODS
 
 
-def init(rank: int, world: int, device: torch.device, timeout_s: float) -> None:
-    """Join the process group (address and port from MASTER_ADDR/MASTER_PORT, as torchrun sets them)."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
+def data_backend(devices: Sequence[torch.device | str]) -> str:
+    """The process group's backend for the run's tensors: NCCL when every module has a GPU of its own, else gloo.
+
+    NCCL refuses two processes on one GPU ("invalid usage": ``--devices
+    cuda:0,cuda:0``) and cannot reach a CPU module, and every process must name
+    the same backend, so the choice is made from the whole device list, not one
+    process's device. Under gloo, CUDA messages are staged through host memory
+    (see transport.py) and DDP's all-reduce runs gloo's CUDA algorithm.
+    """
+    devices = [torch.device(d) for d in devices]
+    distinct_gpus = all(d.type == "cuda" for d in devices) and len(set(devices)) == len(devices)
+    return "nccl" if distinct_gpus else "gloo"
+
+
+def init(rank: int, world: int, device: torch.device, timeout_s: float, backend: str | None = None) -> None:
+    """Join the process group (address and port from MASTER_ADDR/MASTER_PORT, as torchrun sets them).
+
+    ``backend`` defaults to ``data_backend([device])``: NCCL on CUDA, gloo on the CPU.
+    """
+    backend = backend or data_backend([device])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))

@@ -2,7 +2,7 @@
 or, under torchrun, be one of those processes.
 
 The launcher (the ``dbench run`` process) has created the run directory; each
-worker joins the process group (gloo on CPU, NCCL on CUDA; address and port
+worker joins the process group (NCCL when each module has a GPU of its own, else gloo; address and port
 given here, as torchrun would), builds its own module from the run's config and
 trains it (``dbench.run.train_here`` with its rank). The top module's process
 writes the metrics, summary and checkpoint.
@@ -172,13 +172,13 @@ def run_rank(path: Path, rank: int, world: int, quiet: bool) -> None:
     import torch.distributed as dist
 
     from dbench import run as runner
-    from dbench.engine.distributed import init
+    from dbench.engine.distributed import data_backend, init
     from dbench.record import CONFIG, RunDir
 
     run = RunDir(path)
     record = run.read(CONFIG)
     device = torch.device(record["devices"][rank])
-    init(rank, world, device, record["run"]["comm_timeout"])
+    init(rank, world, device, record["run"]["comm_timeout"], data_backend(record["devices"]))
     try:
         runner.train_here(run, quiet, rank=rank)
     finally:

@@ -43,7 +43,10 @@ class Transport:
 
     def __init__(self, rank: int, world: int, device: torch.device):
         self.rank, self.world = rank, world
-        self.device = torch.device(device)  # NCCL moves CUDA tensors only; gloo CPU ones (and CUDA via copies)
+        self.device = torch.device(device)  # where the stage wants its messages
+        # The wire: NCCL moves CUDA tensors in place; gloo's point-to-point moves host memory only,
+        # so under gloo (the CPU, or modules sharing one GPU) a CUDA message is staged through the host.
+        self.wire = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
         self.inbox: dict[str, deque[Message]] = {c: deque() for c in CHANNELS}
         self._sends: deque = deque()  # (work, tensor) kept alive until the send completes
 
@@ -64,9 +67,9 @@ class Transport:
         return sorted({j for r in ROUTES.values() for j in r.readers(self.rank, self.world)})
 
     def send(self, op: Send) -> None:
-        payload = op.tensor.detach().to(self.device).contiguous()
+        payload = op.tensor.detach().to(self.wire).contiguous()
         for dst in route(op.channel).targets(op.channel, self.rank, self.world):
-            self._post(dst, _header(CHANNELS.index(op.channel), payload, tuple(op.tag), self.device))
+            self._post(dst, _header(CHANNELS.index(op.channel), payload, tuple(op.tag), self.wire))
             self._post(dst, payload)
         self._reap()
 
@@ -86,7 +89,7 @@ class Transport:
     def flush(self) -> None:
         """End of epoch: send end markers, read every incoming stream up to its marker, wait for all sends."""
         for dst in self.readers():
-            self._post(dst, torch.tensor([END] + [0] * (HEADER - 1), dtype=torch.int64, device=self.device))
+            self._post(dst, torch.tensor([END] + [0] * (HEADER - 1), dtype=torch.int64, device=self.wire))
         for src in self.sources():
             while self._read(src) is not None:
                 pass
@@ -110,15 +113,15 @@ class Transport:
 
     def _read(self, src: int) -> str | None:
         """Read one message from ``src`` into its inbox; None at the end marker."""
-        header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
+        header = torch.empty(HEADER, dtype=torch.int64, device=self.wire)
         self._recv(header, src)
         fields = header.tolist()  # a host copy: waits for the header to arrive
         if fields[0] == END:
             return None
         channel, dtype, shape, tag = parse_header(fields)
-        payload = torch.empty(shape, dtype=dtype, device=self.device)
+        payload = torch.empty(shape, dtype=dtype, device=self.wire)
         self._recv(payload, src)
-        self.inbox[channel].append(Message(payload, tag))
+        self.inbox[channel].append(Message(payload.to(self.device), tag))
         return channel
 
     def _recv(self, tensor: torch.Tensor, src: int) -> None:
