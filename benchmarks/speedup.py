@@ -47,7 +47,7 @@ def config(name: str, model: str, k: int, epochs: int, batch: int, split: str,
                          devices=devices[:1] if devices else None)
     whole = METHODS.get(name).parallelism == DATA_PARALLEL  # every device holds the whole model: no cut
     return RunConfig(method=name, model=model, gpus=k, epochs=epochs, batch_size=batch,
-                     split="blocks" if whole else split, engine="distributed", sigma_every=0, devices=devices)
+                     split="auto" if whole else split, engine="distributed", sigma_every=0, devices=devices)
 
 
 def contenders(names: list[str], reference: str) -> list[str]:

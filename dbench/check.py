@@ -40,26 +40,78 @@ class Finding:
     note: str = ""
 
 
+# What the user can do about a complete run whose files are damaged.
+DAMAGED_RUN = "restore the file, or remove the run directory and run the suite again"
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _read_json(path: Path, fix: str) -> dict:
+    """A JSON object from ``path``; a DbenchError names the file, the damage and ``fix``, what the user can do."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise DbenchError(f"{path} is missing: {fix}") from None
+    except UnicodeDecodeError:
+        raise DbenchError(f"{path} is not text (not UTF-8): {fix}") from None
+    except json.JSONDecodeError as e:
+        raise DbenchError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): {fix}") from None
+    if not isinstance(data, dict):
+        raise DbenchError(f"{path} is not a JSON object (it holds a {type(data).__name__}): {fix}")
+    return data
+
+
 def hardware_kind(run_path: Path) -> str:
-    env = json.loads((run_path / "environment.json").read_text())
-    devices = env.get("devices", [])
+    path = run_path / "environment.json"
+    devices = _read_json(path, DAMAGED_RUN).get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
+        raise DbenchError(f"{path}: \"devices\" is not a list of objects, so the run's hardware is unknown: "
+                          f"{DAMAGED_RUN}")
     if all(d.get("device", "cpu") == "cpu" for d in devices):
         return "cpu"
     name = next(d.get("name", "cuda") for d in devices if d.get("device", "cpu") != "cpu")
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
 
 
 def figures(run_path: Path) -> dict:
-    """The figures of one run that the check compares."""
+    """The figures of one complete run that the check compares."""
     summary = summaries.read(run_path)
     modules = summary.get("modules") or []
+    # A complete run's summary has these; without them it is damaged, and a KeyError would not say where.
+    damaged = DbenchError(f"{run_path / summaries.SUMMARY} says complete but lacks a number best_test_acc or "
+                          f"each module's peak bytes: {DAMAGED_RUN}")
+    if not _number(summary.get("best_test_acc")) or not isinstance(modules, list) or \
+            not all(isinstance(m, dict) for m in modules):
+        raise damaged
     cuda = bool(modules) and "cuda_peak_allocated_bytes" in modules[0]
     key = "cuda_peak_allocated_bytes" if cuda else "accounted_peak_bytes"
+    if not all(_number(m.get(key)) for m in modules):
+        raise damaged
     return {
         "best_test_acc": summary["best_test_acc"],
         "memory_kind": "cuda peak allocated" if cuda else "accounted",
         "peak_bytes": [m[key] for m in modules],
     }
+
+
+def read_golden(path: Path, suite: str) -> dict:
+    """The golden figures at ``path``, their shape checked: a DbenchError names the file and what is wrong."""
+    fix = f"restore this golden file from version control, or record it again with `dbench check {suite} --update`"
+    golden = _read_json(path, fix)
+    tolerance = golden.get("tolerance")
+    if not isinstance(tolerance, dict) or not all(_number(tolerance.get(k)) for k in ("accuracy", "memory")):
+        raise DbenchError(f"{path} has no \"tolerance\" with numbers \"accuracy\" and \"memory\": {fix}")
+    runs = golden.get("runs")
+    if not isinstance(runs, dict):
+        raise DbenchError(f"{path} has no \"runs\" object: {fix}")
+    for name, want in runs.items():
+        if not (isinstance(want, dict) and _number(want.get("best_test_acc")) and isinstance(want.get("memory_kind"), str)
+                and isinstance(want.get("peak_bytes"), list) and all(_number(b) for b in want["peak_bytes"])):
+            raise DbenchError(f"{path}: run {name} lacks a number best_test_acc, a memory_kind or a list "
+                              f"of numbers peak_bytes: {fix}")
+    return golden
 
 
 def golden_path(suite: Suite, kind: str, root: Path = GOLDEN_ROOT) -> Path:
@@ -108,7 +160,7 @@ def check(suite: Suite, results: Path, golden_root: Path = GOLDEN_ROOT) -> tuple
     if not path.exists():
         raise DbenchError(f"no golden figures for suite {suite.name!r} on {kind} ({path}): "
                           f"record them with `dbench check {suite.name} --update`")
-    golden = json.loads(path.read_text())
+    golden = read_golden(path, suite.name)
     tol = golden["tolerance"]
     findings = [Finding(name, "status", None, None, None, False, f"run is {state}") for name, state in missing.items()]
     for name, now in found.items():

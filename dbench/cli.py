@@ -9,14 +9,14 @@ from pathlib import Path
 import click
 
 from dbench.config import ENGINES, PROBES_PER_EPOCH, RunConfig
-from dbench.errors import DbenchError
+from dbench.errors import DbenchError, RunInterrupted
 from dbench.optim import SCHEDULES
 
 # Flags that change what a run computes; --resume takes them from the run instead.
 _RUN_FLAGS = (
     "method", "opt", "model", "dataset", "data_dir", "download", "gpus", "devices", "engine", "split",
     "epochs", "batch_size", "lr", "lr_schedule", "milestones", "lr_gamma", "momentum", "nesterov",
-    "weight_decay", "seed", "out", "sigma_every", "sigma_batches", "comm_timeout",
+    "weight_decay", "seed", "out", "sigma_every", "sigma_batches", "comm_timeout", "checkpoint_every",
 )
 
 
@@ -65,7 +65,8 @@ D = RunConfig()  # the defaults, shown in --help
 @click.option("--comm-timeout", type=float, default=D.comm_timeout, show_default=True, metavar="SECONDS",
               help="Distributed engine: how long a module process waits on a message before it fails.")
 @click.option("--split", default=D.split, show_default=True,
-              help="How to cut the model: blocks, params, time, or cut points like 4,8.")
+              help="How to cut the model: blocks, params, time, or cut points like 4,8; auto: time on the "
+                   "distributed engine (modules run at once), blocks on the local one.")
 @click.option("--epochs", type=int, default=D.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
 @click.option("--lr", type=float, default=D.lr, show_default=True, help="Initial learning rate.")
@@ -81,6 +82,9 @@ D = RunConfig()  # the defaults, shown in --help
               help=f"Measure σ every N steps; 0 turns the probe off. [default: {PROBES_PER_EPOCH} probes an epoch]")
 @click.option("--sigma-batches", type=int, default=D.sigma_batches, show_default=True,
               help="Batches in the σ probe's fixed set (the true gradient is taken on them).")
+@click.option("--checkpoint-every", type=int, default=D.checkpoint_every, metavar="STEPS",
+              help="Also checkpoint every STEPS steps inside an epoch, so a stop loses at most that much "
+                   "(resumed to the same numbers). [default: 0, at the end of each epoch only]")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory [default: results/<method>-<model>-<dataset>-k<K>-s<seed>-<time>].")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, metavar="RUN_DIR",
@@ -89,21 +93,25 @@ D = RunConfig()  # the defaults, shown in --help
 @click.pass_context
 def run(ctx: click.Context, resume: Path | None, quiet: bool, **flags) -> None:
     """Train one model with one method on K devices and record the run."""
-    from dbench import run as runner  # heavy imports (torch) only when a command needs them
-
     if resume is not None:
         given = [f for f in _RUN_FLAGS if ctx.get_parameter_source(f) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise DbenchError(
                 f"--resume takes every setting from {resume / 'config.json'}; drop --{given[0].replace('_', '-')}"
             )
+        from dbench import run as runner  # heavy imports (torch) only once the settings are known to be good
+
         path = runner.resume(resume, quiet=quiet)
     else:
         out = flags.pop("out")
         flags["method_options"] = flags.pop("opt")
         flags["milestones"] = flags["milestones"] or []
         flags["devices"] = flags["devices"].split(",") if flags["devices"] else None
-        path = runner.start(RunConfig(**flags), out, quiet=quiet)
+        cfg = RunConfig(**flags)
+        cfg.validate()  # a bad number fails here, before torch is loaded (the plan validates it again)
+        from dbench import run as runner
+
+        path = runner.start(cfg, out, quiet=quiet)
     from dbench.engine import launch
 
     if launch.speaks():
@@ -245,9 +253,10 @@ def suite(name: str, file: Path, results: Path, data_dir: str | None, dry_run: b
 
     planned = suites.load(file, name)
     if dry_run:
+        states = suites.check(planned, results, data_dir)  # what a real run refuses, the dry run refuses too
         click.echo(f"suite {name}: {planned.description}" if planned.description else f"suite {name}")
         for i, run in enumerate(planned.runs, 1):
-            click.echo(f"[{i}/{len(planned.runs)}] {run.name}: {suites.status(run, results)}  ({run.path(results)})")
+            click.echo(f"[{i}/{len(planned.runs)}] {run.name}: {states[run.name]}  ({run.path(results)})")
         return
     final = suites.run_suite(planned, results, quiet=not progress, data_dir=data_dir, echo=click.echo)
     counts = {state: list(final.values()).count(state) for state in sorted(set(final.values()))}
@@ -294,8 +303,6 @@ def run_command(command: click.Command) -> None:
 
     The benchmark scripts run through this too, so a bad option there fails as `dbench` does.
     """
-    from dbench.run import RunInterrupted
-
     try:
         command(standalone_mode=False)
     except DbenchError as e:

@@ -11,6 +11,14 @@ from dbench.optim import SCHEDULES, LRSchedule, OptimConfig
 
 ENGINES = ("auto", "local", "distributed")
 PROBES_PER_EPOCH = 4  # the default σ probe frequency
+# Seeds (--seed, and methods' seed options) are 32-bit, the common range of random generators; a
+# method derives a seed per module from its option (seed·1000 + k), which then stays in torch's 64 bits.
+MAX_SEED = 2**32 - 1
+# Counts that end up in torch as 64-bit integers (iteration tags, tensor sizes).
+MAX_INT = 2**63 - 1
+# Longest --comm-timeout: torch.distributed takes it as a datetime.timedelta, which holds about 2.7 million
+# years; anything longer than this (about 31.7 years) is as good as no timeout.
+MAX_COMM_TIMEOUT = 1e9
 
 
 @dataclass
@@ -31,7 +39,7 @@ class RunConfig:
     devices: list[str] | None = None
     engine: str = "auto"
     comm_timeout: float = 300.0  # seconds a module process waits on a message before it gives up
-    split: str = "blocks"
+    split: str = "auto"  # dbench.partition.resolve_auto: by time on the distributed engine, else by blocks
     epochs: int = 8
     batch_size: int = 128
     lr: float = 0.05
@@ -44,6 +52,7 @@ class RunConfig:
     seed: int = 0
     sigma_every: int | None = None  # None: PROBES_PER_EPOCH probes an epoch; 0: no σ probe
     sigma_batches: int = 2
+    checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
 
     def resolved_engine(self, devices: list) -> str:
         """``auto``: one process per module when the K > 1 modules sit on K distinct CUDA devices,
@@ -81,15 +90,20 @@ class RunConfig:
 
     def validate(self) -> None:
         _positive_int("--epochs", self.epochs)
-        _positive_int("--batch-size", self.batch_size)
+        _positive_int("--batch-size", self.batch_size, at_most=None)  # at most the training set: see plan.make
         _positive_int("--gpus", self.gpus)
-        if self.seed < 0:
-            raise DbenchError(f"bad --seed {self.seed}: must be >= 0")
-        if self.sigma_every is not None and self.sigma_every < 0:
-            raise DbenchError(f"bad --sigma-every {self.sigma_every}: must be >= 0 (0 turns the σ probe off)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise DbenchError(f"bad --seed {self.seed}: must be an integer >= 0 and at most {MAX_SEED}")
+        if self.sigma_every is not None and not 0 <= self.sigma_every <= MAX_INT:
+            raise DbenchError(f"bad --sigma-every {self.sigma_every}: must be >= 0 and at most {MAX_INT} "
+                              "(0 turns the σ probe off)")
         _positive_int("--sigma-batches", self.sigma_batches)
-        if not self.comm_timeout > 0:
-            raise DbenchError(f"bad --comm-timeout {self.comm_timeout}: must be a number of seconds > 0")
+        if self.checkpoint_every < 0:
+            raise DbenchError(f"bad --checkpoint-every {self.checkpoint_every}: must be a number of steps >= 1, "
+                              "or 0 for a checkpoint at the end of each epoch only")
+        if not 0 < self.comm_timeout <= MAX_COMM_TIMEOUT:  # NaN fails this too
+            raise DbenchError(f"bad --comm-timeout {self.comm_timeout}: must be a number of seconds > 0 "
+                              f"and at most {MAX_COMM_TIMEOUT:.0e}")
         if self.engine not in ENGINES:
             raise DbenchError(f"unknown engine {self.engine!r}; known: {', '.join(ENGINES)}")
         if self.lr_schedule not in SCHEDULES:
@@ -117,6 +131,8 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def _positive_int(flag: str, value: int) -> None:
-    if value < 1:
-        raise DbenchError(f"bad {flag} {value}: must be an integer >= 1")
+def _positive_int(flag: str, value: int, at_most: int | None = MAX_INT) -> None:
+    # Bounded above too: a number past torch's 64-bit integers fails deep inside torch ("Overflow").
+    if value < 1 or (at_most is not None and value > at_most):
+        bound = "" if at_most is None else f" and at most {at_most}"
+        raise DbenchError(f"bad {flag} {value}: must be an integer >= 1{bound}")

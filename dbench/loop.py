@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from dbench import run_tables, summary
 from dbench.build import Built
 from dbench.devices import synchronize
-from dbench.errors import DbenchError
-from dbench.meters import SigmaResult
+from dbench.errors import DbenchError, RunInterrupted
+from dbench.meters import SigmaResult, merge_records
 from dbench.progress import Progress
 from dbench.record import CONFIG, SUMMARY, RunDir
 
@@ -28,29 +28,39 @@ from dbench.record import CONFIG, SUMMARY, RunDir
 SHOW_EVERY = 20
 
 
-class RunInterrupted(Exception):
-    def __init__(self, path, epochs_done: int):
-        super().__init__(f"interrupted: {path} holds {epochs_done} finished epoch(s); continue with: dbench run --resume {path}")
-        self.path = path
-
-
 def train(built: Built, run: RunDir, rows: list[dict], first_epoch: int, quiet: bool,
-           on_epoch_end: Callable[[int], None] | None) -> None:
-    """The epoch loop. Every process of the distributed engine runs it; only the writer writes."""
+          on_epoch_end: Callable[[int], None] | None, partial: dict | None = None) -> None:
+    """The epoch loop. Every process of the distributed engine runs it; only the writer writes.
+
+    ``partial``: the state of the epoch a mid-epoch checkpoint cut (``--checkpoint-every``), to go on from.
+    """
     cfg = built.plan.config
     trainer = built.trainer
     writer = trainer.is_writer
     progress = Progress(cfg.epochs, quiet or not writer)
     status = "running"
+    saved = first_epoch  # finished epochs in the checkpoint on disk: what the metrics must agree with
+    saved_steps = partial["step"] if partial else 0  # and steps of the next epoch in it
+
+    def checkpoint(epoch: int, state_of_epoch: dict) -> None:
+        """A checkpoint inside epoch ``epoch`` (every process calls it: the state is gathered)."""
+        nonlocal saved_steps
+        state = trainer.state_dict()
+        if writer:
+            run.save_checkpoint({"epochs_done": epoch, "trainer": state, "partial": state_of_epoch})
+        saved_steps = state_of_epoch["step"]
+
     try:
         for epoch in range(first_epoch, cfg.epochs):
-            row, probes = run_epoch(built, epoch, progress)
+            row, probes = run_epoch(built, epoch, progress, partial if epoch == first_epoch else None,
+                                    checkpoint if cfg.checkpoint_every else None)
             state = trainer.state_dict()  # distributed: gathered on the writer
             if writer:
                 rows.extend(probes)
                 rows.append(row)
                 run.write_metrics(rows)
                 run.save_checkpoint({"epochs_done": epoch + 1, "trainer": state})
+                saved, saved_steps = epoch + 1, 0
                 if not math.isfinite(row["train_loss"]):
                     status = "diverged"
                 elif epoch + 1 == cfg.epochs:
@@ -65,42 +75,72 @@ def train(built: Built, run: RunDir, rows: list[dict], first_epoch: int, quiet: 
     except KeyboardInterrupt:
         progress.close()
         if writer:
-            write_summary(run, rows, "interrupted")
-        raise RunInterrupted(run.path, len(summary.epoch_rows(rows))) from None
-    except DbenchError:
+            _record_end(run, rows, saved, "interrupted")
+        raise RunInterrupted(run.path, saved, saved_steps) from None
+    except DbenchError as e:
         progress.close()
         if writer and status != "diverged":
-            write_summary(run, rows, "failed")
+            _record_end(run, rows, saved, "failed", str(e), cause=e)
         raise
     except Exception as e:
         progress.close()
         if writer:
-            write_summary(run, rows, "failed", error=f"{type(e).__name__}: {e}")
+            _record_end(run, rows, saved, "failed", f"{type(e).__name__}: {e}", cause=e)
         raise
     if writer and not quiet:
         click.echo(run_tables.modules_table(summary.read(run.path)))
 
 
-def run_epoch(built: Built, epoch: int, progress: Progress) -> tuple[dict, list[dict]]:
-    """Train one epoch and evaluate; returns the epoch's row and its σ probe rows."""
+def _record_end(run: RunDir, rows: list[dict], saved: int, status: str, error: str | None = None,
+                cause: BaseException | None = None) -> None:
+    """Record how the run ended, with metrics and summary cut back to the checkpoint on disk.
+
+    The rows of an epoch whose checkpoint was never written (the write failed: a full disk, say) would
+    otherwise claim an epoch that --resume has to train again. If even this write fails, both failures
+    are said in one line.
+    """
+    kept = [r for r in rows if r["epoch"] <= saved]
+    try:
+        if len(kept) != len(rows):
+            run.write_metrics(kept)
+        write_summary(run, kept, status, error)
+    except DbenchError as e:
+        first = f"{cause}; " if cause is not None else ""
+        raise DbenchError(f"{first}the run could not be marked {status} either: {e}") from None
+
+
+def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None = None,
+              checkpoint: Callable[[int, dict], None] | None = None) -> tuple[dict, list[dict]]:
+    """Train one epoch and evaluate; returns the epoch's row and its σ probe rows.
+
+    ``partial`` (from a mid-epoch checkpoint) holds what the epoch's first steps added up to; the epoch
+    goes on from its next step. ``checkpoint`` is called every ``--checkpoint-every`` steps with that state.
+    """
     trainer, loader = built.trainer, built.train
     meters = trainer.meters
     top = trainer.devices[-1]
-    loss_sum = torch.zeros((), device=top)
-    correct = torch.zeros((), dtype=torch.long, device=top)
-    seen = 0
+    every = built.plan.config.checkpoint_every
+    first = partial["step"] if partial else 0
+    loss_sum = partial["loss_sum"].to(top) if partial else torch.zeros((), device=top)
+    correct = partial["correct"].to(top) if partial else torch.zeros((), dtype=torch.long, device=top)
+    seen = seen_at_start = partial["seen"] if partial else 0
+    probes: list[dict] = list(partial["probes"]) if partial else []
+    segments: list[list[dict]] = list(partial["segments"]) if partial else []  # module records, writer only
+    before = partial["timing"] if partial else {"train_s": 0.0, "measured_s": 0.0, "measured_samples": 0}
+    # Throughput counts from the end of the warm-up; a resumed epoch warms up again from where it resumed.
     warmup, warm_seen, warm_start = built.plan.warmup_steps, 0, None
-    probe_seconds = 0.0  # wall-clock of the σ probes' extra passes, after warm-up
-    probes: list[dict] = []
+    paused = 0.0  # wall-clock of σ probes' extra passes and checkpoints, after warm-up: not training
+    stopped = 0.0  # wall-clock of checkpoints: not training either
     images = built.images  # the other modules' processes read the labels only
     lr = built.schedule.lr_at(trainer.iteration)
     progress.start_epoch(epoch, len(loader))
+    progress.advance(first)
     synchronize(*trainer.devices)  # start the clocks on idle devices
     trainer.barrier()  # distributed: every module's clock starts together
     start = time.perf_counter()
     meters.start_epoch()
-    for i, (x, y) in enumerate(loader.epoch(epoch, images=images)):
-        if i == warmup:
+    for i, (x, y) in enumerate(loader.epoch(epoch, images=images, start=first), start=first):
+        if i == first + warmup:
             synchronize(*trainer.devices)  # throughput counts from here: the warm-up's work must be done
             warm_start, warm_seen = time.perf_counter(), seen
         lr = built.schedule.lr_at(trainer.iteration)
@@ -112,7 +152,7 @@ def run_epoch(built: Built, epoch: int, progress: Progress) -> tuple[dict, list[
             trainer.probe_sigma(built.probe)
             synchronize(*trainer.devices)
             if warm_start is not None:
-                probe_seconds += time.perf_counter() - t0
+                paused += time.perf_counter() - t0
         iteration = trainer.iteration
         out = trainer.step_output(x, y)  # distributed: None except in the top module's process
         if probing:
@@ -127,16 +167,44 @@ def run_epoch(built: Built, epoch: int, progress: Progress) -> tuple[dict, list[
         if trainer.is_writer and (i + 1) % SHOW_EVERY == 0:
             # .item() waits for the device: one sync every SHOW_EVERY steps.
             progress.show(loss_sum.item() / seen, seen / (time.perf_counter() - start))
+        if checkpoint is not None and every and (i + 1) % every == 0 and i + 1 < len(loader):
+            # Every process reaches this step boundary (the same i): the state is gathered at it.
+            synchronize(*trainer.devices)
+            trainer.barrier()
+            t0 = time.perf_counter()
+            parts = trainer.gather(meters.stop_epoch())
+            segment = [record for part in parts for record in part] if parts is not None else []
+            measured = t0 - warm_start - paused if warm_start is not None else 0.0
+            checkpoint(epoch, {
+                "step": i + 1, "loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
+                "probes": probes, "segments": [*segments, segment],
+                "timing": {"train_s": before["train_s"] + t0 - start - stopped,
+                           "measured_s": before["measured_s"] + measured,
+                           "measured_samples": before["measured_samples"]
+                           + (seen - warm_seen if warm_start is not None else 0)},
+            })
+            synchronize(*trainer.devices)
+            trainer.barrier()
+            meters.start_epoch()  # the clocks and peaks go on as a new segment of this epoch
+            segments.append(segment)
+            took = time.perf_counter() - t0
+            stopped += took
+            if warm_start is not None:
+                paused += took
     # .item() below synchronizes the top device; sync all so the clocks cover every stage's work.
     synchronize(*trainer.devices)
     trainer.barrier()  # distributed: a module that finished early is idle until the last one is done
     end = time.perf_counter()
     parts = trainer.gather(meters.stop_epoch())  # every module's record, on the writer
     modules = [record for part in parts for record in part] if parts is not None else []
-    train_seconds = end - start
-    if warm_start is None:  # an epoch of one step: nothing left after warm-up
-        warm_start, warm_seen = start, 0
-    measured = end - warm_start - probe_seconds
+    if modules and segments:
+        modules = merge_records([*segments, modules])
+    train_seconds = before["train_s"] + end - start - stopped
+    warmed_up = warm_start is not None
+    if not warmed_up:  # an epoch (or its resumed part) shorter than the warm-up: measure it all
+        warm_start, warm_seen, paused = start, seen_at_start, stopped
+    measured_s = before["measured_s"] + end - warm_start - paused
+    measured_samples = before["measured_samples"] + seen - warm_seen
     test_loss, test_acc, eval_seconds = evaluate(built)
     row = {
         "kind": "epoch",
@@ -149,8 +217,8 @@ def run_epoch(built: Built, epoch: int, progress: Progress) -> tuple[dict, list[
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "epoch_seconds": train_seconds + eval_seconds,
-        "warmup_steps": warmup if warm_seen else 0,
-        "samples_per_s": (seen - warm_seen) / measured if measured > 0 and seen > warm_seen else None,
+        "warmup_steps": warmup if warmed_up else 0,
+        "samples_per_s": measured_samples / measured_s if measured_s > 0 and measured_samples > 0 else None,
         "probes": len(probes),
         # How busy the machine was (1-minute load average, the run's own processes included, and the cores
         # it has): speed compared between runs means little when one of them shared the machine.

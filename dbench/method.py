@@ -275,10 +275,15 @@ class Stage:
 
     @classmethod
     def facts(cls, num_stages: int, options: Any = None) -> dict:
-        """What a run records about its method, for reports that must not need the method installed."""
+        """What a run records about its method, for reports that must not need the method installed.
+
+        ``default_options`` lets a report tell a variant from the method as it
+        comes: a run's label names the options that differ from these.
+        """
         return {"family": cls.family, "table_order": cls.table_order, "reference": cls.reference,
                 "locking": cls.locking, "parallelism": cls.parallelism,
-                "ideal_speedup": cls.ideal_speedup(num_stages, options)}
+                "ideal_speedup": cls.ideal_speedup(num_stages, options),
+                "default_options": dataclasses.asdict(cls.Options())}
 
     def __init__(
         self,
@@ -349,6 +354,10 @@ class Stage:
         below = not self.is_first
         x = yield from self.receive_input(x, needs_grad=teach == DOWN, t=t)
         out = self.module(x)
+        if teach == ERROR and below and not out.requires_grad:
+            # A top module without trainable parameters (its input carries no graph either): the output
+            # error ∂f/∂h_K is still what the modules below learn from, so the loss must reach its output.
+            out = out.detach().requires_grad_()
         loss = self.loss_fn(out, y)
         if teach == ERROR and below:
             # The error first (the graph kept), so every module below can start; then the whole backward from
@@ -361,9 +370,22 @@ class Stage:
         self.apply_update()
         return StepOutput(loss=loss.detach(), logits=out.detach())
 
+    @property
+    def has_trainable_parameters(self) -> bool:
+        return any(p.requires_grad for p in self.module.parameters())
+
     def backward(self, tensor: torch.Tensor, grad: torch.Tensor | None = None) -> None:
-        """``tensor.backward(grad)``, telling the meters first. Methods call this, not ``.backward``."""
+        """``tensor.backward(grad)``, telling the meters first. Methods call this, not ``.backward``.
+
+        A module without trainable parameters (nn.Flatten, a pooling stage) whose
+        input carries no graph (the first module; or a method that sends nothing
+        down, as DFA) has no gradient to compute: its output then needs none, and
+        the backward is empty. Anywhere else an output without a graph is a
+        method's mistake, and torch's error says so.
+        """
         self.before_backward()
+        if not tensor.requires_grad and not self.has_trainable_parameters:
+            return
         tensor.backward(grad)
 
     def before_backward(self) -> None:

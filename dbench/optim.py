@@ -5,8 +5,6 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-import torch
-
 from dbench.errors import DbenchError
 
 SCHEDULES = ("step", "cosine", "constant")
@@ -31,12 +29,18 @@ class OptimConfig:
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise DbenchError(f"bad weight decay {self.weight_decay}: must be a finite number >= 0")
 
-    def make(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
+    def make(self, params: Iterable["torch.nn.Parameter"]) -> "torch.optim.SGD":
+        import torch  # here, not at the top: the CLI reads settings from this module without loading torch
+
         # foreach=False keeps the update a plain per-tensor loop: identical
         # numbers whatever the grouping of parameters into modules, which is what
         # lets a K-module run equal the unsplit one bit for bit.
+        # One explicit parameter group: torch makes exactly this group from a
+        # list of parameters, but refuses an empty list, and a module without
+        # parameters (nn.Flatten, a pooling stage) is a valid module whose
+        # optimizer has nothing to update. An empty group steps, saves and loads.
         return torch.optim.SGD(
-            params,
+            [{"params": list(params)}],
             lr=self.lr,
             momentum=self.momentum,
             nesterov=self.nesterov,
@@ -72,10 +76,12 @@ class LRSchedule:
                 raise DbenchError(
                     f"bad milestones {','.join(map(str, ms))}: need increasing epochs strictly between 0 and {self.epochs}"
                 )
-            if not 0 < self.gamma < 1:
-                raise DbenchError(f"bad lr gamma {self.gamma}: must be in (0, 1)")
         elif self.milestones:
             raise DbenchError(f"milestones apply only to --lr-schedule step, not {self.kind!r}")
+        # Checked whatever the schedule, as every setting is: a run records it, and a bad value (NaN) there
+        # would be a silent one.
+        if not 0 < self.gamma < 1:
+            raise DbenchError(f"bad lr gamma {self.gamma}: must be in (0, 1)")
 
     def lr_at(self, iteration: int) -> float:
         if self.kind == "constant":

@@ -32,6 +32,7 @@ from dbench.devices import synchronize
 from dbench.errors import DbenchError
 
 RULES = ("blocks", "params", "time")
+AUTO = "auto"  # the default: "time" where modules run at once (the distributed engine), else "blocks"
 Ranges = list[tuple[int, int]]
 # step_cost(forward_s, backward_s, index, num_modules) -> seconds of one training step of that module
 StepCost = Callable[[float, float, int, int], float]
@@ -54,16 +55,33 @@ def forward_backward(forward: float, backward: float, index: int, num_modules: i
 
 
 def parse_split(spec: str) -> str | list[int]:
-    """``blocks``/``params``/``time``, or comma-separated cut points."""
-    if spec in RULES:
+    """``auto``/``blocks``/``params``/``time``, or comma-separated cut points."""
+    if spec in (AUTO, *RULES):
         return spec
     try:
         cuts = [int(part) for part in spec.split(",")]
     except ValueError:
         raise DbenchError(
-            f"bad --split {spec!r}: expected one of {', '.join(RULES)} or increasing cut points like 4,8"
+            f"bad --split {spec!r}: expected one of {', '.join((AUTO, *RULES))} or increasing cut points like 4,8"
         ) from None
     return cuts
+
+
+def resolve_auto(split: str | list[int], engine: str, k: int) -> tuple[str | list[int], str | None]:
+    """``--split auto`` as a rule, and the line that tells the user which and why (None: nothing to say).
+
+    Only where the modules run at the same time (the distributed engine) does balance buy speed; the
+    local engine runs them one after another, so there the cut keeps equal block counts, which are
+    also the same on every machine (a profiled cut is not).
+    """
+    if split != AUTO:
+        return split, None
+    if k == 1:
+        return "blocks", None
+    if engine == "distributed":
+        return "time", "--split auto: modules run at once, so the cut balances their profiled time per step"
+    return "blocks", ("--split auto: equal block counts (the local engine runs one module at a time, so a "
+                      "balanced cut would not change its speed)")
 
 
 def check_k(k: int, num_blocks: int, model: str = "the model") -> None:

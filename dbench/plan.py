@@ -1,6 +1,7 @@
 """The plan of a run: every decision taken once, before anything is written, and saved as config.json.
 
-``make(cfg)`` validates the settings, resolves the devices and the engine,
+``make(cfg)`` validates the settings, resolves the devices and the engine
+(``check(cfg)``: what the settings alone decide, which a suite runs on all its runs first),
 loads the data set (to know its classes and sizes) and cuts the model into K
 modules (profiling it for ``--split time``). Every process of a run then
 *builds* from the same plan (``dbench.build``): the distributed engine's
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +28,7 @@ from dbench.engine import launch
 from dbench.errors import DbenchError
 from dbench.method import DATA_PARALLEL, Stage, parse_options
 from dbench.models.base import describe
-from dbench.partition import Ranges, check_k, parse_split, partition
+from dbench.partition import AUTO, Ranges, check_k, parse_split, partition, resolve_auto
 from dbench.registry import DATASETS, METHODS, MODELS
 
 # Steps at the start of each epoch left out of samples/s: first calls allocate,
@@ -51,6 +53,7 @@ class Plan:
     train_samples: int
     test_samples: int
     device_note: str | None = None  # said once to the user (e.g. no CUDA: modules on the CPU); not recorded
+    split_note: str | None = None  # what --split auto chose, and why; not recorded (the partition is)
 
     @property
     def method(self) -> type[Stage]:
@@ -95,29 +98,46 @@ class Plan:
         )
 
 
-def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Plan, DataSplits]:
-    """Validate ``cfg`` and decide everything; raises DbenchError before anything is written.
+@dataclass(frozen=True)
+class Checked:
+    """What ``check`` decided from the settings alone, for ``make`` to go on from."""
 
-    Returns the plan and the loaded data set (which a process that goes on to
-    build from this plan may reuse rather than load again). ``devices``: the
-    placement decided elsewhere (torchrun: each rank's own device), else
-    ``--gpus``/``--devices`` are resolved here.
+    stage_cls: type[Stage]
+    options: Any  # the method's Options
+    split: str | list[int]
+    replicas: bool  # a data-parallel method: every device holds the whole model
+    devices: list[torch.device]
+    device_note: str | None
+    engine: str
+
+
+def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
+    """Every refusal of ``make`` that the settings alone decide; raises DbenchError, writes nothing.
+
+    Cheap (no data set loaded, the model built on the meta device only), so a
+    suite checks all its runs with it before the first one trains. What it
+    cannot see is the data set's files: ``make`` finds a missing one when it loads it.
     """
     cfg.validate()
     stage_cls = METHODS.get(cfg.method)
     options = parse_options(stage_cls, cfg.method_options)
-    build_model = MODELS.get(cfg.model)
+    build_model = MODELS.get(cfg.model)  # an unknown model fails here, a data-parallel method's too
     spec = DATASETS.get(cfg.dataset)
     split = parse_split(cfg.split)
     replicas = stage_cls.parallelism == DATA_PARALLEL
-    if replicas and cfg.split != RunConfig.split:
+    if replicas and split != AUTO:
         raise DbenchError(f"--split {cfg.split} does not apply to {cfg.method}: every device holds the whole model")
     if not replicas:
-        check_k(cfg.gpus, describe(cfg.model)["blocks"], cfg.model)
+        check_k(cfg.gpus, _num_blocks(cfg.model, build_model), cfg.model)
     if isinstance(split, list) and len(split) + 1 != cfg.gpus:
         raise DbenchError(
             f"bad --split {cfg.split}: {len(split)} cut points make {len(split) + 1} modules, but --gpus is {cfg.gpus}"
         )
+    if replicas and cfg.batch_size < cfg.gpus:
+        # Before the devices are resolved: K replicas are K devices and K processes, and a K past any batch
+        # (--gpus 10**22) would be allocated as a device list before being refused.
+        raise DbenchError(f"bad --batch-size {cfg.batch_size} for {cfg.method} on {cfg.gpus} devices: every replica "
+                          f"needs a shard of at least one sample (batch size >= K)")
     note = None
     if devices is None:
         devices, note = resolve_devices(cfg.gpus, cfg.devices)
@@ -131,11 +151,42 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Pla
         engine = "distributed"
     if not spec.needs_data_dir and (cfg.data_dir or cfg.download):
         raise DbenchError(f"--data-dir/--download do not apply to data set {cfg.dataset!r} (it is generated)")
+    return Checked(stage_cls=stage_cls, options=options, split=split, replicas=replicas, devices=devices,
+                   device_note=note, engine=engine)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_blocks(model: str, build_model: Any) -> int:
+    """The model's block count, built once per model: a suite checks dozens of runs of the same model.
+
+    Keyed by the builder too, so a model registered anew under the same name is counted anew.
+    """
+    return describe(model)["blocks"]
+
+
+def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Plan, DataSplits]:
+    """Validate ``cfg`` (``check``) and decide everything; raises DbenchError before anything is written.
+
+    Returns the plan and the loaded data set (which a process that goes on to
+    build from this plan may reuse rather than load again). ``devices``: the
+    placement decided elsewhere (torchrun: each rank's own device), else
+    ``--gpus``/``--devices`` are resolved here.
+    """
+    checked = check(cfg, devices)
+    stage_cls, options, split, replicas = checked.stage_cls, checked.options, checked.split, checked.replicas
+    devices, note, engine = checked.devices, checked.device_note, checked.engine
+    build_model = MODELS.get(cfg.model)
+    spec = DATASETS.get(cfg.dataset)
     splits = spec.load(Path(cfg.data_dir).expanduser() if cfg.data_dir else None, cfg.download)
+    samples = len(splits.train_y)
+    if cfg.batch_size > samples:
+        raise DbenchError(f"bad --batch-size {cfg.batch_size}: a batch holds at most the {samples} training samples "
+                          f"of {cfg.dataset} (1 <= batch size <= {samples})")
     train = loader(cfg, splits, devices[0], train=True)
 
     torch.manual_seed(cfg.seed)
     model = build_model(num_classes=splits.num_classes)
+    split, split_note = resolve_auto(split, engine, cfg.gpus) if not replicas else (split, None)
     sample = next(iter(train.epoch(0)))[0] if split == "time" else None
     boundary = None
     if stage_cls.boundary_cost is not None:
@@ -144,16 +195,24 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Pla
     if replicas:
         ranges = [(0, len(model.blocks))] * cfg.gpus  # every replica holds every block
     else:
+        began = time.perf_counter()
         with profiling_threads(engine, devices):
             ranges = partition(model.blocks, cfg.gpus, split, sample=sample, device=devices[0], model=cfg.model,
                                step_cost=stage_cls.step_cost, boundary_cost=boundary)
+        if split_note and split == "time":
+            split_note += (f" (profiling took {time.perf_counter() - began:.1f} s; --split blocks for equal "
+                           "block counts)")
     sigma_every = cfg.sigma_interval(len(train))
+    if sigma_every and cfg.sigma_batches > len(train):
+        raise DbenchError(f"bad --sigma-batches {cfg.sigma_batches}: the σ probe's set is drawn from the {len(train)} "
+                          f"batches of the training set (1 <= sigma batches <= {len(train)})")
     plan = Plan(
         config=cfg, options=options, devices=[str(d) for d in devices], engine=engine, ranges=ranges,
         num_params=sum(p.numel() for p in model.parameters()), num_classes=splits.num_classes,
         steps_per_epoch=len(train), sigma_every=sigma_every,
         sigma_probe_samples=min(cfg.sigma_batches * cfg.batch_size, train.num_samples) if sigma_every else 0,
         train_samples=train.num_samples, test_samples=len(splits.test_y), device_note=note,
+        split_note=split_note,
     )
     return plan, splits
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from dbench.errors import DbenchError
 
@@ -34,14 +33,49 @@ from dbench.summary import SUMMARY  # noqa: E402  (written here, computed and re
 CHECKPOINT = "checkpoint.pt"
 
 
+def cannot_write(path: Path, e: OSError) -> DbenchError:
+    """A failed write as one line: the file, and the system's reason (disk full, read-only, permission)."""
+    return DbenchError(f"cannot write {path}: {e.strerror or e}")
+
+
+def writable_folder(path: Path, what: str) -> None:
+    """Make folder ``path`` (and its parents) if missing and check that a file can be written in it.
+
+    Called before any work, so that a read-only or impossible output place fails in one line at
+    once, not after hours of training. ``what`` names the folder for the message ("--out", say).
+    """
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise DbenchError(f"cannot write {what} {path}: {folder} is a file, not a folder")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise DbenchError(f"cannot write {what} {path}: {e.strerror or e}") from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Replace ``path`` with ``data`` or leave it as it was: written beside it, fsynced, then renamed.
+
+    A failed write (a full disk, say) removes its temporary file and raises a one-line DbenchError.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise cannot_write(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise cannot_write(path, e) from None
     except BaseException:
         os.unlink(tmp)
         raise
@@ -56,6 +90,10 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise DbenchError(f"{path} is missing: not a dbench run directory") from None
+    except UnicodeDecodeError:
+        raise DbenchError(f"{path} is not text (not UTF-8): the file is damaged") from None
+    except OSError as e:
+        raise DbenchError(f"cannot read {path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise DbenchError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
@@ -90,6 +128,14 @@ class RunDir:
             raise DbenchError(f"cannot resume {path}: no {CONFIG} there (not a dbench run directory)")
         return run
 
+    def check_writable(self) -> None:
+        """Before resuming: every file of the run is replaced by a write beside it, so the folder must take one."""
+        try:
+            with tempfile.TemporaryFile(dir=self.path):
+                pass
+        except OSError as e:
+            raise DbenchError(f"cannot resume {self.path}: the folder cannot be written ({e.strerror or e})") from None
+
     @staticmethod
     @contextlib.contextmanager
     def claim(path: Path):
@@ -101,9 +147,9 @@ class RunDir:
         """
         path = Path(path)
         made = [p for p in reversed(path.parents) if not p.exists()]  # folders this claim creates
-        path.parent.mkdir(parents=True, exist_ok=True)
         marker = path.parent / f".{path.name}.claim"
         try:
+            writable_folder(path.parent, "the run directory's folder")
             with open(marker, "a+b") as f:
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,7 +162,7 @@ class RunDir:
         finally:
             if not path.exists():  # nothing was created: leave no empty folder behind either
                 for folder in reversed(made):
-                    if folder.exists() and not any(folder.iterdir()):
+                    if folder.is_dir() and not any(folder.iterdir()):
                         folder.rmdir()
 
     @contextlib.contextmanager
@@ -143,26 +189,42 @@ class RunDir:
         atomic_write_bytes(self.path / name, text.encode())
 
     def metrics(self) -> list[dict]:
+        """The rows of metrics.jsonl; a damaged file is a one-line error naming the line."""
         path = self.path / METRICS
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise DbenchError(f"{path} is not text (not UTF-8): the file is damaged; restore it from a backup, "
+                              "or start the run again") from None
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DbenchError(f"{path} line {n} is damaged ({e.msg}): repair or remove that line, or start "
+                                  "the run again") from None
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise DbenchError(f"{path} line {n} is not a dbench metrics row (no epoch number): repair or "
+                                  "remove that line, or start the run again")
+            rows.append(row)
+        return rows
 
     def write_metrics(self, rows: list[dict]) -> None:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
         atomic_write_bytes(self.path / METRICS, text.encode())
 
     def save_checkpoint(self, state: dict) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", dir=self.path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, as every run file
-            os.replace(tmp, self.path / CHECKPOINT)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        # Serialized in memory first: torch.save into a file that cannot grow (a full disk) fails with
+        # an unreadable message from its zip writer; the plain write then says what went wrong.
+        import torch  # here: the readers of run directories (reports) need no torch
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.path / CHECKPOINT, buffer.getbuffer())
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporary files a killed process left mid-write (``.<name>.XXXX``); returns them.
@@ -175,8 +237,29 @@ class RunDir:
             p.unlink()
         return stale
 
-    def load_checkpoint(self) -> dict | None:
+    def load_checkpoint(self, mmap: bool = False) -> dict | None:
+        """The checkpoint, or None if the run has none yet; a damaged one is a one-line error naming it.
+
+        ``mmap``: map the file instead of reading every tensor (to read a number or two from it).
+        """
         path = self.path / CHECKPOINT
         if not path.exists():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        import torch
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
+            raise DbenchError(f"{path} is damaged and cannot be read ({type(e).__name__}): restore it from a "
+                              "backup, or delete it to train the run again from its first epoch") from None
+        if not isinstance(state, dict) or not isinstance(state.get("epochs_done"), int) or "trainer" not in state:
+            raise DbenchError(f"{path} is not a dbench checkpoint: restore it from a backup, or delete it to "
+                              "train the run again from its first epoch")
+        return state
+
+    def checkpointed(self) -> tuple[int, int]:
+        """``(finished epochs, steps of the next epoch)`` in the checkpoint; ``(0, 0)`` without one."""
+        state = self.load_checkpoint(mmap=True)
+        if state is None:
+            return 0, 0
+        return state["epochs_done"], (state.get("partial") or {}).get("step", 0)

@@ -42,7 +42,8 @@ UNKNOWN_FACTS = {"family": "", "table_order": 100.0, "reference": False, "lockin
 
 # RunConfig fields that do not change what a run computes or measures; runs that
 # differ only in these (and the seed) are repetitions of one experiment.
-NOT_SETTINGS = {"seed", "data_dir", "download", "devices", "comm_timeout", "sigma_every", "sigma_batches", "method_options"}
+NOT_SETTINGS = {"seed", "data_dir", "download", "devices", "comm_timeout", "sigma_every", "sigma_batches", "method_options",
+                "checkpoint_every"}
 
 
 class RunSkipped(DbenchError):
@@ -74,11 +75,9 @@ class Run:
 
     @property
     def method_label(self) -> str:
-        """The method with its non-default options: mymethod[scale=0.5] is not the same experiment as mymethod."""
-        options = self.settings.get("method_options") or {}
-        if not options:
-            return self.method
-        return self.method + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
+        """The method with its non-default options: mymethod[scale=0.5] is not the same experiment as mymethod
+        (dbench.summary.method_label, which summary.md's title uses too)."""
+        return summaries.method_label(self.config)
 
     @property
     def label(self) -> str:

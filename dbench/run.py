@@ -20,11 +20,11 @@ from dbench.config import RunConfig
 from dbench.data.base import DataSplits
 from dbench.engine import launch
 from dbench.errors import DbenchError
-from dbench.loop import RunInterrupted
+from dbench.errors import RunInterrupted
 from dbench.plan import Plan
-from dbench.record import CHECKPOINT, CONFIG, ENVIRONMENT, SUMMARY, RunDir
+from dbench.record import CONFIG, ENVIRONMENT, METRICS, SUMMARY, RunDir
 
-__all__ = ["start", "resume", "completed", "create_run_dir", "train_here", "mark", "RunInterrupted"]
+__all__ = ["start", "resume", "completed", "create_run_dir", "train_here", "mark", "interrupted", "RunInterrupted"]
 
 
 def default_run_dir(cfg: RunConfig, root: Path = Path("results")) -> Path:
@@ -79,9 +79,11 @@ def create_run_dir(cfg: RunConfig, out: Path | None = None,
             raise DbenchError(f"run directory {out} already exists: pass --resume {out} to continue it, "
                               "or another --out")
         plan, splits = planning.make(cfg, devices)
-        if plan.device_note and launch.speaks():
-            # Said once and never silenced: the user asked for devices and gets the CPU.
-            print(plan.device_note)
+        if launch.speaks():
+            # Said once and never silenced: the user asked for devices and gets the CPU; the default cut.
+            for note in (plan.device_note, plan.split_note):
+                if note:
+                    print(note)
         run = RunDir.create(
             out,
             {
@@ -98,12 +100,16 @@ def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], Non
     if launch.under_torchrun():
         return launch.torchrun_process(None, None, path, quiet)
     run = RunDir.open(path)
+    run.check_writable()
     with run.exclusive():
         cfg = RunConfig.from_dict(run.read(CONFIG)["run"], source=str(path / CONFIG))
         if summary.read(path).get("status") == "complete":
             raise DbenchError(f"run {path} is already complete ({cfg.epochs} epochs); nothing to resume")
+        # A damaged checkpoint or metrics file fails here, in one line, before any set-up.
+        epochs, steps = run.checkpointed()
+        _checkpointed_rows(run, epochs)
         if not quiet:
-            print(f"resuming {path} after epoch {_epochs_done(run)} of {cfg.epochs}")
+            print(f"resuming {path} after epoch {epochs} of {cfg.epochs}" + (f", step {steps}" if steps else ""))
         _continue(run, quiet, on_epoch_end)
     return run.path
 
@@ -113,18 +119,35 @@ def read_plan(run: RunDir) -> Plan:
 
 
 def _epochs_done(run: RunDir) -> int:
-    checkpoint = run.path / CHECKPOINT
-    if not checkpoint.exists():
-        return 0
-    # mmap: read the one number without loading every tensor of the checkpoint.
-    return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["epochs_done"]
+    return run.checkpointed()[0]
+
+
+def interrupted(run: RunDir) -> RunInterrupted:
+    """The error that says where a stopped run can be resumed from (its checkpoint)."""
+    return RunInterrupted(run.path, *run.checkpointed())
+
+
+def _checkpointed_rows(run: RunDir, done: int) -> list[dict]:
+    """The metric rows of the ``done`` epochs in the checkpoint (later ones: an epoch that did not finish
+    saving). They must be those of epochs 1..done: rows lost from metrics.jsonl could not be re-made."""
+    rows = [r for r in run.metrics() if r["epoch"] <= done]  # epoch and probe rows
+    epochs = [r["epoch"] for r in rows if r.get("kind") == "epoch"]
+    if epochs != list(range(1, done + 1)):
+        raise DbenchError(f"{run.path / METRICS} holds the rows of epochs {_span(epochs)} but the checkpoint "
+                          f"has {done} finished epoch(s): the file lost rows (restore it from a backup, or "
+                          "start the run again)")
+    return rows
 
 
 def _keep_checkpointed_rows(run: RunDir, done: int) -> list[dict]:
-    """Drop metric rows past the checkpoint (an epoch that did not finish saving); returns the rest."""
-    rows = [r for r in run.metrics() if r["epoch"] <= done]  # epoch and probe rows
+    """Cut metrics.jsonl back to the checkpoint; returns the rows kept."""
+    rows = _checkpointed_rows(run, done)
     run.write_metrics(rows)
     return rows
+
+
+def _span(epochs: list[int]) -> str:
+    return "none" if not epochs else ", ".join(map(str, epochs)) if len(epochs) <= 4 else f"{epochs[0]}..{epochs[-1]} ({len(epochs)} rows)"
 
 
 def _continue(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | None,
@@ -155,16 +178,16 @@ def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | N
         # Stopped during set-up (data, model): the run exists, so it must not stay "running".
         if writer:
             mark(run, "interrupted")
-        raise RunInterrupted(run.path, _epochs_done(run)) from None
+        raise interrupted(run) from None
     checkpoint = run.load_checkpoint()
-    done = 0
+    done, partial = 0, None
     if checkpoint is not None:
         built.trainer.load_state_dict(checkpoint["trainer"])
-        done = checkpoint["epochs_done"]
+        done, partial = checkpoint["epochs_done"], checkpoint.get("partial")  # partial: cut inside an epoch
     rows: list[dict] = []
     if built.trainer.is_writer:
         rows = _keep_checkpointed_rows(run, done)
-    loop.train(built, run, rows, done, quiet, on_epoch_end)
+    loop.train(built, run, rows, done, quiet, on_epoch_end, partial)
 
 
 def mark(run: RunDir, status: str, error: str | None = None) -> None:

@@ -1,6 +1,8 @@
 """summary.md: a run's per-module time, memory and σ as tables a reader can use without the code."""
 from __future__ import annotations
 
+from dbench.summary import method_label
+
 SUMMARY_MD = "summary.md"
 
 MIB = 2**20
@@ -84,7 +86,7 @@ def memory_table(summary: dict) -> str:
 
 def markdown(config: dict, summary: dict) -> str:
     run = config["run"]
-    title = f"# {run['method']} · {run['model']} · {run['dataset']} · K={run['gpus']} · seed {run['seed']}"
+    title = f"# {method_label(config)} · {run['model']} · {run['dataset']} · K={run['gpus']} · seed {run['seed']}"
     out = [title, ""]
     status = f"Status: **{summary['status']}**, {summary['epochs_done']} of {summary['epochs']} epochs."
     if summary.get("error"):

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import sys
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,12 +32,20 @@ GRID_KEYS = {"methods": "method", "models": "model", "datasets": "dataset", "gpu
 SUITE_KEYS = {"description", "grid"}
 # Settings a suite may share or a grid may override: every RunConfig field but the grid's own.
 SETTINGS = {f.name for f in dataclasses.fields(RunConfig)} - set(GRID_KEYS.values())
+# The type of each setting is RunConfig's own annotation: declared once, checked here for every key.
+SETTING_TYPES = {name: hint for name, hint in typing.get_type_hints(RunConfig).items() if name in SETTINGS}
+# A suite's name is a folder under the results: no path separator, no leading dot (hidden, skipped by reports).
+SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# What a suite does with a run directory, by the status in its summary.json.
+SKIPPED = ("complete", "diverged")  # left as they are
+RESUMED = ("running", "interrupted", "failed")  # continued from the last finished epoch
 
 
 @dataclass(frozen=True)
 class PlannedRun:
     suite: str
     config: RunConfig
+    where: str  # the grid that planned it, e.g. suite.NAME.grid[0], for error messages
 
     @property
     def name(self) -> str:
@@ -50,6 +61,7 @@ class Suite:
     name: str
     description: str
     runs: list[PlannedRun]
+    source: Path  # the bench.toml it came from, for error messages
 
 
 def load(path: Path, name: str) -> Suite:
@@ -77,6 +89,9 @@ def load_all(path: Path) -> dict[str, Suite]:
 
 def _suite(path: Path, name: str, body: Any) -> Suite:
     where = f"suite.{name}"
+    if not SUITE_NAME.fullmatch(name):
+        raise DbenchError(f"{path}: [{where}]: bad suite name {name!r}: it names the folder of its runs, so use "
+                          f"letters, digits, '-', '_' and '.' (not first)")
     _expect(path, where, body, dict, "a table")
     unknown = sorted(set(body) - SUITE_KEYS - SETTINGS)
     if unknown:
@@ -89,6 +104,7 @@ def _suite(path: Path, name: str, body: Any) -> Suite:
         raise DbenchError(f"{path}: {where} has no [[{where}.grid]]: a suite needs at least one grid")
     _expect(path, f"{where}.grid", grids, list, "an array of tables ([[...grid]])")
     shared = {k: v for k, v in body.items() if k in SETTINGS}
+    _check_types(path, where, shared)
     runs: list[PlannedRun] = []
     for i, grid in enumerate(grids):
         runs += _grid(path, name, f"{where}.grid[{i}]", grid, shared)
@@ -96,7 +112,7 @@ def _suite(path: Path, name: str, body: Any) -> Suite:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DbenchError(f"{path}: {where}: run {repeated[0]} appears in two grids; each run must be planned once")
-    return Suite(name, description, runs)
+    return Suite(name, description, runs, Path(path))
 
 
 def _grid(path: Path, suite: str, where: str, grid: Any, shared: dict) -> list[PlannedRun]:
@@ -116,32 +132,62 @@ def _grid(path: Path, suite: str, where: str, grid: Any, shared: dict) -> list[P
         if not values:
             raise DbenchError(f"{path}: {where}.{key} is empty: the grid would hold no run")
         axes.append([(field, v) for v in values])
-    settings = {**shared, **{k: v for k, v in grid.items() if k in SETTINGS}}
+    overrides = {k: v for k, v in grid.items() if k in SETTINGS}
+    _check_types(path, where, overrides)
+    settings = {**shared, **overrides}
     runs = []
     for combo in itertools.product(*axes):
-        values = {**settings, **dict(combo)}
-        config = _config(path, where, values)
-        runs.append(PlannedRun(suite, config))
+        planned = PlannedRun(suite, RunConfig(**settings, **dict(combo)), where)
+        try:
+            planned.config.validate()
+        except DbenchError as e:
+            raise DbenchError(f"{path}: {where}, run {planned.name}: {e}") from None
+        runs.append(planned)
     return runs
 
 
-def _config(path: Path, where: str, values: dict) -> RunConfig:
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    defaults = RunConfig()
-    for key, value in values.items():
-        expected = type(getattr(defaults, key))
-        if getattr(defaults, key) is None or isinstance(getattr(defaults, key), (list, dict)):
-            continue  # optional or container fields: RunConfig.validate judges them
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise DbenchError(f"{path}: {where}: {key} = {value!r} should be {expected.__name__}")
-    config = RunConfig(**{k: v for k, v in values.items() if k in fields})
-    try:
-        config.validate()
-    except DbenchError as e:
-        raise DbenchError(f"{path}: {where}: {e}") from None
-    return config
+def _check_types(path: Path, where: str, settings: dict) -> None:
+    """Each setting's TOML value against RunConfig's annotation: a wrong type is named here, not a crash later."""
+    for key, value in settings.items():
+        hint = SETTING_TYPES[key]
+        if not _accepts(hint, value):
+            raise DbenchError(f"{path}: {where}: {key} = {value!r} should be {_describe(hint)}")
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a TOML value fits a RunConfig annotation. TOML has no null: an optional setting is left out."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint) if h is not type(None))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_accepts(item, v) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_accepts(key, k) and _accepts(item, v) for k, v in value.items())
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False  # Python's bool is an int; TOML's true is no number
+    if hint is float:
+        return isinstance(value, (int, float))  # lr = 1 means 1.0
+    return isinstance(value, hint)
+
+
+# How _describe names each plain type, alone and in a list or table.
+ONE = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+MANY = {bool: "trues and falses", int: "integers", float: "numbers", str: "strings"}
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint) if h is not type(None))
+    if origin is list:
+        return f"a list of {MANY[typing.get_args(hint)[0]]}"
+    if origin is dict:
+        return f'a table of {MANY[typing.get_args(hint)[1]]} (e.g. {{ name = "value" }})'
+    return ONE[hint]
 
 
 def _expect(path: Path, where: str, value: Any, kind: type, what: str) -> None:
@@ -151,33 +197,95 @@ def _expect(path: Path, where: str, value: Any, kind: type, what: str) -> None:
 
 # --- running -------------------------------------------------------------------------------------
 
+class DamagedRun(DbenchError):
+    """A planned run's path holds something the suite cannot act on: a directory whose summary.json is missing or
+    damaged, or a file."""
+
+
 def status(run: PlannedRun, root: Path) -> str:
-    """What is on disk for a planned run: missing, or the status in its summary."""
-    return summaries.status_of(run.path(root))
+    """What is on disk for a planned run: "missing", or the status in its summary.json.
+
+    A directory whose summary.json is missing, damaged or without a status the
+    suite knows is a DamagedRun: it can be neither skipped (it may not be done)
+    nor resumed (resuming reads the summary), and removing it could lose hours
+    of training, so the user decides.
+    """
+    path = run.path(root)
+    if not path.exists():
+        return "missing"
+    if not path.is_dir():
+        raise DamagedRun(f"{path} is not a directory: it stands where run {run.name} of suite {run.suite} goes; "
+                         f"move it away")
+    try:
+        summary = summaries.read(path)
+    except summaries.SummaryUnreadable as e:
+        damage = f"{e.path} {e.reason}"
+    else:
+        state = summary.get("status")
+        if state in SKIPPED + RESUMED:
+            return state
+        file = path / summaries.SUMMARY
+        damage = (f"{file} has no status" if "status" not in summary
+                  else f"{file} has status {state!r}, not one of {', '.join(SKIPPED + RESUMED)}")
+    raise DamagedRun(f"{damage}: run {run.name} of suite {run.suite} can be neither skipped nor resumed; "
+                     f"restore the file, or remove {path} to run it again")
+
+
+def _for_this_machine(config: RunConfig, data_dir: str | None) -> RunConfig:
+    """A new run's settings, with the --data-dir given to `dbench suite` in place of the suite's."""
+    return config if data_dir is None else dataclasses.replace(config, data_dir=data_dir)
+
+
+def check(suite: Suite, root: Path, data_dir: str | None = None) -> dict[str, str]:
+    """{run name: status on disk} of every run, once each run the suite would start is planned as
+    `dbench run` plans it (``plan.check``): a DbenchError, before anything trains or is written, names
+    the first damaged run directory or the first run `dbench run` would refuse.
+
+    A run already on disk is not planned again: it goes on (or stays) with the settings it recorded.
+    """
+    from dbench import plan  # torch: only when a suite is run or listed
+
+    states, damaged = {}, []
+    for planned in suite.runs:
+        try:
+            states[planned.name] = status(planned, root)
+        except DamagedRun as e:
+            damaged.append(e)
+    if damaged:
+        more = f" ({len(damaged) - 1} more damaged run(s) in this suite)" if len(damaged) > 1 else ""
+        raise DamagedRun(f"{damaged[0]}{more}")
+    for planned in suite.runs:
+        if states[planned.name] != "missing":
+            continue
+        try:
+            plan.check(_for_this_machine(planned.config, data_dir))
+        except DbenchError as e:
+            raise DbenchError(f"{suite.source}: {planned.where}, run {planned.name}: {e}") from None
+    return states
 
 
 def run_suite(suite: Suite, root: Path, *, quiet: bool = True, data_dir: str | None = None,
               echo: Callable[[str], None] = print, on_epoch_end: Callable[[int], None] | None = None) -> dict[str, str]:
     """Run every planned run that is not complete; returns {run name: final status}.
 
-    A complete run is skipped, an unfinished one resumed, a diverged one
-    recorded and left (the suite goes on); any other failure stops the suite.
+    First ``check`` (every run, before the first trains). Then a complete run
+    is skipped, an unfinished one resumed, a diverged one recorded and left
+    (the suite goes on); any other failure stops the suite.
     """
     from dbench import run as runner
 
+    check(suite, root, data_dir)
     final = {}
     total = len(suite.runs)
     for i, planned in enumerate(suite.runs, 1):
         path = planned.path(root)
         before = status(planned, root)
         label = f"[{i}/{total}] {planned.name}"
-        if before in ("complete", "diverged"):
+        if before in SKIPPED:
             echo(f"{label}: {before}, skipped")
             final[planned.name] = before
             continue
-        config = planned.config
-        if data_dir is not None:
-            config = dataclasses.replace(config, data_dir=data_dir)
+        config = _for_this_machine(planned.config, data_dir)
         echo(f"{label}: {'resuming' if before != 'missing' else 'starting'}")
         try:
             if before == "missing":

@@ -26,6 +26,40 @@ STATES = ("compute", "wait_input", "wait_grad", "idle", "probe")
 CUDA_PEAKS = ("cuda_peak_active_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes")
 
 
+def option_text(value: Any) -> str:
+    """A method option's value as it is typed after ``--opt name=`` (true/false, none, numbers as written)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def method_variant(config: dict) -> dict[str, str]:
+    """The method options of a run (config.json) that differ from its method's defaults, as text.
+
+    Compared as parsed values, so ``normalize=0`` and ``normalize=false`` are one
+    variant and an option given at its default value is no variant at all. A
+    run recorded before its method's defaults were (``method_facts`` without
+    ``default_options``) shows the options as they were typed.
+    """
+    chosen = config.get("method_options")
+    defaults = (config.get("method_facts") or {}).get("default_options")
+    if isinstance(chosen, dict) and isinstance(defaults, dict):
+        return {k: option_text(v) for k, v in chosen.items() if k not in defaults or defaults[k] != v}
+    return {k: str(v) for k, v in (config["run"].get("method_options") or {}).items()}
+
+
+def method_label(config: dict) -> str:
+    """The method with its non-default options, ``dni[normalize=false]``: a variant is not the same experiment
+    as the method, so every table, figure and summary.md names it (the method alone when it ran as it comes)."""
+    method = config["run"]["method"]
+    variant = method_variant(config)
+    if not variant:
+        return method
+    return method + "[" + ",".join(f"{k}={v}" for k, v in sorted(variant.items())) + "]"
+
+
 class SummaryUnreadable(DbenchError):
     """summary.json is missing or not a JSON object; ``reason`` says which, without the path."""
 
@@ -44,6 +78,10 @@ def read(run_dir: Path) -> dict:
         text = path.read_text()
     except FileNotFoundError:
         raise SummaryUnreadable(path, "is missing") from None
+    except UnicodeDecodeError:
+        raise SummaryUnreadable(path, "is not text (not UTF-8)") from None
+    except OSError as e:
+        raise SummaryUnreadable(path, f"cannot be read ({e.strerror or e})") from None
     try:
         summary = json.loads(text)
     except json.JSONDecodeError as e:

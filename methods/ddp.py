@@ -61,9 +61,7 @@ class DataParallel(Stage):
         if options.sync_bn and any(torch.device(d).type != "cuda" for d in devices):
             raise DbenchError("sync_bn=true needs a CUDA device per replica (torch's SyncBatchNorm works on GPUs "
                               "only); drop it on the CPU")
-        if batch_size < num_stages:
-            raise DbenchError(f"bad --batch-size {batch_size} for ddp on {num_stages} devices: every replica needs "
-                              f"a shard of at least one sample (batch size >= K)")
+        # A batch of at least K samples (a shard per replica) is checked by dbench.plan for every data-parallel method.
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

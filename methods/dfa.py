@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dbench.config import MAX_SEED
 from dbench.errors import DbenchError
 from dbench.method import ERROR, FEEDBACK_ALIGNMENT, FORWARD_LOCKED, UP, Recv, Send, Stage, StepProgram
 from dbench.registry import METHODS
@@ -21,8 +22,8 @@ class FeedbackOptions:
     def validate(self) -> None:
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise DbenchError(f"bad feedback scale {self.scale}: must be a finite number > 0")
-        if self.feedback_seed < 0:
-            raise DbenchError(f"bad feedback_seed {self.feedback_seed}: must be >= 0")
+        if not 0 <= self.feedback_seed <= MAX_SEED:
+            raise DbenchError(f"bad feedback_seed {self.feedback_seed}: must be >= 0 and at most {MAX_SEED}")
 
 
 @METHODS.register("dfa")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbench.config import MAX_SEED
 from dbench.errors import DbenchError
 from dbench.method import DOWN, SYNTHETIC_GRADIENT, UNLOCKED, UP, Recv, Send, SideModel, Stage, StepProgram
 from dbench.partition import median_seconds
@@ -35,8 +36,36 @@ class SynthOptions:
             raise DbenchError(f"bad layers {self.layers}: must be >= 0")
         if not (self.synth_lr > 0 and math.isfinite(self.synth_lr)):
             raise DbenchError(f"bad synth_lr {self.synth_lr}: must be a finite number > 0")
-        if self.synth_seed < 0:
-            raise DbenchError(f"bad synth_seed {self.synth_seed}: must be >= 0")
+        if not 0 <= self.synth_seed <= MAX_SEED:
+            raise DbenchError(f"bad synth_seed {self.synth_seed}: must be >= 0 and at most {MAX_SEED}")
+
+
+class _SingleValueSafe:
+    """BatchNorm that, in training mode, normalizes a batch holding one value per channel with its running
+    statistics, as in evaluation mode.
+
+    The synthesizer is trained on every batch a module sees, also a batch of one sample of flat features
+    (batch size 1, or an epoch's last batch of one). Batch statistics of a single value are undefined (its
+    variance is 0, and torch refuses it), so such a batch is normalized with the statistics of the batches
+    seen before it, which is what those statistics estimate; with none seen yet they are BatchNorm's initial
+    (mean 0, variance 1), which leaves only the affine part: BatchNorm skipped. Running statistics are left
+    untouched by such a batch, since it gives no estimate of a variance. Any batch with more than one value
+    per channel is normalized exactly as ``nn.BatchNorm`` does, so the numbers of every other run are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.numel() == x.shape[1]:  # one value per channel
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, momentum=0.0, eps=self.eps)
+        return super().forward(x)
+
+
+class SynthBatchNorm1d(_SingleValueSafe, nn.BatchNorm1d):
+    pass
+
+
+class SynthBatchNorm2d(_SingleValueSafe, nn.BatchNorm2d):
+    pass
 
 
 class Synthesizer(nn.Module):
@@ -46,7 +75,10 @@ class Synthesizer(nn.Module):
     layers, then a conv3x3 back to C channels; flat features (N, F): the same
     with linear layers. The last layer starts at zero, so the first synthetic
     gradient is exactly 0. With labels, the one-hot vector is appended as
-    constant channels (or units).
+    constant channels (or units). It is built in the dtype of the module's
+    output (``Stage.side``). A batch with one value per channel (one sample of
+    flat or 1x1 features) is normalized with the running statistics (see
+    ``_SingleValueSafe``).
     """
 
     def __init__(self, shape: tuple[int, ...], hidden: int, layers: int, num_classes: int = 0):
@@ -59,9 +91,9 @@ class Synthesizer(nn.Module):
         body: list[nn.Module] = []
         for a, b in zip(widths, widths[1:]):
             if conv:
-                body += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+                body += [nn.Conv2d(a, b, 3, padding=1, bias=False), SynthBatchNorm2d(b), nn.ReLU()]
             else:
-                body += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU()]
+                body += [nn.Linear(a, b, bias=False), SynthBatchNorm1d(b), nn.ReLU()]
         last = nn.Conv2d(widths[-1], channels, 3, padding=1) if conv else nn.Linear(widths[-1], channels)
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)

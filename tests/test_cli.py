@@ -25,6 +25,7 @@ def run_cli(args, monkeypatch, capsys):
     return code, out.out, out.err
 
 
+HUGE = "10000000000000000000000"  # 10**22: past torch's 64-bit integers ("ValueError: Overflow" unless checked)
 BAD = [
     (["run", "--method", "nope"], "unknown method 'nope'; known methods: "),
     (["run", "--model", "resnet7"], "unknown model 'resnet7'; known models:"),
@@ -58,6 +59,38 @@ BAD = [
     (["run", "--sigma-every", "-1"], "bad --sigma-every -1: must be >= 0"),
     (["run", "--sigma-batches", "0"], "bad --sigma-batches 0: must be an integer >= 1"),
     (["run", "--method", "dni", "--opt", "synth_seed=-1"], "bad synth_seed -1: must be >= 0"),
+    # Numbers past what torch takes (64-bit integers, finite floats) or past what the run can use: one line too.
+    (["run", "--batch-size", HUGE], f"bad --batch-size {HUGE}: a batch holds at most the 10000 training samples "
+                                    "of synthetic (1 <= batch size <= 10000)"),
+    (["run", "--batch-size", "10001"], "bad --batch-size 10001: a batch holds at most the 10000 training samples"),
+    (["run", "--method", "1f1b", "--gpus", "2", "--batch-size", HUGE], f"bad --batch-size {HUGE}"),
+    (["run", "--epochs", HUGE], f"bad --epochs {HUGE}: must be an integer >= 1 and at most 9223372036854775807"),
+    (["run", "--gpus", HUGE], f"bad --gpus {HUGE}: must be an integer >= 1 and at most 9223372036854775807"),
+    (["run", "--method", "ddp", "--gpus", HUGE], f"bad --gpus {HUGE}: must be an integer >= 1 and at most"),
+    (["run", "--method", "ddp", "--gpus", "1000000000"],
+     "bad --batch-size 128 for ddp on 1000000000 devices: every replica needs a shard of at least one sample"),
+    (["run", "--seed", HUGE], f"bad --seed {HUGE}: must be an integer >= 0 and at most 4294967295"),
+    (["run", "--seed", "4294967296"], "bad --seed 4294967296: must be an integer >= 0 and at most 4294967295"),
+    (["run", "--sigma-every", HUGE], f"bad --sigma-every {HUGE}: must be >= 0 and at most 9223372036854775807"),
+    (["run", "--sigma-batches", HUGE], f"bad --sigma-batches {HUGE}: must be an integer >= 1 and at most"),
+    (["run", "--sigma-batches", "80"],
+     "bad --sigma-batches 80: the σ probe's set is drawn from the 79 batches of the training set"),
+    (["run", "--milestones", HUGE, "--lr-schedule", "step"], f"bad milestones {HUGE}"),
+    (["run", "--lr", "inf"], "bad learning rate inf: must be a finite number > 0"),
+    (["run", "--lr", "nan"], "bad learning rate nan: must be a finite number > 0"),
+    (["run", "--lr", "1e400"], "bad learning rate inf: must be a finite number > 0"),
+    (["run", "--momentum", "nan"], "bad momentum nan: must be in [0, 1)"),
+    (["run", "--weight-decay", "inf"], "bad weight decay inf: must be a finite number >= 0"),
+    (["run", "--lr-gamma", "nan"], "bad lr gamma nan: must be in (0, 1)"),  # also with the cosine schedule
+    (["run", "--lr-schedule", "step", "--lr-gamma", "inf"], "bad lr gamma inf: must be in (0, 1)"),
+    (["run", "--comm-timeout", "inf"], "bad --comm-timeout inf: must be a number of seconds > 0 and at most 1e+09"),
+    (["run", "--comm-timeout", "nan"], "bad --comm-timeout nan"),
+    (["run", "--method", "dni", "--opt", f"synth_seed={HUGE}"], f"bad synth_seed {HUGE}: must be >= 0 and at most 4294967295"),
+    (["run", "--method", "bdfa", "--opt", "feedback_seed=4294967296"], "bad feedback_seed 4294967296: must be >= 0 and at most"),
+    (["run", "--method", "dfa", "--opt", "scale=inf"], "bad feedback scale inf: must be a finite number > 0"),
+    (["run", "--method", "cdni", "--opt", "synth_lr=nan"], "bad synth_lr nan: must be a finite number > 0"),
+    (["run", "--method", "gpipe", "--opt", f"microbatches={HUGE}"],
+     f"bad microbatches {HUGE}: a batch of 128 splits into at most 128 micro-batches"),
 ]
 
 
@@ -123,3 +156,13 @@ def test_console_script_end_to_end(tmp_path):
     bad = subprocess.run([DBENCH, "run", "--method", "nope"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["suite", "--help"], ["run", "--lr", "-1"],
+                                  ["run", "--epochs", "0", "--model", "mlp"]])
+def test_help_and_bad_numbers_do_not_load_torch(args):
+    """Start-up: help and settings errors answer at once (loading torch alone takes seconds on a busy machine)."""
+    code = ("import sys\nfrom dbench import cli\nsys.argv = ['dbench', *sys.argv[1:]]\ntry:\n    cli.entry()\n"
+            "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert "torch was imported" not in done.stderr and "Traceback" not in done.stderr, done.stderr

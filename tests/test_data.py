@@ -1,7 +1,9 @@
 """Tests for dbench.data: the synthetic set, the CIFAR reader and the device loader."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import pickle
 from pathlib import Path
 from urllib.error import URLError
@@ -419,6 +421,48 @@ def test_not_a_pickle(cifar10_dir, monkeypatch):
     monkeypatch.setitem(cifar.CHECKSUMS["cifar10"], "cifar-10-batches-py/batches.meta",
                         _md5(path.read_bytes()))
     assert "cannot unpickle" in _error(cifar10_dir)
+
+
+def _refuse(monkeypatch, target: Path, method: str, allowed: int = 0) -> None:
+    """``target.<method>()`` raises PermissionError as an unreadable file does, after ``allowed`` calls that
+    work (as root, chmod 000 does not stop a read: the reader's own error path is exercised this way)."""
+    real = getattr(Path, method)
+    calls = []
+
+    def refusing(self, *args, **kwargs):
+        if self == target:
+            calls.append(1)
+            if len(calls) > allowed:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, refusing)
+
+
+@pytest.mark.parametrize("allowed,step", [(0, "its checksum"), (1, "unpickling it")])
+def test_unreadable_file_is_one_line_error(cifar10_dir, monkeypatch, allowed, step):
+    """A file that is there but cannot be read, when its checksum is taken or when it is unpickled."""
+    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_3"
+    _refuse(monkeypatch, path, "open", allowed)
+    message = _error(cifar10_dir)
+    assert message.startswith(f"cannot read {path}: Permission denied"), (step, message)
+    assert "readable" in message
+
+
+def test_unsearchable_folder_is_one_line_error(cifar10_dir, monkeypatch):
+    path = cifar10_dir / "cifar-10-batches-py" / "test_batch"
+    _refuse(monkeypatch, path, "is_file")
+    assert _error(cifar10_dir).startswith(f"cannot read {path}: Permission denied")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode (the monkeypatched tests cover it)")
+def test_unreadable_file_on_disk_is_one_line_error(cifar10_dir):
+    path = cifar10_dir / "cifar-10-batches-py" / "batches.meta"
+    path.chmod(0)
+    try:
+        assert _error(cifar10_dir).startswith(f"cannot read {path}: Permission denied")
+    finally:
+        path.chmod(0o644)
 
 
 def test_download_failure_is_one_line_error(tmp_path, monkeypatch):

@@ -112,7 +112,7 @@ def test_a_killed_module_ends_the_run_cleanly(k, tmp_path):
     failed with its files whole, and leaves no process behind."""
     out = tmp_path / "run"
     launcher = subprocess.Popen(
-        [DBENCH, "run", "--engine", "distributed", "--gpus", str(k), "--model", "mlp", "--epochs", "50", "--quiet",
+        [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", str(k), "--model", "mlp", "--epochs", "50", "--quiet",
          "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
@@ -135,7 +135,7 @@ def test_a_hung_module_ends_the_run_within_the_timeout(tmp_path):
     launcher stops everything (SIGKILL ends the stopped one), and the error says it timed out."""
     out = tmp_path / "run"
     launcher = subprocess.Popen(
-        [DBENCH, "run", "--engine", "distributed", "--gpus", "2", "--model", "mlp", "--epochs", "50", "--quiet",
+        [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", "2", "--model", "mlp", "--epochs", "50", "--quiet",
          "--comm-timeout", "5", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
@@ -151,7 +151,9 @@ def test_a_hung_module_ends_the_run_within_the_timeout(tmp_path):
 def test_launcher_torchrun_and_local_runs_agree(tmp_path):
     """The same run through the CLI three ways (our launcher, torchrun, the local engine): the same checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["run", "--gpus", "2", "--model", "mlp", "--epochs", "2", "--quiet", "--method", "fr"]
+    # one cut for all three (--split auto would profile a cut for the distributed engine only)
+    common = ["run", "--gpus", "2", "--model", "mlp", "--epochs", "2", "--quiet", "--method", "fr", "--split", "blocks",
+              "--batch-size", "512"]
     commands = {
         "distributed": [DBENCH, *common, "--engine", "distributed"],
         "torchrun": [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
@@ -177,12 +179,16 @@ def test_interrupted_distributed_run_resumes_to_the_same_numbers(tmp_path, metho
     """Ctrl-C stops every module process and marks the run interrupted; --resume ends where an unbroken run does."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["run", "--engine", "distributed", "--gpus", "2", "--model", "mlp", "--epochs", "3", "--quiet",
-              "--method", method]
+              "--method", method, "--batch-size", "256"]
+    if method != "ddp":  # the same cut for both runs (a whole replica per process has none)
+        common += ["--split", "blocks"]
     whole = subprocess.run([DBENCH, *common, "--out", str(tmp_path / "whole")], capture_output=True, text=True,
                            env=env, cwd=tmp_path, timeout=300)
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"
-    launcher = subprocess.Popen([DBENCH, *common, "--out", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # The stopped run also checkpoints inside its epochs (every 3 steps), through the mid-epoch
+    # flush of every stream: an unbroken run without them is what it must end equal to.
+    launcher = subprocess.Popen([DBENCH, *common, "--checkpoint-every", "3", "--out", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=env, cwd=tmp_path,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
@@ -197,6 +203,7 @@ def test_interrupted_distributed_run_resumes_to_the_same_numbers(tmp_path, metho
         pytest.skip("the run finished before the interrupt landed")
     assert launcher.returncode == 130 and "interrupted" in stderr
     assert summary["status"] == "interrupted"
+    assert not list(cut.glob("failure-rank*")), "an interrupted run wrote failure files although nothing failed"
     resumed = subprocess.run([DBENCH, "run", "--resume", str(cut), "--quiet"], capture_output=True, text=True,
                              env=env, cwd=tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -64,7 +64,7 @@ def test_workers_stop_by_themselves_when_the_launcher_dies(tmp_path):
     interrupted (resumable), never completed with nobody supervising it."""
     out = tmp_path / "run"
     launcher = subprocess.Popen(
-        [DBENCH, "run", "--engine", "distributed", "--gpus", "2", "--model", "mlp", "--epochs", "50", "--quiet",
+        [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", "2", "--model", "mlp", "--epochs", "50", "--quiet",
          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     summary = out / "summary.json"
     deadline = time.monotonic() + 120
@@ -90,3 +90,194 @@ def test_workers_stop_by_themselves_when_the_launcher_dies(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert checkpoint["epochs_done"] == recorded["epochs_done"] == len([r for r in rows if r["kind"] == "epoch"]) >= 1
 
+
+
+# --------------------------------------------------------------------------- mid-epoch checkpoints
+
+
+def _numbers(path: Path) -> list[dict]:
+    from test_resume import numbers
+
+    return numbers(path)
+
+
+@pytest.mark.parametrize("method", ["fr", "ddg"])
+def test_a_run_stopped_inside_an_epoch_resumes_from_its_last_mid_epoch_checkpoint(tmp_path, monkeypatch, method):
+    """--checkpoint-every N: a stop loses at most N steps, and the resumed run ends with the numbers of an
+    unbroken one (losses, accuracies, σ probes, per-module memory; timings aside)."""
+    from dbench import loop
+
+    cfg = dict(method=method, model="mlp", gpus=3, epochs=2, batch_size=512, seed=1)  # 20 steps an epoch
+    whole = runner.start(RunConfig(**cfg), tmp_path / "whole", quiet=True)
+
+    cut = tmp_path / "cut"
+    calls = {"n": 0}
+    advance = loop.Progress.advance
+
+    def stop_in_epoch_2(self, n):
+        calls["n"] += n
+        if calls["n"] == 20 + 11:  # step 11 of epoch 2: two steps after its checkpoint at step 9
+            raise KeyboardInterrupt
+        advance(self, n)
+
+    monkeypatch.setattr(loop.Progress, "advance", stop_in_epoch_2)
+    with pytest.raises(runner.RunInterrupted, match=r"1 finished epoch\(s\) and 9 step\(s\) of epoch 2"):
+        runner.start(RunConfig(**cfg, checkpoint_every=3), cut, quiet=True)
+    monkeypatch.setattr(loop.Progress, "advance", advance)
+    assert json.loads((cut / "summary.json").read_text())["status"] == "interrupted"
+    runner.resume(cut, quiet=True)
+    assert _numbers(cut) == _numbers(whole)
+
+
+def test_checkpoint_every_must_be_a_number_of_steps(tmp_path):
+    with pytest.raises(DbenchError, match="bad --checkpoint-every -1"):
+        runner.start(RunConfig(**CFG, checkpoint_every=-1), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- full disk, unwritable places
+
+
+def _limited_file_size(limit: int):
+    """In the child: files cannot grow beyond ``limit`` bytes (writes fail with EFBIG, as on a full disk)."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_is_one_line_and_marks_the_run_failed(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([DBENCH, "run", "--model", "mlp", "--epochs", "2", "--sigma-every", "0", "--quiet",
+                           "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          preexec_fn=_limited_file_size(200_000))  # the run's JSON files fit; its checkpoint not
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert f"cannot write {out / CHECKPOINT}" in done.stderr and "File too large" in done.stderr
+    recorded = json.loads((out / "summary.json").read_text())
+    assert recorded["status"] == "failed" and recorded["epochs_done"] == 0
+    # nothing half-written: no checkpoint, no temporary file, no metrics row for the epoch it lost
+    assert not (out / CHECKPOINT).exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["kind"] == "epoch"]
+
+
+@pytest.fixture
+def unwritable(tmp_path, monkeypatch):
+    """A folder nothing can be written in. As root, permissions do not stop writes, so there the
+    system calls that create files and folders under it fail as the kernel would (EACCES)."""
+    import errno
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def denied(path):
+            return Path(os.path.abspath(path)).is_relative_to(folder)
+
+        def fake_open(path, flags, *args, **kwargs):
+            if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR) and denied(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        def fake_mkdir(path, *args, **kwargs):
+            if denied(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", fake_open)
+        monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    yield folder
+    folder.chmod(0o755)
+
+
+def _cli(args, monkeypatch, capsys):
+    from test_cli import run_cli
+
+    return run_cli(args, monkeypatch, capsys)
+
+
+def test_run_into_an_unwritable_folder_is_one_line_before_any_work(unwritable, monkeypatch, capsys):
+    from dbench import run as run_module
+
+    monkeypatch.setattr(run_module.planning, "make", lambda *a, **k: pytest.fail("the set-up started"))
+    code, _, err = _cli(["run", "--model", "mlp", "--out", str(unwritable / "run")], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"cannot write the run directory's folder {unwritable}" in err and "Permission denied" in err
+    assert list(unwritable.iterdir()) == []
+
+
+def test_run_out_under_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "hostname"
+    blocker.write_text("a file\n")
+    code, _, err = _cli(["run", "--model", "mlp", "--out", str(blocker / "run")], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and f"{blocker} is a file, not a folder" in err
+
+
+def test_report_into_an_unwritable_folder_is_one_line(tmp_path, unwritable, monkeypatch, capsys):
+    finished = runner.start(RunConfig(**{**CFG, "epochs": 1}), tmp_path / "runs" / "a", quiet=True)
+    code, _, err = _cli(["report", str(finished.parent), "--out", str(unwritable / "report")], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"cannot write the report's --out {unwritable / 'report'}" in err.splitlines()[-1]
+    assert list(unwritable.iterdir()) == []
+
+
+def test_resume_of_an_unwritable_run_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    import errno
+
+    out = tmp_path / "run"
+    with pytest.raises(runner.RunInterrupted):
+        runner.start(RunConfig(**CFG), out, quiet=True, on_epoch_end=lambda done: (_ for _ in ()).throw(KeyboardInterrupt))
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # the run's folder is on a read-only file system
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR) and Path(os.path.abspath(path)).is_relative_to(out):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    from dbench import run as run_module
+
+    monkeypatch.setattr(run_module, "build", lambda *a, **k: pytest.fail("the set-up started"))
+    code, _, err = _cli(["run", "--resume", str(out)], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot resume {out}: the folder cannot be written (Read-only file system)" in err
+
+
+# --------------------------------------------------------------------------- damaged run files on --resume
+
+
+def _interrupted_after_one_epoch(path: Path) -> Path:
+    with pytest.raises(runner.RunInterrupted):
+        runner.start(RunConfig(**CFG), path, quiet=True, on_epoch_end=lambda done: (_ for _ in ()).throw(KeyboardInterrupt))
+    return path
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda p: (p / CHECKPOINT).write_bytes(b"junk"), "checkpoint.pt is damaged and cannot be read"),
+    (lambda p: (p / CHECKPOINT).write_bytes((p / CHECKPOINT).read_bytes()[:5000]), "checkpoint.pt is damaged"),
+    (lambda p: (p / "metrics.jsonl").write_text((p / "metrics.jsonl").read_text()[:-40]), "metrics.jsonl line"),
+    (lambda p: (p / "metrics.jsonl").write_text(
+        "".join((p / "metrics.jsonl").read_text().splitlines(keepends=True)[:-1])),
+     "holds the rows of epochs none but the checkpoint has 1 finished epoch(s)"),
+], ids=["junk-checkpoint", "truncated-checkpoint", "metrics-cut-mid-line", "metrics-lost-its-last-row"])
+def test_resume_of_a_damaged_run_names_the_file(tmp_path, monkeypatch, capsys, damage, expected):
+    out = _interrupted_after_one_epoch(tmp_path / "run")
+    damage(out)
+    code, _, err = _cli(["run", "--resume", str(out)], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert expected in err and str(out) in err
+
+
+def test_binary_run_files_are_named_not_crashed_on(tmp_path, monkeypatch, capsys):
+    out = _interrupted_after_one_epoch(tmp_path / "run")
+    (out / "summary.json").write_bytes(b"\xff\xfe\x00binary")
+    code, _, err = _cli(["run", "--resume", str(out)], monkeypatch, capsys)
+    assert code == 2 and "summary.json is not text (not UTF-8)" in err and "Traceback" not in err
+    code, _, err = _cli(["report", str(out), "--out", str(tmp_path / "report")], monkeypatch, capsys)
+    assert "summary.json is not text (not UTF-8)" in err and "Traceback" not in err

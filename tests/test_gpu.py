@@ -114,7 +114,7 @@ def _run(out: Path, *args: str) -> dict:
 
 def test_modules_sharing_one_gpu_run_on_the_distributed_engine(tmp_path):
     """NCCL refuses two processes on one GPU: such a run goes over gloo (host-staged) to the local engine's numbers."""
-    shared = ["--method", "fr", "--gpus", "2", "--devices", "cuda:0,cuda:0"]
+    shared = ["--method", "fr", "--gpus", "2", "--devices", "cuda:0,cuda:0", "--split", "blocks"]
     local = _run(tmp_path / "local", *shared, "--engine", "local")
     dist = _run(tmp_path / "dist", *shared, "--engine", "distributed", "--comm-timeout", "60")
     assert dist["summary"]["status"] == "complete"

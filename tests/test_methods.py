@@ -234,3 +234,147 @@ def test_feedback_alignment_top_backward_goes_through_stage_backward(method, mon
     for x, y in batches(2):
         trainer.step(x, y)
     assert calls == [False, False]  # once per step, from the loss (the error it sent down came first)
+
+
+# --- modules without parameters -----------------------------------------------
+
+MODEL_PARALLEL = sorted(name for name in METHODS.names() if METHODS.get(name).parallelism == "model")
+# Where a module without parameters leaves the numbers of the network without it: the exact-gradient
+# methods (the pipelines with M fixed, since their default M is 4K), and DFA, whose module 0 draws the
+# same feedback at any K. The delayed and synthetic-gradient methods make it a module with its own delay
+# or synthesizer, so their numbers legitimately change.
+SAME_WITHOUT_IT = {"bp": {}, "gpipe": {"microbatches": "4"}, "1f1b": {"microbatches": "4"}, "dfa": {}, "bdfa": {}}
+
+
+def with_parameter_free(position: str) -> list[nn.Module]:
+    """K=3: tiny_blocks' network with a module that has no parameters first, in the middle or at the top."""
+    b = tiny_blocks()
+    lower, upper, head = nn.Sequential(*b[:2]), nn.Sequential(*b[2:4]), b[4]
+    if position == "first":
+        return [nn.Identity(), lower, nn.Sequential(upper, head)]
+    if position == "middle":  # the conv features flattened on their own module, unflattened by the top
+        return [nn.Sequential(lower, upper), nn.Flatten(), nn.Sequential(nn.Unflatten(1, (16, 4, 4)), head)]
+    return [lower, nn.Sequential(upper, head), nn.Flatten()]  # the logits, (N, 10), pass unchanged
+
+
+def test_every_model_parallel_method_is_covered_without_parameters():
+    assert set(MODEL_PARALLEL) == set(ALL + ["gpipe", "1f1b"])
+
+
+@pytest.mark.parametrize("position", ["first", "middle", "top"])
+@pytest.mark.parametrize("method", MODEL_PARALLEL)
+def test_a_module_without_parameters_trains_measures_and_resumes(method, position):
+    """Its optimizer holds nothing; it forwards, passes on what its method sends, is probed for σ and
+    saved; the modules around it learn (no weight decay: a weight moves only if a gradient reached it)."""
+    options = {"microbatches": "4"} if method in ("gpipe", "1f1b") else None
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.0, num_classes=10, options=options)
+    trainer = Trainer(with_parameter_free(position), method, measure=True, **kw)
+    free = {"first": 0, "middle": 1, "top": 2}[position]
+    assert trainer.stages[free].optimizer.param_groups[0]["params"] == []
+    before = [copy.deepcopy(m.state_dict()) for m in trainer.modules]
+    data = batches(8)
+    for x, y in data[:5]:
+        assert math.isfinite(trainer.step(x, y).item())
+    _, sigmas, network = trainer.sigma_step(*data[5], probe=data[:2])
+    assert sigmas[free].sigma is None  # no parameters, no gradient to compare
+    assert network.true_grad_norm > 0
+    for k, (m, old) in enumerate(zip(trainer.modules, before)):
+        if k != free:
+            assert any(not torch.equal(w, old[n]) for n, w in m.state_dict().items()), f"module {k} never learned"
+    saved = copy.deepcopy(trainer.state_dict())
+    resumed = Trainer(with_parameter_free(position), method, **kw)
+    resumed.load_state_dict(saved)
+    for x, y in data[6:]:
+        assert trainer.step(x, y).item() == resumed.step(x, y).item()
+    for a, b in zip(trainer.modules, resumed.modules):
+        assert all(torch.equal(v, b.state_dict()[n]) for n, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("method", sorted(SAME_WITHOUT_IT))
+def test_a_module_without_parameters_leaves_the_numbers_of_the_network_without_it(method):
+    """nn.Flatten on a module of its own, unflattened above: every loss and weight as if it were not there."""
+    three = with_parameter_free("middle")
+    two = [copy.deepcopy(three[0]), copy.deepcopy(three[2][1])]  # the same weights, without Flatten/Unflatten
+    kw = dict(**SGD, num_classes=10, options=SAME_WITHOUT_IT[method])
+    a, b = Trainer(three, method, **kw), Trainer(two, method, **kw)
+    data = batches(5)
+    assert [a.step(x, y).item() for x, y in data] == [b.step(x, y).item() for x, y in data]
+    for mine, theirs in zip([a.modules[0], a.modules[2][1]], b.modules):
+        assert all(torch.equal(v, theirs.state_dict()[n]) for n, v in mine.state_dict().items())
+
+
+# --- DNI / cDNI: a batch of one sample, float64 modules ----------------------------
+
+
+def flat_modules(dtype=torch.float32) -> list[nn.Module]:
+    """K=3 on flat features (N, 6): the synthesizers are linear, with BatchNorm1d."""
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(6, 8), nn.ReLU()).to(dtype), nn.Sequential(nn.Linear(8, 8), nn.ReLU()).to(dtype),
+            nn.Linear(8, 10).to(dtype)]
+
+
+def flat_batches(n, batch, dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(batch, 6, generator=g).to(dtype), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_dni_trains_on_batches_of_one_flat_sample(method):
+    """One value per channel has no batch statistics: the synthesizer's BatchNorm uses its running ones."""
+    trainer = Trainer(flat_modules(), method, num_classes=10, **SGD)
+    for x, y in flat_batches(3, batch=4) + flat_batches(4, batch=1):
+        assert math.isfinite(trainer.step(x, y).item())
+    synth = trainer.stages[0].synth
+    norms = [m for m in synth.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(int(m.num_batches_tracked) == 3 for m in norms)  # the batches of one left them alone
+    assert trainer.stages[0].synth_loss is not None and math.isfinite(trainer.stages[0].synth_loss.item())
+    # In training mode, one sample is normalized exactly as in evaluation mode.
+    h, y = torch.randn(1, 8), torch.tensor([3])
+    with torch.no_grad():
+        training = synth.train()(h, y if method == "cdni" else None)
+        evaluation = synth.eval()(h, y if method == "cdni" else None)
+    assert torch.equal(training, evaluation)
+
+
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_dni_trains_on_a_batch_of_one_with_one_pixel_features(method):
+    """Conv features of 1x1: BatchNorm2d also sees one value per channel at batch size 1."""
+    torch.manual_seed(0)
+    modules = [nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1)),
+               nn.Sequential(nn.Flatten(), nn.Linear(4, 10))]
+    trainer = Trainer(modules, method, num_classes=10, **SGD)
+    for x, y in batches(3, batch=1):
+        assert math.isfinite(trainer.step(x, y).item())
+
+
+def test_dni_synthesizer_batchnorm_is_torch_batchnorm_above_one_sample():
+    """Batches of more than one value per channel: the numbers (and running statistics) of nn.BatchNorm, bit for bit."""
+    from methods.dni import SynthBatchNorm1d, SynthBatchNorm2d
+
+    for ours, torchs, shape in ((SynthBatchNorm1d, nn.BatchNorm1d, (5, 7)), (SynthBatchNorm2d, nn.BatchNorm2d, (1, 7, 2, 3))):
+        a, b = ours(7), torchs(7)
+        b.load_state_dict(a.state_dict())
+        for seed in range(3):
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+            assert torch.equal(a(x), b(x))
+        assert all(torch.equal(v, b.state_dict()[n]) for n, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("normalize", ["true", "false"])
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_dni_trains_float64_modules_in_float64(method, normalize):
+    """The synthesizer takes the dtype of the module's output; δ̂ and every gradient stay float64."""
+    trainer = Trainer(flat_modules(torch.float64), method, num_classes=10, options={"normalize": normalize}, **SGD)
+    seen = record_grads(trainer)
+    for x, y in flat_batches(3, batch=4, dtype=torch.float64) + flat_batches(1, batch=1, dtype=torch.float64):
+        assert trainer.step(x, y).dtype == torch.float64
+    for stage in trainer.stages[:-1]:
+        assert {p.dtype for p in stage.synth.parameters()} == {torch.float64}
+        h = torch.randn(2, 8, dtype=torch.float64)
+        assert stage.predict_gradient(h, torch.tensor([1, 2])).dtype == torch.float64
+    assert {g.dtype for grads in seen.values() for g in grads} == {torch.float64}
+    resumed = Trainer(flat_modules(torch.float64), method, num_classes=10, options={"normalize": normalize}, **SGD)
+    resumed.load_state_dict(copy.deepcopy(trainer.state_dict()))
+    x, y = flat_batches(1, batch=4, dtype=torch.float64)[0]
+    assert trainer.step(x, y).item() == resumed.step(x, y).item()

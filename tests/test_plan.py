@@ -80,3 +80,22 @@ def test_bad_settings_fail_in_the_plan_before_anything_is_written(tmp_path):
     with pytest.raises(DbenchError, match="bad --split 3,4"):
         runner.start(RunConfig(model="mlp", gpus=2, split="3,4"), tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_default_cut_balances_time_only_where_modules_run_at_once(monkeypatch):
+    """--split auto (the default): profiled time on the distributed engine, equal blocks on the local one
+    (one module at a time: balance buys nothing there), and the user is told which, with the profiling cost."""
+    from dbench import plan as planning
+
+    rules = []
+    real = planning.partition
+    monkeypatch.setattr(planning, "partition", lambda blocks, k, split, **kw: rules.append(split) or real(blocks, k, split, **kw))
+    distributed, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="distributed"))
+    local, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="local"))
+    one, _ = planning.make(RunConfig(model="mlp", gpus=1))
+    assert rules == ["time", "blocks", "blocks"]
+    assert "balances their profiled time" in distributed.split_note and "profiling took" in distributed.split_note
+    assert "equal block counts" in local.split_note and one.split_note is None
+    assert RunConfig().split == "auto"
+    ddp, _ = planning.make(RunConfig(model="mlp", method="ddp", gpus=2))  # replicas: nothing to cut, nothing said
+    assert ddp.split_note is None and ddp.ranges == [(0, 3), (0, 3)]

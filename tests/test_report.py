@@ -308,3 +308,25 @@ def test_an_undefined_corrected_sigma_is_marked_not_left_as_a_gap(runs_root, tmp
     assert "×: an epoch whose probes could not estimate" in figure.caption
     table = pd.read_csv(tmp_path / "sigma" / "sigma.csv")
     assert table["sigma_corrected"].isna().all() and table["too_noisy"].all()
+
+
+def test_a_method_variant_is_named_in_the_report_and_the_run_summary(tmp_path):
+    """Options that differ from the method's defaults label a run, compared as values (not as typed): in
+    summary.md's title and in every table of the report; an option at its default is the method itself."""
+    cfg = RunConfig(method="dni", model="mlp", gpus=2, epochs=1, batch_size=512, sigma_every=0,
+                    method_options={"normalize": "0"})
+    variant = runner.start(cfg, tmp_path / "runs" / "variant", quiet=True)
+    assert (variant / "summary.md").read_text().startswith("# dni[normalize=false] · mlp · synthetic · K=2")
+    # the same run as `--opt normalize=true` would record it: dni as it comes
+    default = tmp_path / "runs" / "default"
+    shutil.copytree(variant, default)
+    config = json.loads((default / "config.json").read_text())
+    config["run"]["method_options"] = {"normalize": "true"}
+    config["method_options"]["normalize"] = True
+    (default / "config.json").write_text(json.dumps(config))
+    loaded = results.load_runs([tmp_path / "runs"])
+    labels = {run.name: run.label for run in loaded.runs}
+    assert labels == {"variant": "dni[normalize=false]", "default": "dni"}
+    frame = results.runs_frame(loaded.runs).set_index("run")
+    assert frame.loc["variant", "label"] == "dni[normalize=false]" and frame.loc["default", "label"] == "dni"
+    assert results.select(loaded.runs, methods=["dni[normalize=false]"]) == [r for r in loaded.runs if r.name == "variant"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,10 @@ def write(tmp_path: Path, text: str, name: str = "bench.toml") -> Path:
     return path
 
 
-def test_the_repository_suites_are_valid():
+def test_the_repository_suites_are_valid(tmp_path):
     found = suites.load_all(REPO / "bench.toml")
+    for suite in found.values():  # every run plans as `dbench run` would plan it (no typo waits for its turn)
+        assert set(suites.check(suite, tmp_path).values()) == {"missing"}
     assert {"smoke", "paper-cifar10", "paper-cifar100", "speed"} <= set(found)
     smoke = found["smoke"]
     # every registered method, the exact-gradient baselines included, is in CI's regression check
@@ -67,7 +70,7 @@ def test_the_repository_suites_are_valid():
     ("[suite.a]\n[[suite.a.grid]]\nmethods=['bp']\nmodels=['mlp']\ndatasets=['synthetic']\ngpus=['two']\nseeds=[0]\n",
      "suite.a.grid[0].gpus: expected a list of ints, got ['two']"),
     ("[suite.a]\nepochs = '3'\n[[suite.a.grid]]\nmethods=['bp']\nmodels=['mlp']\ndatasets=['synthetic']\ngpus=[1]\nseeds=[0]\n",
-     "epochs = '3' should be int"),
+     "suite.a: epochs = '3' should be an integer"),
     ("[suite.a]\n[[suite.a.grid]]\nmethods=[]\nmodels=['mlp']\ndatasets=['synthetic']\ngpus=[1]\nseeds=[0]\n",
      "suite.a.grid[0].methods is empty"),
     ("[suite.a]\nepochs = 2\n", "suite.a has no [[suite.a.grid]]"),
@@ -184,3 +187,57 @@ def test_missing_runs_and_golden_are_reported(golden_suite, tmp_path):
         checker.check(suite, tmp_path / "nothing", golden_suite / "golden")
     with pytest.raises(DbenchError, match="record them with `dbench check tiny --update`"):
         checker.check(suite, golden_suite / "results", tmp_path / "no-golden")
+
+
+def in_process(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
+    """`dbench ARGS` run in this process from ``cwd`` (no interpreter to start): (exit code, stdout, stderr)."""
+    from dbench import cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["dbench", *args])
+    try:
+        cli.entry()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda good: good[: len(good) // 2], "is not valid JSON ("),
+    (lambda good: "{}", 'has no "tolerance" with numbers "accuracy" and "memory"'),
+    (lambda good: "[1, 2]", "is not a JSON object (it holds a list)"),
+    (lambda good: json.dumps({**json.loads(good), "runs": []}), 'has no "runs" object'),
+    (lambda good: good.replace('"peak_bytes"', '"peak"'), ": run bp-mlp-synthetic-k2-s0 lacks a number best_test_acc, "
+                                                         "a memory_kind or a list of numbers peak_bytes"),
+    (lambda good: "\udcff", "is not text (not UTF-8)"),
+], ids=["truncated", "empty-object", "list", "runs-list", "run-entry", "binary"])
+def test_a_damaged_golden_file_is_one_line_exit_2(golden_suite, tmp_path, damage, message, monkeypatch, capsys):
+    good = (golden_suite / "golden" / "tiny" / "cpu.json").read_text()
+    bad = tmp_path / "golden" / "tiny" / "cpu.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(damage(good).encode("utf-8", "surrogateescape"))
+    code, out, err = in_process(["check", "tiny", "--golden", str(tmp_path / "golden")], golden_suite, monkeypatch,
+                                capsys)
+    assert (code, out) == (2, "") and err.startswith(f"error: {bad}") and message in err and err.count("\n") == 1
+    assert err.endswith("restore this golden file from version control, or record it again with "
+                        "`dbench check tiny --update`\n")
+
+
+@pytest.mark.parametrize("file,content,message", [
+    ("summary.json", "{}", "summary.json has no status: run fr-mlp-synthetic-k2-s0 of suite tiny can be neither "
+                           "skipped nor resumed"),
+    ("summary.json", '{"status": "complete"}', "summary.json says complete but lacks a number best_test_acc"),
+    ("environment.json", '{"devices": [', "environment.json is not valid JSON ("),
+    ("environment.json", '{"devices": "cpu"}', "environment.json: \"devices\" is not a list of objects"),
+])
+def test_a_damaged_run_fails_the_check_naming_its_file(golden_suite, tmp_path, file, content, message, monkeypatch,
+                                                      capsys):
+    shutil.copytree(golden_suite / "results", tmp_path / "results")
+    damaged = tmp_path / "results" / "tiny" / "fr-mlp-synthetic-k2-s0" / file
+    damaged.write_text(content)
+    code, out, err = in_process(["check", "tiny", "--file", str(golden_suite / "bench.toml"), "--golden",
+                                 str(golden_suite / "golden")], tmp_path, monkeypatch, capsys)
+    assert (code, out) == (2, "") and err.startswith(f"error: {damaged.relative_to(tmp_path)}")
+    assert message in err and err.count("\n") == 1

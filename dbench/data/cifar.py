@@ -101,29 +101,47 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _unreadable(path: Path, error: OSError) -> DbenchError:
+    # A file that is there but cannot be read (permissions, an I/O error): say which, and what would help.
+    return DbenchError(f"cannot read {path}: {_one_line(error.strerror or error)}; make it readable by this user "
+                       f"(or delete it and use --download)")
+
+
 def _md5(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise _unreadable(path, e) from e
     return digest.hexdigest()
+
+
+def _is(path: Path, kind: str) -> bool:
+    """Whether ``path`` is a directory (``kind`` "dir") or a file; a folder on the way that cannot be searched
+    (permissions) is a one-line error rather than a traceback (pathlib raises it, not False)."""
+    try:
+        return path.is_dir() if kind == "dir" else path.is_file()
+    except OSError as e:
+        raise _unreadable(path, e) from e
 
 
 def _check_files(layout: _Layout, data_dir: Path) -> None:
     """Directory, folder, every file present, every md5 right; else a one-line DbenchError."""
     hint = f"pass --data-dir pointing to a folder that holds {layout.folder}/, or --download"
-    if not data_dir.is_dir():
+    if not _is(data_dir, "dir"):
         what = "not a directory" if data_dir.exists() else "missing data directory"
         raise DbenchError(f"{what} {data_dir}: {hint}")
     folder = data_dir / layout.folder
-    if not folder.is_dir():
+    if not _is(folder, "dir"):
         raise DbenchError(
             f"no {layout.folder}/ in data directory {data_dir}: expected the extracted {layout.title} "
             f"python archive ({layout.url.rsplit('/', 1)[1]}) there; {hint}"
         )
     for relative, expected in CHECKSUMS[layout.name].items():
         path = data_dir / relative
-        if not path.is_file():
+        if not _is(path, "file"):
             raise DbenchError(
                 f"missing {layout.title} file {path}: the archive is incomplete; re-extract it or use --download"
             )
@@ -142,6 +160,8 @@ def _unpickle(path: Path) -> dict[str, object]:
             # latin1, as torchvision does: the files were pickled by Python 2, whose
             # str keys then load as str and whose raw array bytes load in numpy.
             obj = pickle.load(f, encoding="latin1")
+    except OSError as e:  # not among the unpickling errors: the file itself cannot be read
+        raise _unreadable(path, e) from e
     except _UNPICKLE_ERRORS as e:
         raise DbenchError(
             f"cannot unpickle {path}: {type(e).__name__}: {_one_line(e)}; expected a CIFAR python-version file"

@@ -141,22 +141,26 @@ class DeviceLoader:
         x, y = self.normalize(images), self.y[picked.to(self.device)]
         return list(zip(x.split(self.batch_size), y.split(self.batch_size)))
 
-    def epoch(self, epoch: int, images: bool = True) -> Iterator[tuple[Tensor | None, Tensor]]:
-        """The batches of one epoch. ``images=False`` yields ``(None, labels)`` of the same batches,
-        for the processes of modules above the first, which need the labels only."""
+    def epoch(self, epoch: int, images: bool = True, start: int = 0) -> Iterator[tuple[Tensor | None, Tensor]]:
+        """The batches of one epoch, from batch ``start`` on (a run resumed inside an epoch: the epoch's
+        draws are made whole, so batch i is the same whatever came before). ``images=False`` yields
+        ``(None, labels)`` of the same batches, for the processes of modules above the first, which
+        need the labels only."""
         if not images:
             order = self.epoch_plan(epoch)[0] if self.train else torch.arange(self.num_samples)
-            for idx in order.to(self.device).split(self.batch_size):
+            for idx in order.to(self.device).split(self.batch_size)[start:]:
                 yield None, self.y[idx]
             return
         if not self.train:
+            if start:
+                raise ValueError("an evaluation pass always starts at its first batch")
             yield from self._eval_batches()
             return
         # The whole epoch's draws are small (a few int64 per image); move them
         # once instead of once per batch.
         order, dy, dx, flip = (t.to(self.device) for t in self.epoch_plan(epoch))
-        for start in range(0, self.num_samples, self.batch_size):
-            sl = slice(start, start + self.batch_size)
+        for first in range(start * self.batch_size, self.num_samples, self.batch_size):
+            sl = slice(first, first + self.batch_size)
             idx = order[sl]
             images = augment(self.x[idx], dy[sl], dx[sl], flip[sl])
             yield self.normalize(images), self.y[idx]

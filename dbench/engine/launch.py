@@ -54,7 +54,6 @@ def worker_threads(devices: list) -> int | None:
 def launch(run, quiet: bool) -> None:
     """Train ``run`` (a RunDir) with one process per module; returns when all finished."""
     from dbench import run as runner
-    from dbench import summary
     from dbench.record import CONFIG
 
     record = run.read(CONFIG)
@@ -74,7 +73,7 @@ def launch(run, quiet: bool) -> None:
     except KeyboardInterrupt:
         _stop(procs)
         runner.mark(run, "interrupted")
-        raise runner.RunInterrupted(run.path, len(summary.epoch_rows(run.metrics()))) from None
+        raise runner.interrupted(run) from None
     if failed is not None:
         rank, message = failed
         _stop(procs)
@@ -132,17 +131,39 @@ def _worker(rank: int, world: int, run_path: str, port: int, quiet: bool, thread
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     if threads is not None:
         torch.set_num_threads(threads)  # the modules share this machine's cores
+    from dbench.errors import RunInterrupted
+
     try:
         run_rank(Path(run_path), rank, world, quiet)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        code = 0
+    except (KeyboardInterrupt, RunInterrupted):
+        code = 130
     except BaseException as e:
-        (Path(run_path) / f"failure-rank{rank}.txt").write_text(traceback.format_exc())
-        reports.put((rank, f"{type(e).__name__}: {e}".splitlines()[0]))
-        sys.exit(1)
+        _exiting()
+        if _stopping:
+            # Told to stop: a peer stopped first breaks this module's connections, so what is raised
+            # here is the stop's echo, not a failure; nothing failed and no failure file is written.
+            code = 130
+        else:
+            (Path(run_path) / f"failure-rank{rank}.txt").write_text(traceback.format_exc())
+            reports.put((rank, f"{type(e).__name__}: {e}".splitlines()[0]))
+            code = 1
+    _exiting()
+    sys.exit(code)
+
+
+def _exiting() -> None:
+    """From here on this worker is ending: the launcher's stop (SIGTERM), which it sends to every worker
+    once one has failed, must not raise into the failure report or the interpreter's exit."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_stopping = False  # set in a worker once the launcher (or its watchdog) has told it to stop
 
 
 def _interrupt(signum, frame) -> None:
+    global _stopping
+    _stopping = True
     raise KeyboardInterrupt
 
 

@@ -15,7 +15,24 @@ from dbench.meters.stage_meter import StageMeter
 from dbench.meters.sigma import SigmaResult, true_gradient
 from dbench.meters.sigma import results as sigma_results
 
-__all__ = ["Meters", "StageMeter", "SigmaResult", "true_gradient", "sigma_results", "STATES"]
+__all__ = ["Meters", "StageMeter", "SigmaResult", "true_gradient", "sigma_results", "STATES", "merge_records"]
+
+
+def merge_records(segments: list[list[dict]]) -> list[dict]:
+    """One epoch's module records from the records of its segments (an epoch cut by mid-epoch checkpoints).
+
+    Seconds add up; the peaks are the largest of the segments' (with the breakdown of the largest).
+    """
+    merged = [dict(r, accounted_bytes=dict(r["accounted_bytes"])) for r in segments[0]]
+    for records in segments[1:]:
+        for into, r in zip(merged, records, strict=True):
+            for state in STATES:
+                into[f"{state}_s"] += r[f"{state}_s"]
+            if r["accounted_peak_bytes"] > into["accounted_peak_bytes"]:
+                into["accounted_peak_bytes"], into["accounted_bytes"] = r["accounted_peak_bytes"], dict(r["accounted_bytes"])
+            for key in [k for k in r if k.startswith("cuda_")]:
+                into[key] = max(into[key], r[key])
+    return merged
 
 
 class Meters:

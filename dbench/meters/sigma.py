@@ -63,11 +63,12 @@ def true_gradient(stage: Stage, xs: list[torch.Tensor] | None, ys: list[torch.Te
             out = stage.module(h)
         if stage.is_last:
             loss = stage.loss_fn(out, y) / n
-            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True) if inputs else ()
         else:
             yield Send(PROBE_UP, out)
             delta = yield Recv(PROBE_DOWN)
-            grads = torch.autograd.grad(out, inputs, grad_outputs=delta, allow_unused=True)
+            # No inputs: the first module has no trainable parameters, so nothing to differentiate here.
+            grads = torch.autograd.grad(out, inputs, grad_outputs=delta, allow_unused=True) if inputs else ()
         if not stage.is_first:
             yield Send(PROBE_DOWN, grads[-1])
         for acc, g in zip(halves[0 if i < n_a else 1], grads[: len(params)]):

@@ -10,6 +10,7 @@ import pandas as pd
 
 from dbench import results
 from dbench.errors import DbenchError
+from dbench.record import writable_folder
 from dbench.report import convergence, generalization, index, memory, sigma, speed, verdict
 from dbench.report.section import ReportData, Section
 
@@ -43,9 +44,7 @@ def build_report(paths: Iterable[Path | str], out: Path | str, *, methods: Itera
     out = Path(out)
     chosen = select_runs(paths, methods=methods, models=models, datasets=datasets, ks=ks, engines=engines,
                          epochs=epochs, include_unfinished=include_unfinished, warn=warn)
-    if out.exists() and not out.is_dir():
-        raise DbenchError(f"--out {out} is a file: give a folder for the report")
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out, "the report's --out")  # before any work: a read-only place fails at once
     # the verdict alone takes an option; every other section is built from the runs alone
     options = {verdict: {"target_acc": target_acc}}
     sections = [module.build(chosen.data, out, **options.get(module, {})) for module in SECTIONS]
