@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from dbench.errors import DbenchError
+
+if TYPE_CHECKING:  # torch is imported where an optimizer is made: the CLI reads settings from here
+    import torch
 
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -29,8 +32,8 @@ class OptimConfig:
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise DbenchError(f"bad weight decay {self.weight_decay}: must be a finite number >= 0")
 
-    def make(self, params: Iterable["torch.nn.Parameter"]) -> "torch.optim.SGD":
-        import torch  # here, not at the top: the CLI reads settings from this module without loading torch
+    def make(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
+        import torch
 
         # foreach=False keeps the update a plain per-tensor loop: identical
         # numbers whatever the grouping of parameters into modules, which is what

@@ -85,3 +85,21 @@ def alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def run_cli(args, monkeypatch, capsys, cwd=None) -> tuple[int, str, str]:
+    """``dbench ARGS`` in this process (no interpreter to start), from ``cwd`` if given: (exit code, stdout, stderr)."""
+    import sys
+
+    from dbench import cli
+
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["dbench", *args])
+    try:
+        cli.entry()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

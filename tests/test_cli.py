@@ -11,19 +11,7 @@ import pytest
 
 DBENCH = str(Path(sys.executable).parent / "dbench")  # the console script of this environment
 
-from dbench import cli
-
-
-def run_cli(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["dbench", *args])
-    try:
-        cli.entry()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
+from conftest import run_cli
 
 HUGE = "10000000000000000000000"  # 10**22: past torch's 64-bit integers ("ValueError: Overflow" unless checked)
 BAD = [

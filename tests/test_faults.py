@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alive
+from conftest import alive, run_cli
 from dbench import run as runner
 from dbench.config import RunConfig
 from dbench.errors import DbenchError
@@ -196,17 +196,11 @@ def unwritable(tmp_path, monkeypatch):
     folder.chmod(0o755)
 
 
-def _cli(args, monkeypatch, capsys):
-    from test_cli import run_cli
-
-    return run_cli(args, monkeypatch, capsys)
-
-
 def test_run_into_an_unwritable_folder_is_one_line_before_any_work(unwritable, monkeypatch, capsys):
     from dbench import run as run_module
 
     monkeypatch.setattr(run_module.planning, "make", lambda *a, **k: pytest.fail("the set-up started"))
-    code, _, err = _cli(["run", "--model", "mlp", "--out", str(unwritable / "run")], monkeypatch, capsys)
+    code, _, err = run_cli(["run", "--model", "mlp", "--out", str(unwritable / "run")], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"cannot write the run directory's folder {unwritable}" in err and "Permission denied" in err
     assert list(unwritable.iterdir()) == []
@@ -215,13 +209,13 @@ def test_run_into_an_unwritable_folder_is_one_line_before_any_work(unwritable, m
 def test_run_out_under_a_file_is_one_line(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "hostname"
     blocker.write_text("a file\n")
-    code, _, err = _cli(["run", "--model", "mlp", "--out", str(blocker / "run")], monkeypatch, capsys)
+    code, _, err = run_cli(["run", "--model", "mlp", "--out", str(blocker / "run")], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and f"{blocker} is a file, not a folder" in err
 
 
 def test_report_into_an_unwritable_folder_is_one_line(tmp_path, unwritable, monkeypatch, capsys):
     finished = runner.start(RunConfig(**{**CFG, "epochs": 1}), tmp_path / "runs" / "a", quiet=True)
-    code, _, err = _cli(["report", str(finished.parent), "--out", str(unwritable / "report")], monkeypatch, capsys)
+    code, _, err = run_cli(["report", str(finished.parent), "--out", str(unwritable / "report")], monkeypatch, capsys)
     assert code == 2 and "Traceback" not in err
     assert f"cannot write the report's --out {unwritable / 'report'}" in err.splitlines()[-1]
     assert list(unwritable.iterdir()) == []
@@ -244,7 +238,7 @@ def test_resume_of_an_unwritable_run_is_one_line_before_any_work(tmp_path, monke
     from dbench import run as run_module
 
     monkeypatch.setattr(run_module, "build", lambda *a, **k: pytest.fail("the set-up started"))
-    code, _, err = _cli(["run", "--resume", str(out)], monkeypatch, capsys)
+    code, _, err = run_cli(["run", "--resume", str(out)], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1
     assert f"cannot resume {out}: the folder cannot be written (Read-only file system)" in err
 
@@ -269,7 +263,7 @@ def _interrupted_after_one_epoch(path: Path) -> Path:
 def test_resume_of_a_damaged_run_names_the_file(tmp_path, monkeypatch, capsys, damage, expected):
     out = _interrupted_after_one_epoch(tmp_path / "run")
     damage(out)
-    code, _, err = _cli(["run", "--resume", str(out)], monkeypatch, capsys)
+    code, _, err = run_cli(["run", "--resume", str(out)], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert expected in err and str(out) in err
 
@@ -277,7 +271,7 @@ def test_resume_of_a_damaged_run_names_the_file(tmp_path, monkeypatch, capsys, d
 def test_binary_run_files_are_named_not_crashed_on(tmp_path, monkeypatch, capsys):
     out = _interrupted_after_one_epoch(tmp_path / "run")
     (out / "summary.json").write_bytes(b"\xff\xfe\x00binary")
-    code, _, err = _cli(["run", "--resume", str(out)], monkeypatch, capsys)
+    code, _, err = run_cli(["run", "--resume", str(out)], monkeypatch, capsys)
     assert code == 2 and "summary.json is not text (not UTF-8)" in err and "Traceback" not in err
-    code, _, err = _cli(["report", str(out), "--out", str(tmp_path / "report")], monkeypatch, capsys)
+    code, _, err = run_cli(["report", str(out), "--out", str(tmp_path / "report")], monkeypatch, capsys)
     assert "summary.json is not text (not UTF-8)" in err and "Traceback" not in err

@@ -2,12 +2,10 @@
 exit 2, before any run trains, and writes nothing."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-from dbench import cli, suites
+from conftest import run_cli
+from dbench import suites
 from dbench.errors import DbenchError
 
 GRID = """
@@ -24,19 +22,6 @@ def bench(methods='["bp"]', models='["mlp"]', datasets='["synthetic"]', gpus="[1
     """A suite 'bad' of one-epoch runs: its first run (bp on mlp, K=1) is good and would train first."""
     grid = GRID.format(methods=methods, models=models, datasets=datasets, gpus=gpus)
     return f"[suite.bad]\nepochs = 1\nbatch_size = 256\n{shared}\n{grid}{extra}"
-
-
-def run_cli(args, tmp_path, monkeypatch, capsys):
-    """`dbench ARGS` in this process, in ``tmp_path``: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["dbench", *args])
-    try:
-        cli.entry()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # --- every run is planned before the first one trains --------------------------------------------
@@ -62,7 +47,7 @@ PLANNING = [
 @pytest.mark.parametrize("text,message", PLANNING, ids=["method", "model", "dataset", "k", "check_run", "split"])
 def test_every_run_is_planned_before_the_first_trains(text, message, dry_run, tmp_path, monkeypatch, capsys):
     (tmp_path / "bench.toml").write_text(text)
-    code, out, err = run_cli(["suite", "bad", *(["--dry-run"] if dry_run else [])], tmp_path, monkeypatch, capsys)
+    code, out, err = run_cli(["suite", "bad", *(["--dry-run"] if dry_run else [])], monkeypatch, capsys, cwd=tmp_path)
     assert code == 2 and err.startswith(f"error: bench.toml: {message}") and err.count("\n") == 1
     assert out == ""  # not even the good first run started (or was listed)
     assert not (tmp_path / "results").exists()
@@ -70,7 +55,7 @@ def test_every_run_is_planned_before_the_first_trains(text, message, dry_run, tm
 
 def test_a_data_dir_override_is_checked_before_any_run(tmp_path, monkeypatch, capsys):
     (tmp_path / "bench.toml").write_text(bench())
-    code, _, err = run_cli(["suite", "bad", "--data-dir", "data"], tmp_path, monkeypatch, capsys)
+    code, _, err = run_cli(["suite", "bad", "--data-dir", "data"], monkeypatch, capsys, cwd=tmp_path)
     assert code == 2 and "run bp-mlp-synthetic-k1-s0: --data-dir/--download do not apply" in err
     assert not (tmp_path / "results").exists()
 
@@ -108,7 +93,7 @@ def test_every_setting_is_type_checked_at_both_levels(key, level, tmp_path):
 def test_wrong_types_are_one_line_exit_2(setting, message, tmp_path, monkeypatch, capsys):
     (tmp_path / "bench.toml").write_text(bench(shared=setting))
     for args in (["suite", "bad"], ["suite", "bad", "--dry-run"], ["check", "bad"]):
-        code, out, err = run_cli(args, tmp_path, monkeypatch, capsys)
+        code, out, err = run_cli(args, monkeypatch, capsys, cwd=tmp_path)
         assert (code, out) == (2, "") and err.startswith(f"error: bench.toml: {message}") and err.count("\n") == 1
     assert not (tmp_path / "results").exists()
 
@@ -141,7 +126,7 @@ def test_a_damaged_run_stops_the_suite_before_anything_trains(content, damage, d
     run.mkdir(parents=True)
     if content is not None:
         (run / "summary.json").write_text(content)
-    code, out, err = run_cli(["suite", "bad", *(["--dry-run"] if dry_run else [])], tmp_path, monkeypatch, capsys)
+    code, out, err = run_cli(["suite", "bad", *(["--dry-run"] if dry_run else [])], monkeypatch, capsys, cwd=tmp_path)
     assert (code, out) == (2, "")
     assert err.startswith(f"error: {damage}") and err.count("\n") == 1
     assert err.endswith(f": run fr-mlp-synthetic-k2-s0 of suite bad can be neither skipped nor resumed; "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from dbench import check as checker
 from dbench import suites
 from dbench.errors import DbenchError
@@ -189,21 +190,6 @@ def test_missing_runs_and_golden_are_reported(golden_suite, tmp_path):
         checker.check(suite, golden_suite / "results", tmp_path / "no-golden")
 
 
-def in_process(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
-    """`dbench ARGS` run in this process from ``cwd`` (no interpreter to start): (exit code, stdout, stderr)."""
-    from dbench import cli
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["dbench", *args])
-    try:
-        cli.entry()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.mark.parametrize("damage,message", [
     (lambda good: good[: len(good) // 2], "is not valid JSON ("),
     (lambda good: "{}", 'has no "tolerance" with numbers "accuracy" and "memory"'),
@@ -218,8 +204,8 @@ def test_a_damaged_golden_file_is_one_line_exit_2(golden_suite, tmp_path, damage
     bad = tmp_path / "golden" / "tiny" / "cpu.json"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(damage(good).encode("utf-8", "surrogateescape"))
-    code, out, err = in_process(["check", "tiny", "--golden", str(tmp_path / "golden")], golden_suite, monkeypatch,
-                                capsys)
+    code, out, err = run_cli(["check", "tiny", "--golden", str(tmp_path / "golden")], monkeypatch, capsys,
+                             cwd=golden_suite)
     assert (code, out) == (2, "") and err.startswith(f"error: {bad}") and message in err and err.count("\n") == 1
     assert err.endswith("restore this golden file from version control, or record it again with "
                         "`dbench check tiny --update`\n")
@@ -237,7 +223,7 @@ def test_a_damaged_run_fails_the_check_naming_its_file(golden_suite, tmp_path, f
     shutil.copytree(golden_suite / "results", tmp_path / "results")
     damaged = tmp_path / "results" / "tiny" / "fr-mlp-synthetic-k2-s0" / file
     damaged.write_text(content)
-    code, out, err = in_process(["check", "tiny", "--file", str(golden_suite / "bench.toml"), "--golden",
-                                 str(golden_suite / "golden")], tmp_path, monkeypatch, capsys)
+    code, out, err = run_cli(["check", "tiny", "--file", str(golden_suite / "bench.toml"), "--golden",
+                              str(golden_suite / "golden")], monkeypatch, capsys, cwd=tmp_path)
     assert (code, out) == (2, "") and err.startswith(f"error: {damaged.relative_to(tmp_path)}")
     assert message in err and err.count("\n") == 1
