@@ -4,7 +4,7 @@ For each model the blocks are profiled once, exactly as ``--split time``
 profiles them (forward and backward of each block, median of 3, on the
 device). Three cuts into K modules are then compared:
 
-- ``blocks``: equal block counts (the FR/DDG code's rule, dbench's default);
+- ``blocks``: equal block counts (the FR/DDG code's rule; ``--split auto`` on the local engine);
 - ``time`` for BP (and DDG, DFA): balances forward + backward per module;
 - ``time`` for FR: balances FR's step, where modules below the top pay a
   second forward (play, then replay).

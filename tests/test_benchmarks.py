@@ -18,6 +18,7 @@ TINY = {
                      "--workers", "0"],
     "sigma_cost.py": ["--model", "mlp", "--k", "2", "--methods", "bp", "--root", "{tmp}/sigma"],
     "speedup.py": ["--model", "mlp", "--k", "2", "--batch-size", "512", "--methods", "bp,ddg,ddp", "--rounds", "1",
+                   "--split", "blocks",
                    "--root", "{tmp}/speed"],
     "learning.py": ["--model", "mlp", "--epochs", "1", "--ks", "2", "--methods", "bp", "--root", "{tmp}/learning"],
 }

@@ -112,7 +112,8 @@ def test_a_killed_module_ends_the_run_cleanly(k, tmp_path):
     failed with its files whole, and leaves no process behind."""
     out = tmp_path / "run"
     launcher = subprocess.Popen(
-        [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", str(k), "--model", "mlp", "--epochs", "50", "--quiet",
+        [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", str(k), "--model", "mlp",
+         "--batch-size", "512", "--epochs", "50", "--quiet",
          "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
@@ -135,7 +136,8 @@ def test_a_hung_module_ends_the_run_within_the_timeout(tmp_path):
     launcher stops everything (SIGKILL ends the stopped one), and the error says it timed out."""
     out = tmp_path / "run"
     launcher = subprocess.Popen(
-        [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", "2", "--model", "mlp", "--epochs", "50", "--quiet",
+        [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", "2", "--model", "mlp",
+         "--batch-size", "512", "--epochs", "50", "--quiet",
          "--comm-timeout", "5", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )

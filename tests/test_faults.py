@@ -64,7 +64,8 @@ def test_workers_stop_by_themselves_when_the_launcher_dies(tmp_path):
     interrupted (resumable), never completed with nobody supervising it."""
     out = tmp_path / "run"
     launcher = subprocess.Popen(
-        [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", "2", "--model", "mlp", "--epochs", "50", "--quiet",
+        [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", "2", "--model", "mlp",
+         "--batch-size", "512", "--epochs", "50", "--quiet",
          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     summary = out / "summary.json"
     deadline = time.monotonic() + 120
