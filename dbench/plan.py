@@ -16,7 +16,7 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -164,7 +164,8 @@ def _num_blocks(model: str, build_model: Any) -> int:
     return describe(model)["blocks"]
 
 
-def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Plan, DataSplits]:
+def make(cfg: RunConfig, devices: list[torch.device] | None = None,
+         say: Callable[[str], None] | None = None) -> tuple[Plan, DataSplits]:
     """Validate ``cfg`` (``check``) and decide everything; raises DbenchError before anything is written.
 
     Returns the plan and the loaded data set (which a process that goes on to
@@ -177,6 +178,9 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Pla
     devices, note, engine = checked.devices, checked.device_note, checked.engine
     build_model = MODELS.get(cfg.model)
     spec = DATASETS.get(cfg.dataset)
+    say = say or (lambda line: None)
+    # The set-up's long steps say what they do: on a big model or data set they take minutes.
+    say(f"set-up: loading {cfg.dataset}")
     splits = spec.load(Path(cfg.data_dir).expanduser() if cfg.data_dir else None, cfg.download)
     samples = len(splits.train_y)
     if cfg.batch_size > samples:
@@ -195,6 +199,8 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None) -> tuple[Pla
     if replicas:
         ranges = [(0, len(model.blocks))] * cfg.gpus  # every replica holds every block
     else:
+        if split == "time":
+            say(f"set-up: profiling the {len(model.blocks)} blocks of {cfg.model} for a cut balanced by time")
         began = time.perf_counter()
         with profiling_threads(engine, devices):
             ranges = partition(model.blocks, cfg.gpus, split, sample=sample, device=devices[0], model=cfg.model,

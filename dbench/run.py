@@ -42,7 +42,7 @@ def start(cfg: RunConfig, out: Path | None = None, *, quiet: bool = False,
     """A new run; returns its directory."""
     if launch.under_torchrun():
         return launch.torchrun_process(cfg, out, None, quiet)
-    path, splits = create_run_dir(cfg, out)
+    path, splits = create_run_dir(cfg, out, say=None if quiet else print)
     run = RunDir(path)
     with run.exclusive():
         _continue(run, quiet, on_epoch_end, splits)
@@ -67,8 +67,8 @@ def completed(cfg: RunConfig, path: Path, *, quiet: bool = True) -> dict:
     return summary.read(path)
 
 
-def create_run_dir(cfg: RunConfig, out: Path | None = None,
-                   devices: list[torch.device] | None = None) -> tuple[Path, DataSplits]:
+def create_run_dir(cfg: RunConfig, out: Path | None = None, devices: list[torch.device] | None = None,
+                   say: Callable[[str], None] | None = None) -> tuple[Path, DataSplits]:
     """Plan ``cfg`` and create its run directory with the plan, the environment and a "running" summary.
 
     Returns the directory and the data set the plan loaded, for a process that trains here next.
@@ -78,7 +78,7 @@ def create_run_dir(cfg: RunConfig, out: Path | None = None,
         if out.exists():
             raise DbenchError(f"run directory {out} already exists: pass --resume {out} to continue it, "
                               "or another --out")
-        plan, splits = planning.make(cfg, devices)
+        plan, splits = planning.make(cfg, devices, say if launch.speaks() else None)
         if launch.speaks():
             # Said once and never silenced: the user asked for devices and gets the CPU; the default cut.
             for note in (plan.device_note, plan.split_note):

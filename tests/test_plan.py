@@ -90,7 +90,10 @@ def test_the_default_cut_balances_time_only_where_modules_run_at_once(monkeypatc
     rules = []
     real = planning.partition
     monkeypatch.setattr(planning, "partition", lambda blocks, k, split, **kw: rules.append(split) or real(blocks, k, split, **kw))
-    distributed, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="distributed"))
+    said = []
+    distributed, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="distributed"), say=said.append)
+    # the long set-up steps say what they do, before doing it
+    assert said == ["set-up: loading synthetic", "set-up: profiling the 3 blocks of mlp for a cut balanced by time"]
     local, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="local"))
     one, _ = planning.make(RunConfig(model="mlp", gpus=1))
     assert rules == ["time", "blocks", "blocks"]
