@@ -11,7 +11,6 @@ tolerance). A planned run that is missing or not complete fails the check too.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from datetime import date
@@ -51,16 +50,9 @@ def _number(value) -> bool:
 def _read_json(path: Path, fix: str) -> dict:
     """A JSON object from ``path``; a DbenchError names the file, the damage and ``fix``, what the user can do."""
     try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise DbenchError(f"{path} is missing: {fix}") from None
-    except UnicodeDecodeError:
-        raise DbenchError(f"{path} is not text (not UTF-8): {fix}") from None
-    except json.JSONDecodeError as e:
-        raise DbenchError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): {fix}") from None
-    if not isinstance(data, dict):
-        raise DbenchError(f"{path} is not a JSON object (it holds a {type(data).__name__}): {fix}")
-    return data
+        return summaries.read_object(path)
+    except summaries.SummaryUnreadable as e:
+        raise DbenchError(f"{path} {e.reason}: {fix}") from None
 
 
 def hardware_kind(run_path: Path) -> str:

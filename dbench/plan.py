@@ -104,11 +104,12 @@ class Checked:
 
     stage_cls: type[Stage]
     options: Any  # the method's Options
-    split: str | list[int]
+    split: str | list[int]  # --split auto already resolved to its rule
     replicas: bool  # a data-parallel method: every device holds the whole model
     devices: list[torch.device]
     device_note: str | None
     engine: str
+    split_note: str | None  # what --split auto chose, and why
 
 
 def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
@@ -151,8 +152,9 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
         engine = "distributed"
     if not spec.needs_data_dir and (cfg.data_dir or cfg.download):
         raise DbenchError(f"--data-dir/--download do not apply to data set {cfg.dataset!r} (it is generated)")
+    split, split_note = resolve_auto(split, engine, cfg.gpus) if not replicas else (split, None)
     return Checked(stage_cls=stage_cls, options=options, split=split, replicas=replicas, devices=devices,
-                   device_note=note, engine=engine)
+                   device_note=note, engine=engine, split_note=split_note)
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,7 +177,7 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
     """
     checked = check(cfg, devices)
     stage_cls, options, split, replicas = checked.stage_cls, checked.options, checked.split, checked.replicas
-    devices, note, engine = checked.devices, checked.device_note, checked.engine
+    devices, note, engine, split_note = checked.devices, checked.device_note, checked.engine, checked.split_note
     build_model = MODELS.get(cfg.model)
     spec = DATASETS.get(cfg.dataset)
     say = say or (lambda line: None)
@@ -190,7 +192,6 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
 
     torch.manual_seed(cfg.seed)
     model = build_model(num_classes=splits.num_classes)
-    split, split_note = resolve_auto(split, engine, cfg.gpus) if not replicas else (split, None)
     sample = next(iter(train.epoch(0)))[0] if split == "time" else None
     boundary = None
     if stage_cls.boundary_cost is not None:

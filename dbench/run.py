@@ -19,8 +19,7 @@ from dbench.build import build
 from dbench.config import RunConfig
 from dbench.data.base import DataSplits
 from dbench.engine import launch
-from dbench.errors import DbenchError
-from dbench.errors import RunInterrupted
+from dbench.errors import DbenchError, RunInterrupted
 from dbench.plan import Plan
 from dbench.record import CONFIG, ENVIRONMENT, METRICS, SUMMARY, RunDir
 
@@ -118,10 +117,6 @@ def read_plan(run: RunDir) -> Plan:
     return Plan.from_record(run.read(CONFIG), source=str(run.path / CONFIG))
 
 
-def _epochs_done(run: RunDir) -> int:
-    return run.checkpointed()[0]
-
-
 def interrupted(run: RunDir) -> RunInterrupted:
     """The error that says where a stopped run can be resumed from (its checkpoint)."""
     return RunInterrupted(run.path, *run.checkpointed())
@@ -193,5 +188,5 @@ def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | N
 def mark(run: RunDir, status: str, error: str | None = None) -> None:
     """Set a run's status from outside its training (the launcher, after its workers ended)."""
     # The metrics, the checkpoint and the summary must tell the same story.
-    rows = _keep_checkpointed_rows(run, _epochs_done(run))
+    rows = _keep_checkpointed_rows(run, run.checkpointed()[0])
     loop.write_summary(run, rows, status, error)

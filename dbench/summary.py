@@ -61,7 +61,8 @@ def method_label(config: dict) -> str:
 
 
 class SummaryUnreadable(DbenchError):
-    """summary.json is missing or not a JSON object; ``reason`` says which, without the path."""
+    """A run's JSON file (summary.json, or another read with ``read_object``) is missing or not a JSON object;
+    ``reason`` says which, without the path."""
 
     def __init__(self, path: Path, reason: str):
         super().__init__(f"{path} {reason}")
@@ -71,11 +72,10 @@ class SummaryUnreadable(DbenchError):
 
 # --- reading -------------------------------------------------------------------------------------
 
-def read(run_dir: Path) -> dict:
-    """The summary.json of the run directory ``run_dir``; SummaryUnreadable (a DbenchError) if missing or corrupt."""
-    path = Path(run_dir) / SUMMARY
+def read_object(path: Path) -> dict:
+    """The JSON object in file ``path``; SummaryUnreadable (a DbenchError) if missing, unreadable or damaged."""
     try:
-        text = path.read_text()
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise SummaryUnreadable(path, "is missing") from None
     except UnicodeDecodeError:
@@ -83,12 +83,17 @@ def read(run_dir: Path) -> dict:
     except OSError as e:
         raise SummaryUnreadable(path, f"cannot be read ({e.strerror or e})") from None
     try:
-        summary = json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise SummaryUnreadable(path, f"is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(summary, dict):
-        raise SummaryUnreadable(path, f"is not a JSON object (it holds a {type(summary).__name__})")
-    return summary
+    if not isinstance(data, dict):
+        raise SummaryUnreadable(path, f"is not a JSON object (it holds a {type(data).__name__})")
+    return data
+
+
+def read(run_dir: Path) -> dict:
+    """The summary.json of the run directory ``run_dir``; SummaryUnreadable (a DbenchError) if missing or corrupt."""
+    return read_object(Path(run_dir) / SUMMARY)
 
 
 def status_of(run_dir: Path) -> str:

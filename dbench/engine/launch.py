@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dbench.errors import DbenchError
+from dbench.errors import DbenchError, RunInterrupted
 
 POLL_S = 0.1  # how often the launcher looks at its workers
 SETTLE_S = 1.0  # after a failure, how long the peers get to fail and report in turn
@@ -131,8 +131,6 @@ def _worker(rank: int, world: int, run_path: str, port: int, quiet: bool, thread
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     if threads is not None:
         torch.set_num_threads(threads)  # the modules share this machine's cores
-    from dbench.errors import RunInterrupted
-
     try:
         run_rank(Path(run_path), rank, world, quiet)
         code = 0
