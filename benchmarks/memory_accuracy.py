@@ -66,10 +66,20 @@ def measure(method: str, model: str, batch: int, k: int, device: torch.device, s
     return accounted / MIB, allocated / MIB
 
 
+def _batch_sizes(ctx, param, value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of batch sizes >= 1, e.g. 64,256")
+    return sizes
+
+
 @click.command()
 @click.option("--models", default="resnet8,resnet20,resnet56", show_default=True)
-@click.option("--batches", default="64,256", show_default=True)
-def main(models: str, batches: str) -> None:
+@click.option("--batches", default="64,256", show_default=True, callback=_batch_sizes)
+def main(models: str, batches: list[int]) -> None:
     if not torch.cuda.is_available():
         raise DbenchError("memory_accuracy.py compares with the CUDA allocator: it needs a CUDA device")
     device = torch.device("cuda", 0)
@@ -82,9 +92,9 @@ def main(models: str, batches: str) -> None:
         if warmed:
             warm_up(device)
         for model in models.split(","):
-            for batch in map(int, batches.split(",")):
+            for batch in batches:
                 for method, k in (("bp", 1), ("fr", 2), ("ddg", 2)):
-                    if not warmed and (method, model, batch) != ("bp", models.split(",")[0], int(batches.split(",")[0])):
+                    if not warmed and (method, model, batch) != ("bp", models.split(",")[0], batches[0]):
                         continue  # before the warm-up: the first measurement only (it pays the workspaces)
                     a, m = measure(method, model, batch, k, device)
                     print(f"| {method} | {k} | {model} | {batch} | {'yes' if warmed else 'no'} | {a:.1f} | {m:.1f} | {a / m:.2f} |")

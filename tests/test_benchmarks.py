@@ -57,6 +57,9 @@ def test_benchmark_prints_its_table(script, tmp_path):
     ("speedup.py", ["--methods", "bp,nope", "--root", "{tmp}/speed"]),
     ("speedup.py", ["--methods", "fr", "--root", "{tmp}/speed"]),
     ("learning.py", ["--ks", "a", "--root", "{tmp}/learning"]),
+    ("memory_accuracy.py", ["--batches", "x"]),
+    ("memory_accuracy.py", ["--batches", "64,0"]),
+    ("speedup.py", ["--methods", "bp,ddg", "--devices", "tpu:0,tpu:0", "--root", "{tmp}/speed"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(script, args, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
