@@ -44,11 +44,11 @@ def modules_table(summary: dict) -> str:
     if not modules:
         return "(no per-module measurements yet)"
     cuda = any("cuda_peak_active_bytes" in m for m in modules)
-    head = ["module", "device", "compute s", "wait input s", "wait grad s", "idle s", "σ probe s",
+    head = ["module", "device", "compute s", "comm s", "wait input s", "wait grad s", "idle s", "σ probe s",
             "peak MiB (accounted)"] + (["peak MiB (CUDA active)", "reserved MiB (CUDA)"] if cuda else []) + ["mean σ", "σ corrected", "mean cos"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in modules:
-        cells = [str(m["module"]), m["device"], *(f"{m[f'{s}_s']:.2f}" for s in ("compute", "wait_input", "wait_grad", "idle", "probe")),
+        cells = [str(m["module"]), m["device"], *(f"{m.get(f'{s}_s', 0.0):.2f}" for s in ("compute", "comm", "wait_input", "wait_grad", "idle", "probe")),
                  _mib(m["accounted_peak_bytes"])]
         if cuda:
             cells += [_mib(m.get("cuda_peak_active_bytes")), _mib(m.get("cuda_peak_reserved_bytes"))]

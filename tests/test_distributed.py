@@ -17,6 +17,7 @@ from conftest import alive, group, tiny_blocks
 from distributed_workers import PROBE_AT, RANGES, data, equivalence_worker
 from dbench import Trainer
 from dbench.engine.launch import free_port
+from dbench.meters import STATES
 from dbench.method import MODEL_PARALLEL
 from dbench.registry import METHODS
 
@@ -34,7 +35,8 @@ def local_reference(method: str, k: int) -> dict:
             out, sigma, _ = t.sigma_step(x, y, probe)
         else:
             out = t.step_output(x, y)
-        losses.append(out.loss)
+        if out is not None:  # None: no batch scored in this iteration (FDG's first K-1), as in the worker
+            losses.append(out.loss)
     return {"losses": losses, "state": t.state_dict(), "logits": t.predict(test_x),
             "sigma": [(r.sigma, r.sigma_corrected, r.cosine) for r in sigma]}
 
@@ -174,6 +176,11 @@ def test_launcher_torchrun_and_local_runs_agree(tmp_path):
         assert config["engine"] == "distributed" and config["devices"] == ["cpu", "cpu"]
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [m["module"] for m in rows[-1]["modules"]] == [0, 1]
+        for row in (r for r in rows if r["kind"] == "epoch"):
+            for m in row["modules"]:
+                # every module sends and receives each step: moving messages is a state of its own
+                assert m["comm_s"] > 0, (name, m)
+                assert sum(m[f"{s}_s"] for s in STATES) == pytest.approx(row["train_seconds"], rel=0.03, abs=0.02)
 
 
 @pytest.mark.parametrize("method", ["ddg", "ddp"])

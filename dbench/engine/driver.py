@@ -23,7 +23,8 @@ class Port(Protocol):
 
     def send(self, op: Send) -> None: ...
     def poll(self, channel: str) -> Message | None: ...
-    def wait(self, channel: str) -> Message: ...
+    # ``meter``: marked communicating while a message arrives, and blocked again if it was another channel's
+    def wait(self, channel: str, meter: Any) -> Message: ...
 
 
 class NoMeter:
@@ -36,6 +37,7 @@ class NoMeter:
 
     def resumed(self) -> None: ...
     def blocked(self, channel: str) -> None: ...
+    def communicating(self) -> None: ...
     def handed_step(self) -> None: ...
     def finished(self) -> None: ...
 
@@ -72,7 +74,9 @@ class Driven:
                     return True
                 self.reply = None
                 if isinstance(op, Send):
+                    meter.communicating()
                     self.port.send(op)
+                    meter.resumed()
                 elif isinstance(op, Recv):
                     message = self.port.poll(op.channel)
                     if message is None:
@@ -80,7 +84,7 @@ class Driven:
                         if not self.port.blocking:
                             self.waiting = op
                             return True
-                        message = self.port.wait(op.channel)
+                        message = self.port.wait(op.channel, meter)
                         meter.resumed()
                     self.reply = check_tag(self.k, op, message)
                 else:

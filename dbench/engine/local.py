@@ -30,7 +30,7 @@ class _Port:
         queue = self.engine.inboxes[self.k][channel]
         return queue.popleft() if queue else None
 
-    def wait(self, channel: str) -> Message:
+    def wait(self, channel: str, meter=None) -> Message:
         raise AssertionError("the local engine never blocks")
 
 
@@ -75,15 +75,17 @@ class LocalEngine:
         for stage in self.stages:
             stage.module.eval()
 
-    def train_step(self, t: int, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    def train_step(self, t: int, x: torch.Tensor, y: torch.Tensor) -> StepOutput | None:
+        """The top stage's StepOutput; None where it scored no batch in this iteration (see Stage.train_step)."""
         programs = [
             stage.train_step(t, x.to(stage.device) if k == 0 else None, y.to(stage.device))
             for k, stage in enumerate(self.stages)
         ]
         outputs = self._run(programs, f"method {self.stages[0].name!r} at iteration {t}")
         top = outputs[-1]
-        if not isinstance(top, StepOutput):
-            raise RuntimeError(f"method {self.stages[0].name!r}: the top stage returned no StepOutput")
+        if top is not None and not isinstance(top, StepOutput):
+            raise RuntimeError(f"method {self.stages[0].name!r}: the top stage returned {type(top).__name__}, "
+                               f"not a StepOutput or None")
         return top
 
     def true_gradients(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[torch.Tensor]]:

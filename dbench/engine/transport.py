@@ -77,13 +77,20 @@ class Transport:
         queue = self.inbox[channel]
         return queue.popleft() if queue else None
 
-    def wait(self, channel: str) -> Message:
-        """The next message of ``channel``, reading the source's stream until one arrives (blocks)."""
+    def wait(self, channel: str, meter=None) -> Message:
+        """The next message of ``channel``, reading the source's stream until one arrives (blocks).
+
+        ``meter`` (the stage's, or None) is marked communicating from the moment a message's header is in
+        (its sender has posted it) until its payload is, and blocked on ``channel`` again if that message
+        was for another channel: the time before a header arrives is waiting for the peer, not transfer.
+        """
         queue = self.inbox[channel]
         src = self.source(channel)
         while not queue:
-            if self._read(src) is None:
+            if self._read(src, meter) is None:
                 raise RuntimeError(f"module {self.rank} waited for {channel!r} from module {src}, which ended its epoch")
+            if not queue and meter is not None:
+                meter.blocked(channel)
         return queue.popleft()
 
     def flush(self) -> None:
@@ -111,13 +118,15 @@ class Transport:
         while self._sends and self._sends[0][0].is_completed():
             self._sends.popleft()
 
-    def _read(self, src: int) -> str | None:
+    def _read(self, src: int, meter=None) -> str | None:
         """Read one message from ``src`` into its inbox; None at the end marker."""
         header = torch.empty(HEADER, dtype=torch.int64, device=self.wire)
         self._recv(header, src)
         fields = header.tolist()  # a host copy: waits for the header to arrive
         if fields[0] == END:
             return None
+        if meter is not None:
+            meter.communicating()
         channel, dtype, shape, tag = parse_header(fields)
         payload = torch.empty(shape, dtype=dtype, device=self.wire)
         self._recv(payload, src)

@@ -27,7 +27,8 @@ def merge_records(segments: list[list[dict]]) -> list[dict]:
     for records in segments[1:]:
         for into, r in zip(merged, records, strict=True):
             for state in STATES:
-                into[f"{state}_s"] += r[f"{state}_s"]
+                # .get: a segment checkpointed before a state existed (comm) has no figure for it
+                into[f"{state}_s"] = into.get(f"{state}_s", 0.0) + r.get(f"{state}_s", 0.0)
             if r["accounted_peak_bytes"] > into["accounted_peak_bytes"]:
                 into["accounted_peak_bytes"], into["accounted_bytes"] = r["accounted_peak_bytes"], dict(r["accounted_bytes"])
             for key in [k for k in r if k.startswith("cuda_")]:

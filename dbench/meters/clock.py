@@ -1,4 +1,4 @@
-"""Where each module's wall-clock goes: computing, waiting for an input, waiting for a gradient, idle, probing.
+"""Where each module's wall-clock goes: computing, communicating, waiting for an input or a gradient, idle, probing.
 
 A :class:`StageClock` is marked at every transition of its stage (the engine
 marks it when the stage resumes, blocks on a message or finishes its step), and
@@ -16,12 +16,16 @@ import time
 
 import torch
 
-COMPUTE = "compute"  # forward, backward or replay, update, and sending messages
+COMPUTE = "compute"  # forward, backward or replay, update
+# Moving messages: handing a message to the transport (staging it for the wire, posting the send), and
+# receiving one once it has started to arrive (its header is in: the sender has posted it). Time blocked
+# before that is waiting, not communication: the peer had not sent yet.
+COMM = "comm"
 WAIT_INPUT = "wait_input"  # blocked until the module below sends an activation
 WAIT_GRAD = "wait_grad"  # blocked until a teaching signal arrives (gradient from above, DFA's error)
 IDLE = "idle"  # its step is done (or not handed out yet): the runner, data, other modules in a sequential engine
 PROBE = "probe"  # the σ probe's extra plain-BP pass (not part of any method's cost)
-STATES = (COMPUTE, WAIT_INPUT, WAIT_GRAD, IDLE, PROBE)
+STATES = (COMPUTE, WAIT_INPUT, WAIT_GRAD, IDLE, PROBE, COMM)
 
 
 class StageClock:

@@ -6,7 +6,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from dbench.meters.clock import COMPUTE, IDLE, PROBE, WAIT_GRAD, WAIT_INPUT, StageClock
+from dbench.meters.clock import COMM, COMPUTE, IDLE, PROBE, WAIT_GRAD, WAIT_INPUT, StageClock
 from dbench.meters.memory import SavedTensors, account
 from dbench.meters.sigma import SigmaCapture
 from dbench.method import INPUT_CHANNELS, Stage
@@ -42,6 +42,11 @@ class StageMeter:
         self.sample()
         if not self.probing:
             self.clock.mark(WAIT_INPUT if channel in INPUT_CHANNELS else WAIT_GRAD)
+
+    def communicating(self) -> None:
+        """The stage hands a message to its transport, or receives one that has started to arrive."""
+        if not self.probing:
+            self.clock.mark(COMM)
 
     def handed_step(self) -> None:
         """The engine gave the stage its next step; until it runs, it waits for its turn (its input)."""
