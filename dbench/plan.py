@@ -28,7 +28,9 @@ from dbench.engine import launch
 from dbench.errors import DbenchError
 from dbench.method import DATA_PARALLEL, Stage, parse_options
 from dbench.models.base import describe
-from dbench.partition import AUTO, Ranges, check_k, parse_split, partition, resolve_auto
+from dbench.balance import Balance, balance_measured, imbalance, method_step_seconds
+from dbench.partition import (AUTO, Ranges, boundary_costs, check_k, parse_split, partition, resolve_auto,
+                              time_costs)
 from dbench.registry import DATASETS, METHODS, MODELS
 
 # Steps at the start of each epoch left out of samples/s: first calls allocate,
@@ -54,6 +56,7 @@ class Plan:
     test_samples: int
     device_note: str | None = None  # said once to the user (e.g. no CUDA: modules on the CPU); not recorded
     split_note: str | None = None  # what --split auto chose, and why; not recorded (the partition is)
+    balance: dict | None = None  # --split time: predicted and measured seconds per step of each module
 
     @property
     def method(self) -> type[Stage]:
@@ -82,6 +85,7 @@ class Plan:
             "num_classes": self.num_classes,
             "train_samples": self.train_samples,
             "test_samples": self.test_samples,
+            **({"balance": self.balance} if self.balance is not None else {}),
         }
 
     @classmethod
@@ -95,6 +99,7 @@ class Plan:
             num_classes=record["num_classes"], steps_per_epoch=record["steps_per_epoch"],
             sigma_every=record["sigma_every"], sigma_probe_samples=record["sigma_probe_samples"],
             train_samples=record["train_samples"], test_samples=record["test_samples"],
+            balance=record.get("balance"),
         )
 
 
@@ -192,23 +197,24 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
 
     torch.manual_seed(cfg.seed)
     model = build_model(num_classes=splits.num_classes)
-    sample = next(iter(train.epoch(0)))[0] if split == "time" else None
-    boundary = None
-    if stage_cls.boundary_cost is not None:
-        boundary = functools.partial(stage_cls.boundary_cost, device=devices[0], options=options,
-                                     num_classes=splits.num_classes)
+    balance = None
     if replicas:
         ranges = [(0, len(model.blocks))] * cfg.gpus  # every replica holds every block
-    else:
-        if split == "time":
-            say(f"set-up: profiling the {len(model.blocks)} blocks of {cfg.model} for a cut balanced by time")
+    elif split == "time":
+        say(f"set-up: profiling the {len(model.blocks)} blocks of {cfg.model}, then timing {cfg.method} on the "
+            f"candidate cuts, for a cut balanced by time")
         began = time.perf_counter()
         with profiling_threads(engine, devices):
-            ranges = partition(model.blocks, cfg.gpus, split, sample=sample, device=devices[0], model=cfg.model,
-                               step_cost=stage_cls.step_cost, boundary_cost=boundary)
-        if split_note and split == "time":
-            split_note += (f" (profiling took {time.perf_counter() - began:.1f} s; --split blocks for equal "
-                           "block counts)")
+            balance = time_cut(cfg, stage_cls, options, model.blocks, next(iter(train.epoch(0))), devices[0],
+                               splits.num_classes)
+        ranges = balance.ranges
+        timed = (f"--split time: predicted balance {imbalance(balance.predicted):.2f}, measured "
+                 f"{imbalance(balance.measured):.2f} (slowest module's step over the mean module's, {cfg.method} "
+                 f"timed on {balance.candidates} candidate cut(s); profiling took {time.perf_counter() - began:.1f} s"
+                 + ("; --split blocks for equal block counts)" if split_note else ")"))
+        split_note = f"{split_note}; {timed}" if split_note else timed
+    else:
+        ranges = partition(model.blocks, cfg.gpus, split, model=cfg.model)
     sigma_every = cfg.sigma_interval(len(train))
     if sigma_every and cfg.sigma_batches > len(train):
         raise DbenchError(f"bad --sigma-batches {cfg.sigma_batches}: the σ probe's set is drawn from the {len(train)} "
@@ -219,9 +225,25 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
         steps_per_epoch=len(train), sigma_every=sigma_every,
         sigma_probe_samples=min(cfg.sigma_batches * cfg.batch_size, train.num_samples) if sigma_every else 0,
         train_samples=train.num_samples, test_samples=len(splits.test_y), device_note=note,
-        split_note=split_note,
+        split_note=split_note, balance=balance.record() if balance is not None else None,
     )
     return plan, splits
+
+
+def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list, batch: tuple, device: torch.device,
+             num_classes: int) -> Balance:
+    """``--split time``: the profile's balanced cut for the method's step, checked by timing the method on it."""
+    times = time_costs(blocks, batch[0], device)
+    boundaries = None
+    if stage_cls.boundary_cost is not None:
+        cost = functools.partial(stage_cls.boundary_cost, device=device, options=options, num_classes=num_classes)
+        boundaries = boundary_costs(times, cost)
+    optim = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+    def measure(ranges: Ranges) -> list[float]:
+        return method_step_seconds(blocks, ranges, cfg.method, options, device, batch, num_classes, optim)
+
+    return balance_measured(times, cfg.gpus, stage_cls.step_cost, boundaries, measure)
 
 
 def loader(cfg: RunConfig, splits: DataSplits, device: torch.device, *, train: bool) -> DeviceLoader:

@@ -103,3 +103,18 @@ def run_cli(args, monkeypatch, capsys, cwd=None) -> tuple[int, str, str]:
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+@pytest.fixture
+def timing_confirms_profile(monkeypatch):
+    """``--split time`` without timing the method: each cut measures what the block profile predicts for it,
+    so the profile's cut stands (for tests of the profile's part of the choice, on fake profiles)."""
+    from dbench import balance
+    from dbench import plan as planning
+    from dbench.partition import step_costs
+
+    def confirmed(times, k, step_cost, boundaries, measure):
+        return balance.balance_measured(times, k, step_cost, boundaries,
+                                        lambda ranges: step_costs(times, ranges, step_cost, boundaries))
+
+    monkeypatch.setattr(planning, "balance_measured", confirmed)

@@ -21,6 +21,8 @@ TINY = {
                    "--split", "blocks",
                    "--root", "{tmp}/speed"],
     "learning.py": ["--model", "mlp", "--epochs", "1", "--ks", "2", "--methods", "bp", "--root", "{tmp}/learning"],
+    "breakdown.py": ["--model", "mlp", "--k", "2", "--batch-size", "512", "--methods", "ddg", "--split", "blocks",
+                     "--root", "{tmp}/breakdown"],
 }
 GPU_ONLY = {"memory_accuracy.py": ["--models", "resnet8", "--batches", "8"]}
 
@@ -51,6 +53,9 @@ def test_benchmark_prints_its_table(script, tmp_path):
 
 @pytest.mark.parametrize("script,args", [
     ("overhead.py", ["--steps", "0"]),
+    ("overhead.py", ["--model", "nope"]),
+    ("breakdown.py", ["--methods", "fr,nope", "--root", "{tmp}/breakdown"]),
+    ("breakdown.py", ["--k", "1", "--root", "{tmp}/breakdown"]),
     ("overhead.py", ["--device", "bogus"]),
     ("partition_balance.py", ["--models", "resnet8,nope"]),
     ("partition_balance.py", ["--models", "resnet8", "--k", "99"]),

@@ -154,13 +154,12 @@ def test_explicit_cuts_and_errors():
 
 
 @pytest.mark.parametrize("method,expected", [("fr", [(0, 4), (4, 11)]), ("bp", [(0, 5), (5, 11)])])
-def test_run_balances_the_cost_of_the_method_it_runs(monkeypatch, method, expected):
-    from dbench import partition as partition_module
+def test_run_balances_the_cost_of_the_method_it_runs(monkeypatch, timing_confirms_profile, method, expected):
     from dbench import plan as run
     from dbench.config import RunConfig
 
     fake = [BlockTime(1.0, 2.0)] * 10 + [BlockTime(0.1, 0.2)]  # resnet20 has 11 blocks, the head is cheap
-    monkeypatch.setattr(partition_module, "time_costs", lambda blocks, sample, device: fake)
+    monkeypatch.setattr(run, "time_costs", lambda blocks, sample, device: fake)
     setup, _ = run.make(RunConfig(method=method, model="resnet20", gpus=2, split="time", epochs=1))
     assert setup.ranges == balance_time(fake, 2, METHODS.get(method).step_cost)
     # BP: 5·3=15 | 5·3+0.3=15.3; FR: 4·4=16 | 6·3+0.3=18.3, where BP's cut would cost FR 20 | 15.3
@@ -188,14 +187,13 @@ def test_a_costly_boundary_moves_the_cut():
     assert step_costs(times, [(0, 4), (4, 8)], boundaries=boundaries) == [112.0, 12.0]  # the top pays no boundary
 
 
-def test_dni_balances_its_synthesizer_too(monkeypatch):
-    from dbench import partition as partition_module
+def test_dni_balances_its_synthesizer_too(monkeypatch, timing_confirms_profile):
     from dbench import plan as run
     from dbench.config import RunConfig
 
     # resnet20's 11 blocks; the first six "output at full resolution", where a synthesizer is dear
     fake = [BlockTime(1.0, 2.0, (128, 16, 32, 32))] * 6 + [BlockTime(1.0, 2.0, (128, 64, 8, 8))] * 5
-    monkeypatch.setattr(partition_module, "time_costs", lambda blocks, sample, device: fake)
+    monkeypatch.setattr(run, "time_costs", lambda blocks, sample, device: fake)
     dni = METHODS.get("dni")
     seen = []
 

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from dbench import partition as partition_module
+from dbench import plan as plan_module
 from dbench import run as runner
 from dbench.config import RunConfig
 from dbench.errors import DbenchError
@@ -16,8 +16,9 @@ from dbench.registry import DATASETS
 
 
 @pytest.fixture
-def counted(monkeypatch):
-    """A data set 'counted' (the synthetic one, smaller) and a fake block profile, each counting its calls."""
+def counted(monkeypatch, timing_confirms_profile):
+    """A data set 'counted' (the synthetic one, smaller) and a fake block profile, each counting its calls
+    (and timing the method on a cut gives what the fake profile predicts)."""
     calls = {"load": 0, "profile": 0}
     spec = DATASETS.get("synthetic")
 
@@ -31,7 +32,7 @@ def counted(monkeypatch):
         calls["profile"] += 1
         return [BlockTime(1.0, 2.0)] * (len(blocks) - 1) + [BlockTime(5.0, 10.0)]
 
-    monkeypatch.setattr(partition_module, "time_costs", profile)
+    monkeypatch.setattr(plan_module, "time_costs", profile)
     with DATASETS.temporarily("counted", dataclasses.replace(spec, name="counted", load=load)):
         yield calls
 
@@ -60,7 +61,8 @@ def test_building_from_a_recorded_plan_never_profiles_or_validates_again(counted
     def no_profile(*args, **kwargs):
         raise AssertionError("profiled again")
 
-    monkeypatch.setattr(partition_module, "time_costs", no_profile)
+    monkeypatch.setattr(plan_module, "time_costs", no_profile)
+    monkeypatch.setattr(plan_module, "method_step_seconds", no_profile)
     monkeypatch.setattr(RunConfig, "validate", no_profile)
     runner.resume(tmp_path / "run", quiet=True)  # a worker's path: read the plan, build, train
     assert counted["load"] == 2  # once to plan the run, once to build it again on resume
@@ -88,12 +90,14 @@ def test_the_default_cut_balances_time_only_where_modules_run_at_once(monkeypatc
     from dbench import plan as planning
 
     rules = []
-    real = planning.partition
+    real, real_time = planning.partition, planning.time_cut
     monkeypatch.setattr(planning, "partition", lambda blocks, k, split, **kw: rules.append(split) or real(blocks, k, split, **kw))
+    monkeypatch.setattr(planning, "time_cut", lambda *a: rules.append("time") or real_time(*a))
     said = []
     distributed, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="distributed"), say=said.append)
     # the long set-up steps say what they do, before doing it
-    assert said == ["set-up: loading synthetic", "set-up: profiling the 3 blocks of mlp for a cut balanced by time"]
+    assert said == ["set-up: loading synthetic", "set-up: profiling the 3 blocks of mlp, then timing bp on the "
+                    "candidate cuts, for a cut balanced by time"]
     local, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="local"))
     one, _ = planning.make(RunConfig(model="mlp", gpus=1))
     assert rules == ["time", "blocks", "blocks"]
