@@ -55,9 +55,9 @@ def reference() -> str:
     return next(name for name, cls in METHODS.items() if cls.reference)
 
 
-def config(name: str, model: str, k: int, epochs: int, batch: int, split: str) -> RunConfig:
+def config(name: str, model: str, k: int, epochs: int, batch: int, split: str, device: str | None) -> RunConfig:
     return RunConfig(method=name, model=model, gpus=k, epochs=epochs, batch_size=batch, split=split,
-                     engine="distributed", sigma_every=0)
+                     engine="distributed", sigma_every=0, devices=[device] * k if device else None)
 
 
 def steps_of(folder: Path) -> int:
@@ -97,32 +97,37 @@ def table(k: int, names: list[str], runs: dict[str, tuple[dict, int]]) -> list[s
 @click.option("--model", default="resnet20", show_default=True)
 @click.option("--k", "ks", type=click.IntRange(min=2), multiple=True, default=[2, 4], show_default=True,
               help="Modules (processes); repeat for several.")
-@click.option("--methods", default=None, help="Comma-separated (default: every decoupled method installed).")
+@click.option("--methods", "wanted", default=None, help="Comma-separated (default: every decoupled method installed).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--split", default="time", show_default=True, help="Partition (time: balanced by profiling).")
+@click.option("--device", default=None,
+              help="Put every module on this one device, e.g. cuda:0 (default: one GPU per module, or the CPU). "
+                   "Modules sharing a GPU time-share it: the table then shows each method's work and transport on "
+                   "that GPU, not a parallel speedup.")
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/breakdown"), show_default=True)
-def main(model: str, ks: tuple[int, ...], methods: str | None, epochs: int, batch_size: int, split: str,
-         root: Path) -> None:
-    names = methods.split(",") if methods else decoupled()
+def main(model: str, ks: tuple[int, ...], wanted: str | None, epochs: int, batch_size: int, split: str,
+         device: str | None, root: Path) -> None:
+    names = wanted.split(",") if wanted else decoupled()
     for name in names:
         METHODS.get(name)  # an unknown name fails here, before the first run starts
     everyone = [reference(), *(n for n in names if n != reference())]
     for k in ks:
         for name in everyone:  # every setting is checked before the first run starts
-            config(name, model, k, epochs, batch_size, split).validate()
+            config(name, model, k, epochs, batch_size, split, device).validate()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     click.echo(f"### Time breakdown, {model}, batch {batch_size}, {split} partition, distributed engine "
                f"({date.today().isoformat()})\n")
     click.echo(f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}, "
                f"{platform.platform()})" + (f", {gpu}" if gpu else "") + f", torch {torch.__version__}. "
                f"One process per module" + ("" if gpu else ", cores // K threads each") +
+               (f", every module on {device} (time-shared: not a parallel speedup)" if device else "") +
                f"; {epochs} epoch(s), σ probe off.\n")
     for k in ks:
         runs = {}
         for name in everyone:
-            cfg = config(name, model, k, epochs, batch_size, split)
-            folder = root / f"{name}-{model}-k{k}-b{batch_size}-e{epochs}-{split}"
+            cfg = config(name, model, k, epochs, batch_size, split, device)
+            folder = root / f"{name}-{model}-k{k}-b{batch_size}-e{epochs}-{split}" + (f"-{device}" if device else "")
             summary = runner.completed(cfg, folder)
             runs[name] = (summary, steps_of(folder))
             click.echo(f"K={k} {name}: {summary['samples_per_s']:.1f} samples/s", err=True)
