@@ -227,3 +227,15 @@ def test_a_damaged_run_fails_the_check_naming_its_file(golden_suite, tmp_path, f
                               str(golden_suite / "golden")], monkeypatch, capsys, cwd=tmp_path)
     assert (code, out) == (2, "") and err.startswith(f"error: {damaged.relative_to(tmp_path)}")
     assert message in err and err.count("\n") == 1
+
+
+def test_variants_of_a_method_get_folders_of_their_own(tmp_path):
+    """Two grids running one method with different options (FDG's β, say) plan two runs, not one twice."""
+    grid = "[[suite.a.grid]]\nmethods=['fdg']\nmodels=['mlp']\ndatasets=['synthetic']\ngpus=[2]\nseeds=[0]\n"
+    path = write(tmp_path, "[suite.a]\nepochs = 1\n" + grid + grid + "method_options = {shrink = '0.5'}\n")
+    runs = suites.load(path, "a").runs
+    assert [r.name for r in runs] == ["fdg-mlp-synthetic-k2-s0", "fdg-shrink0.5-mlp-synthetic-k2-s0"]
+    assert [r.config.method_options for r in runs] == [{}, {"shrink": "0.5"}]
+    same = write(tmp_path, "[suite.a]\n" + grid + grid, "same.toml")
+    with pytest.raises(DbenchError, match="appears in two grids"):
+        suites.load(same, "a")
