@@ -123,7 +123,13 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
     first = partial["step"] if partial else 0
     loss_sum = partial["loss_sum"].to(top) if partial else torch.zeros((), device=top)
     correct = partial["correct"].to(top) if partial else torch.zeros((), dtype=torch.long, device=top)
-    seen = seen_at_start = partial["seen"] if partial else 0
+    seen = seen_at_start = partial["seen"] if partial else 0  # samples trained on: throughput counts these
+    # Samples whose loss the top module reported (a StepOutput's batch), what the train loss and accuracy
+    # average over. A method whose top module scores an earlier batch than the iteration's, or none in its
+    # first iterations (FDG), scores fewer than it trains on; every other method scores what it trains on.
+    # A mid-epoch checkpoint written before this count existed comes from a method of the second kind:
+    # its seen is the count.
+    scored = partial.get("scored", partial["seen"]) if partial else 0
     probes: list[dict] = list(partial["probes"]) if partial else []
     segments: list[list[dict]] = list(partial["segments"]) if partial else []  # module records, writer only
     before = partial["timing"] if partial else {"train_s": 0.0, "measured_s": 0.0, "measured_samples": 0}
@@ -159,14 +165,16 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
             sigma = trainer.take_sigma()  # .item(): a sync per probe (and a gather, distributed)
             if sigma is not None:
                 probes.append(_probe_row(epoch, i, iteration, *sigma))
-        if out is not None:
-            loss_sum += out.loss * len(y)
-            correct += (out.logits.argmax(dim=1) == y.to(top)).sum()
+        if out is not None:  # None: another module's process, or no batch scored in this iteration
+            labels = out.labels if out.labels is not None else y  # the labels of the batch it scored
+            loss_sum += out.loss * len(labels)
+            correct += (out.logits.argmax(dim=1) == labels.to(top)).sum()
+            scored += len(labels)
         seen += len(y)
         progress.advance(1)
-        if trainer.is_writer and (i + 1) % SHOW_EVERY == 0:
+        if trainer.is_writer and (i + 1) % SHOW_EVERY == 0 and scored:
             # .item() waits for the device: one sync every SHOW_EVERY steps.
-            progress.show(loss_sum.item() / seen, seen / (time.perf_counter() - start))
+            progress.show(loss_sum.item() / scored, seen / (time.perf_counter() - start))
         if checkpoint is not None and every and (i + 1) % every == 0 and i + 1 < len(loader):
             # Every process reaches this step boundary (the same i): the state is gathered at it.
             synchronize(*trainer.devices)
@@ -176,7 +184,7 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
             segment = [record for part in parts for record in part] if parts is not None else []
             measured = t0 - warm_start - paused if warm_start is not None else 0.0
             checkpoint(epoch, {
-                "step": i + 1, "loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
+                "step": i + 1, "loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen, "scored": scored,
                 "probes": probes, "segments": [*segments, segment],
                 "timing": {"train_s": before["train_s"] + t0 - start - stopped,
                            "measured_s": before["measured_s"] + measured,
@@ -205,13 +213,19 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
         warm_start, warm_seen, paused = start, seen_at_start, stopped
     measured_s = before["measured_s"] + end - warm_start - paused
     measured_samples = before["measured_samples"] + seen - warm_seen
+    if trainer.is_writer and not scored:
+        # Only a method whose top module scores a later batch than it trains on, in a first epoch shorter
+        # than that lag, gets here: there is no train loss to record (and a NaN would read as divergence).
+        raise DbenchError(f"epoch {epoch + 1} scored no batch: method {built.plan.config.method!r} reports its "
+                          f"first loss after more steps than the epoch has ({len(loader)}); give the epoch more steps")
     test_loss, test_acc, eval_seconds = evaluate(built)
     row = {
         "kind": "epoch",
         "epoch": epoch + 1,
         "lr": lr,
-        "train_loss": loss_sum.item() / seen,
-        "train_acc": correct.item() / seen,
+        # Over the scored samples; in another module's process (nothing scored) the row is not written.
+        "train_loss": loss_sum.item() / scored if scored else math.nan,
+        "train_acc": correct.item() / scored if scored else math.nan,
         "test_loss": test_loss,
         "test_acc": test_acc,
         "train_seconds": train_seconds,

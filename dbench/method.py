@@ -10,8 +10,9 @@ Channels, seen from stage k:
     DOWN   error gradients: ``Send(DOWN, d)`` goes to k-1, ``Recv(DOWN)`` takes what k+1 sent.
     ERROR  the output error (DFA): ``Send(ERROR, e)`` from the top stage reaches every
            other stage, ``Recv(ERROR)`` takes it.
-    PROBE_UP, PROBE_DOWN  as UP and DOWN, for the σ probe's plain-BP pass (dbench.meters.sigma),
-           kept apart so a probe never mixes with gradients queued for a later iteration.
+    PROBE_UP, PROBE_DOWN  as UP and DOWN, for passes outside training: the σ probe's plain-BP pass
+           (dbench.meters.sigma) and the distributed engine's predict, kept apart so they never mix
+           with activations or gradients queued for a later iteration.
 
 Every channel is first in, first out, and a message is a value (the engine
 detaches it: a graph never crosses a stage boundary) with a tag, a tuple of at
@@ -146,10 +147,18 @@ Op = Union[Send, Recv]
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What the top stage reports for the batch whose loss it computed."""
+    """What the top stage reports for the batch whose loss it computed.
+
+    Usually that batch is the iteration's own. A method whose top module works
+    on an earlier batch (FDG's forward reaches it K-1 iterations late) gives
+    that batch's labels in ``labels``; the epoch's train loss and accuracy are
+    taken against them. An iteration in which the top module scored no batch
+    returns None instead of a StepOutput.
+    """
 
     loss: torch.Tensor  # 0-dim, detached, on the top stage's device
     logits: torch.Tensor  # detached
+    labels: torch.Tensor | None = None  # the scored batch's labels, on the top stage's device; None: the iteration's
 
 
 StepProgram = Generator[Op, Any, "StepOutput | None"]
@@ -323,7 +332,9 @@ class Stage:
 
         ``x`` is the input batch for the first stage and None for the others;
         ``y`` (the labels) is given to every stage on its device. The top stage
-        returns a :class:`StepOutput`; the others return None.
+        returns a :class:`StepOutput`, or None in an iteration where it scored
+        no batch (a method whose batches reach the top module late, in its
+        first iterations); the others return None.
         """
         raise NotImplementedError
 

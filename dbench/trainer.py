@@ -85,11 +85,20 @@ class Trainer:
     def modules(self) -> list[nn.Module]:
         return [s.module for s in self.stages]
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One training iteration; returns the (detached, 0-dim) loss of the batch it computed."""
-        return self.step_output(x, y).loss
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """One training iteration; returns the (detached, 0-dim) loss of the batch it computed.
 
-    def step_output(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        None in an iteration where the top module computed no loss: a method
+        whose batches reach the top module late (FDG) in its first iterations.
+        That loss may belong to an earlier batch than ``(x, y)``: see
+        ``step_output``.
+        """
+        out = self.step_output(x, y)
+        return out.loss if out is not None else None
+
+    def step_output(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput | None:
+        """One training iteration; what the top module reports (its ``labels`` name the batch when it is
+        not ``(x, y)``), or None when it scored no batch in this iteration."""
         self.engine.train()  # every step: a cached flag would miss a user's own module.eval()
         out = self.engine.train_step(self.iteration, x, y)
         self.iteration += 1
@@ -115,7 +124,7 @@ class Trainer:
 
     def sigma_step(
         self, x: torch.Tensor, y: torch.Tensor, probe: Sequence[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[StepOutput, list[SigmaResult], SigmaResult]:
+    ) -> tuple[StepOutput | None, list[SigmaResult], SigmaResult]:
         """``probe_sigma``, then the training step ``step_output(x, y)``, then ``take_sigma``."""
         self.probe_sigma(probe)
         out = self.step_output(x, y)

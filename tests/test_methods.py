@@ -14,7 +14,7 @@ from dbench.registry import METHODS
 
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 THREE = [(0, 2), (2, 4), (4, 5)]
-ALL = ["bp", "fr", "ddg", "dni", "cdni", "dfa", "bdfa"]
+ALL = ["bp", "fr", "ddg", "fdg", "dni", "cdni", "dfa", "bdfa", "dgl"]
 
 
 def make(method, ranges=THREE, **kw):
@@ -42,9 +42,9 @@ def test_k1_reduces_to_bp_exactly(method):
 def test_every_method_lowers_the_loss_on_a_fixed_batch(method):
     x, y = batches(1)[0]
     trainer = make(method, lr=0.02)
-    first = trainer.step(x, y).item()
-    for _ in range(60):
-        last = trainer.step(x, y).item()
+    losses = [trainer.step(x, y) for _ in range(61)]
+    # None: no batch reached the top in that iteration (FDG's first K-1, while its pipeline fills)
+    first, last = next(l for l in losses if l is not None).item(), losses[-1].item()
     assert last < 0.9 * first, (first, last)  # a loose bar: each method must learn, not race
 
 
@@ -274,7 +274,8 @@ def test_a_module_without_parameters_trains_measures_and_resumes(method, positio
     before = [copy.deepcopy(m.state_dict()) for m in trainer.modules]
     data = batches(8)
     for x, y in data[:5]:
-        assert math.isfinite(trainer.step(x, y).item())
+        loss = trainer.step(x, y)
+        assert loss is None or math.isfinite(loss.item())  # None: nothing scored yet (FDG's pipeline filling)
     _, sigmas, network = trainer.sigma_step(*data[5], probe=data[:2])
     assert sigmas[free].sigma is None  # no parameters, no gradient to compare
     assert network.true_grad_norm > 0
@@ -285,7 +286,7 @@ def test_a_module_without_parameters_trains_measures_and_resumes(method, positio
     resumed = Trainer(with_parameter_free(position), method, **kw)
     resumed.load_state_dict(saved)
     for x, y in data[6:]:
-        assert trainer.step(x, y).item() == resumed.step(x, y).item()
+        assert torch.equal(trainer.step(x, y), resumed.step(x, y))
     for a, b in zip(trainer.modules, resumed.modules):
         assert all(torch.equal(v, b.state_dict()[n]) for n, v in a.state_dict().items())
 

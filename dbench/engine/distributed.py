@@ -28,7 +28,7 @@ from dbench.engine.driver import Driven
 from dbench.engine.messages import pack, unpack
 from dbench.engine.transport import Transport
 from dbench.meters import Meters, SigmaResult, StageMeter, sigma_results, true_gradient
-from dbench.method import UP, Send, Stage, StepOutput
+from dbench.method import PROBE_UP, Send, Stage, StepOutput
 from dbench.optim import OptimConfig
 from dbench.registry import METHODS
 
@@ -96,7 +96,8 @@ class RankTrainer:
         return driven.output
 
     def step_output(self, x: torch.Tensor | None, y: torch.Tensor) -> StepOutput | None:
-        """One iteration of this module; the top module's process gets the StepOutput, the others None."""
+        """One iteration of this module; the top module's process gets the StepOutput (None in an iteration
+        where it scored no batch), the others None."""
         self.stage.module.train()
         device = self.stage.device
         # The first module reads the batch; a replica of the whole model is its own first module.
@@ -129,12 +130,16 @@ class RankTrainer:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        """Logits on the top module's process (None elsewhere): a forward through every process."""
+        """Logits on the top module's process (None elsewhere): a forward through every process.
+
+        On PROBE_UP, not UP: a method may leave training activations queued on UP across iterations (FDG's
+        forward reaches the next module an iteration later), and those must neither be read here nor mixed in.
+        """
         self.stage.module.eval()
-        h = x.to(self.stage.device) if self.rank == 0 else self.transport.wait(UP).tensor
+        h = x.to(self.stage.device) if self.rank == 0 else self.transport.wait(PROBE_UP).tensor
         out = self.stage.predict(h)
         if self.rank < self.world - 1:
-            self.transport.send(Send(UP, out))
+            self.transport.send(Send(PROBE_UP, out))
             return None
         return out
 
