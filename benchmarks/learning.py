@@ -18,6 +18,7 @@ import torch
 from dbench import run as runner
 from dbench.cli import run_command
 from dbench.config import RunConfig
+from dbench.method import parse_options
 from dbench.registry import METHODS
 
 
@@ -26,11 +27,30 @@ def method_order() -> list[str]:
     return [name for name, _ in sorted(METHODS.items(), key=lambda item: (item[1].table_order, item[0]))]
 
 
+def variant(text: str) -> tuple[str, dict[str, str]]:
+    """``fdg[shrink=0.5]`` as ("fdg", {"shrink": "0.5"}); a bare name has no options."""
+    name, bracket, rest = text.partition("[")
+    if not bracket:
+        return text, {}
+    if not rest.endswith("]"):
+        raise click.BadParameter(f"bad method {text!r}: options go in brackets, e.g. fdg[shrink=0.5]",
+                                 param_hint="--methods")
+    options = {}
+    for item in rest[:-1].split(";"):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"bad option {item!r} in {text!r}: expected key=value, e.g. fdg[shrink=0.5]",
+                                     param_hint="--methods")
+        options[key] = value
+    return name, options
+
+
 @click.command()
 @click.option("--model", default="resnet8", show_default=True)
 @click.option("--epochs", type=int, default=4, show_default=True)
 @click.option("--ks", default="2,4", show_default=True, help="Values of K, comma separated.")
-@click.option("--methods", default=lambda: ",".join(method_order()), show_default="every method")
+@click.option("--methods", default=lambda: ",".join(method_order()), show_default="every method",
+              help="Comma separated; a variant names its options in brackets, ';' between them: fdg[shrink=0.5].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/learning"), show_default=True)
 def main(model: str, epochs: int, ks: str, methods: str, seed: int, root: Path) -> None:
@@ -38,12 +58,16 @@ def main(model: str, epochs: int, ks: str, methods: str, seed: int, root: Path) 
         k_values = [int(v) for v in ks.split(",")]
     except ValueError:
         raise click.BadParameter(f"expected integers separated by commas, e.g. 2,4, got {ks!r}", param_hint="--ks") from None
+    variants = [variant(text) for text in methods.split(",")]
+    for name, options in variants:  # every method and option is checked before the first run starts
+        parse_options(METHODS.get(name), options)
     rows = []
     for k in k_values:
-        for method in methods.split(","):
-            METHODS.get(method)
-            cfg = RunConfig(method=method, model=model, gpus=k, epochs=epochs, seed=seed)
-            s = runner.completed(cfg, root / f"{cfg.method}-{cfg.model}-k{cfg.gpus}-e{cfg.epochs}-s{cfg.seed}")
+        for name, options in variants:
+            method = name + (f"[{','.join(f'{o}={v}' for o, v in options.items())}]" if options else "")
+            cfg = RunConfig(method=name, method_options=options, model=model, gpus=k, epochs=epochs, seed=seed)
+            named = "".join(f"-{o}{v}" for o, v in sorted(options.items()))
+            s = runner.completed(cfg, root / f"{cfg.method}{named}-{cfg.model}-k{cfg.gpus}-e{cfg.epochs}-s{cfg.seed}")
             rows.append((method, k, s))
             click.echo(f"{method:>5} K={k}: best test acc {100 * s['best_test_acc']:.2f}%", err=True)
     cpu = platform.processor() or platform.machine()

@@ -62,6 +62,8 @@ def test_benchmark_prints_its_table(script, tmp_path):
     ("speedup.py", ["--methods", "bp,nope", "--root", "{tmp}/speed"]),
     ("speedup.py", ["--methods", "fr", "--root", "{tmp}/speed"]),
     ("learning.py", ["--ks", "a", "--root", "{tmp}/learning"]),
+    ("learning.py", ["--methods", "bp,fdg[shrink=2]", "--root", "{tmp}/learning"]),
+    ("learning.py", ["--methods", "fdg[shrink", "--root", "{tmp}/learning"]),
     ("memory_accuracy.py", ["--batches", "x"]),
     ("memory_accuracy.py", ["--batches", "64,0"]),
     ("speedup.py", ["--methods", "bp,ddg", "--devices", "tpu:0,tpu:0", "--root", "{tmp}/speed"]),
