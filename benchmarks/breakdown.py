@@ -127,7 +127,8 @@ def main(model: str, ks: tuple[int, ...], wanted: str | None, epochs: int, batch
         runs = {}
         for name in everyone:
             cfg = config(name, model, k, epochs, batch_size, split, device)
-            folder = root / f"{name}-{model}-k{k}-b{batch_size}-e{epochs}-{split}" + (f"-{device}" if device else "")
+            placed = f"-{device.replace(':', '')}" if device else ""
+            folder = root / f"{name}-{model}-k{k}-b{batch_size}-e{epochs}-{split}{placed}"
             summary = runner.completed(cfg, folder)
             runs[name] = (summary, steps_of(folder))
             click.echo(f"K={k} {name}: {summary['samples_per_s']:.1f} samples/s", err=True)

@@ -22,7 +22,7 @@ TINY = {
                    "--root", "{tmp}/speed"],
     "learning.py": ["--model", "mlp", "--epochs", "1", "--ks", "2", "--methods", "bp", "--root", "{tmp}/learning"],
     "breakdown.py": ["--model", "mlp", "--k", "2", "--batch-size", "512", "--methods", "ddg", "--split", "blocks",
-                     "--root", "{tmp}/breakdown"],
+                     "--device", "cpu", "--root", "{tmp}/breakdown"],
 }
 GPU_ONLY = {"memory_accuracy.py": ["--models", "resnet8", "--batches", "8"]}
 
