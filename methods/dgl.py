@@ -123,7 +123,7 @@ class DecoupledGreedy(Stage):
     The head has its own SGD optimizer with the run's settings (lr, momentum,
     weight decay, Nesterov), and ``set_lr`` moves its lr with the module's, so
     it follows the schedule. This is ALGORITHMS.md's "one optimizer per module
-    covering its head" in numbers: torch's SGD (``foreach=False``) updates
+    covering its head" in numbers: torch's SGD updates
     each parameter on its own, so two optimizers with equal settings step
     exactly as one with two parameter groups. Kept apart because the module's
     optimizer is what the meters read as the network's: its state is counted

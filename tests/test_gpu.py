@@ -34,6 +34,23 @@ def test_bp_on_cuda_matches_cpu(monkeypatch):
             torch.testing.assert_close(p_gpu.cpu(), p_cpu, rtol=1e-3, atol=1e-4)
 
 
+def test_split_equals_unsplit_on_cuda_with_torch_s_multi_tensor_update(monkeypatch):
+    """On CUDA the SGD update is torch's default multi-tensor (foreach) one, over each module's own list
+    of parameters; every element is updated by the same arithmetic whatever list it is in, so K modules
+    still give the unsplit model's numbers bit for bit (nesterov and weight decay on, as in the paper runs)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    device = torch.device("cuda")
+    kw = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    whole = Trainer(group(tiny_blocks(), [(0, 5)]), "bp", devices=[device], **kw)
+    split = Trainer(group(tiny_blocks(), [(0, 2), (2, 3), (3, 5)]), "bp", devices=[device] * 3, **kw)
+    assert whole.stages[0].optimizer.defaults["foreach"] is None  # torch's choice: foreach on CUDA
+    for x, y in batches(5):
+        assert torch.equal(whole.step(x.to(device), y.to(device)), split.step(x.to(device), y.to(device)))
+    mine = [p for m in split.modules for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(whole.modules[0].parameters(), mine))
+
+
 def _library_warm_up(device: torch.device) -> None:
     """Let cuBLAS and cuDNN allocate their persistent workspaces (cuBLAS's at the first matrix product)."""
     a = torch.randn(64, 64, device=device, requires_grad=True)

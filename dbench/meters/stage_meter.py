@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import torch
 
 from dbench.meters.clock import COMM, COMPUTE, IDLE, PROBE, WAIT_GRAD, WAIT_INPUT, StageClock
-from dbench.meters.memory import SavedTensors, account
+from dbench.meters.memory import FixedTensors, SavedTensors, account
 from dbench.meters.sigma import SigmaCapture
 from dbench.method import INPUT_CHANNELS, Stage
 
@@ -24,6 +24,7 @@ class StageMeter:
         self.queued = queued
         self.clock = StageClock(stage.device)
         self.saved = SavedTensors()
+        self.fixed: FixedTensors | None = None  # the module's parameters and buffers, taken at the epoch's start
         self.sigma = SigmaCapture()
         self.probing = False  # during the σ probe: its time is PROBE, its memory is not the method's
         self.peak_total = 0
@@ -69,10 +70,13 @@ class StageMeter:
     def sample(self) -> None:
         if self.probing:
             return
-        held = account(self.stage, self.saved, self.queued())
+        if self.fixed is None:
+            self.fixed = FixedTensors(self.stage.module)
+        held = account(self.stage, self.saved, self.queued(), self.fixed)
         total = sum(held.values())
         if total > self.peak_total:
             self.peak_total, self.peak = total, held
 
     def reset_peak(self) -> None:
         self.peak_total, self.peak = 0, {}
+        self.fixed = None  # taken anew at the next sample
