@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import dbench
+from dbench import allocator
 
 _SOURCE = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,8 @@ def collect(devices: list[torch.device]) -> dict:
         "cuda_device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # what every training process of the run does to the C allocator (each applies it at its start)
+        "allocator": allocator.keep_freed_memory(),
         "devices": [device_info(d) for d in devices],
         "git": git_revision(),
         "argv": sys.argv,

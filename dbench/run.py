@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from dbench import environment, loop, plan as planning, summary
+from dbench import allocator, environment, loop, plan as planning, summary
 from dbench.build import build
 from dbench.config import RunConfig
 from dbench.data.base import DataSplits
@@ -163,6 +163,7 @@ def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | N
     ``rank``: this process holds that module only (the distributed engine);
     the process group must be joined already.
     """
+    allocator.keep_freed_memory()  # before the set-up allocates: see dbench.allocator
     plan = read_plan(run)
     writer = rank is None or rank == plan.config.gpus - 1  # the local engine's process, or the top module's
     if writer:
