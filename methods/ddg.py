@@ -21,6 +21,32 @@ class _Stored:
     out: torch.Tensor  # the output, with its autograd graph
 
 
+def forward_on_snapshot(module: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict, torch.Tensor]:
+    """A forward that stays backpropagatable after the module's weights move on: ``(weights, buffers, out)``.
+
+    It runs on a snapshot of the current weights and of the BatchNorm buffers
+    (``functional_call``), so the optimizer's in-place updates cannot
+    invalidate its graph (autograd's version check). BatchNorm's backward reads
+    the running statistics it was given, so the graph gets copies of the
+    buffers too; the updated copies then become the module's statistics (one
+    update per batch, as in BP). ``buffers`` are the statistics as they were
+    before: with ``x`` and ``weights`` they rebuild the same graph on resume.
+    """
+    weights = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
+    before = {n: b.clone() for n, b in module.named_buffers()}
+    out, after = forward_with(module, x, weights, before)
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            b.copy_(after[name])
+    return weights, before, out
+
+
+def forward_with(module: torch.nn.Module, x: torch.Tensor, weights: dict, buffers: dict) -> tuple[torch.Tensor, dict]:
+    """Forward on given weights and on copies of given buffers; returns the output and the updated copies."""
+    copies = {n: b.clone() for n, b in buffers.items()}
+    return functional_call(module, {**weights, **copies}, (x,)), copies
+
+
 @METHODS.register("ddg")
 class DelayedGradients(Stage):
     """Forward with a graph now, backpropagate the delayed ``δ_k`` through that old graph later.
@@ -54,15 +80,7 @@ class DelayedGradients(Stage):
         if self.is_last:
             return (yield from self.top_step(t, x, y))
         x = yield from self.receive_input(x, t=t)
-        weights = {n: p.detach().clone().requires_grad_() for n, p in self.module.named_parameters()}
-        # BatchNorm's backward reads the running statistics it was given, so the
-        # graph gets copies of the buffers too; the updated copies then become
-        # the module's statistics (one update per batch, as in BP).
-        before = {n: b.clone() for n, b in self.module.named_buffers()}
-        out, after = self._forward(x, weights, before)
-        with torch.no_grad():
-            for name, b in self.module.named_buffers():
-                b.copy_(after[name])
+        weights, before, out = forward_on_snapshot(self.module, x)
         self.stored.append(_Stored(x, weights, before, out))
         yield Send(UP, out, (t,))
         if len(self.stored) <= self.delay:
@@ -84,11 +102,6 @@ class DelayedGradients(Stage):
         # those graphs valid while the live weights move on.
         return {"weight_snapshots": [t for s in self.stored for t in (*s.weights.values(), *s.buffers.values())]}
 
-    def _forward(self, x, weights, buffers):
-        """Forward on given weights and on copies of given buffers; returns the output and the updated copies."""
-        copies = {n: b.clone() for n, b in buffers.items()}
-        return functional_call(self.module, {**weights, **copies}, (x,)), copies
-
     def state_dict(self) -> dict:
         # A graph cannot be saved; its inputs, weights and buffers can, and
         # rebuild it exactly (same ops on the same values).
@@ -107,6 +120,6 @@ class DelayedGradients(Stage):
                 x.requires_grad_()
             weights = {n: w.to(self.device).requires_grad_() for n, w in s["weights"].items()}
             buffers = {n: b.to(self.device) for n, b in s["buffers"].items()}
-            out, _ = self._forward(x, weights, buffers)
+            out, _ = forward_with(self.module, x, weights, buffers)
             self.stored.append(_Stored(x, weights, buffers, out))
         self.module.train(was_training)

@@ -7,11 +7,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from torch.func import functional_call
 
 from dbench.errors import DbenchError
 from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepProgram
 from dbench.registry import METHODS
+# The forward on a snapshot of the weights, whose graph survives the in-place updates (DDG's, see there).
+from methods.ddg import forward_on_snapshot, forward_with
 
 
 @dataclass(frozen=True)
@@ -119,14 +120,7 @@ class FullyDecoupled(Stage):
         if batch < 0:
             return None
         x = yield from self.receive_input(x, t=batch)
-        weights = {n: p.detach().clone().requires_grad_() for n, p in self.module.named_parameters()}
-        # BatchNorm's backward reads the running statistics it was given, so the graph gets copies of the
-        # buffers; the updated copies then become the module's statistics (one update per batch, as in BP).
-        before = {n: b.clone() for n, b in self.module.named_buffers()}
-        out, after = self._forward(x, weights, before)
-        with torch.no_grad():
-            for name, b in self.module.named_buffers():
-                b.copy_(after[name])
+        weights, before, out = forward_on_snapshot(self.module, x)  # stale weights, as DDG's
         self.stored.append(_Stored(batch, x, weights, before, out))
         yield Send(UP, out, (batch,))
         return None
@@ -144,11 +138,6 @@ class FullyDecoupled(Stage):
                                f"scoring batch {batch}")
         out = yield from self.top_step(batch, x, labels)  # its messages tagged with the batch, as every other
         return dataclasses.replace(out, labels=labels)
-
-    def _forward(self, x, weights, buffers):
-        """Forward on given weights and on copies of given buffers; returns the output and the updated copies."""
-        copies = {n: b.clone() for n, b in buffers.items()}
-        return functional_call(self.module, {**weights, **copies}, (x,)), copies
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
         # The stored inputs and activations are the graphs' own (counted as activations); the weight and
@@ -179,7 +168,7 @@ class FullyDecoupled(Stage):
                     x.requires_grad_()
                 weights = {n: w.to(self.device).requires_grad_() for n, w in s["weights"].items()}
                 buffers = {n: b.to(self.device) for n, b in s["buffers"].items()}
-                out, _ = self._forward(x, weights, buffers)
+                out, _ = forward_with(self.module, x, weights, buffers)
                 self.stored.append(_Stored(int(s["batch"]), x, weights, buffers, out))
         finally:
             self.module.train(was_training)

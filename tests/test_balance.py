@@ -1,26 +1,14 @@
 """The `time` cut, checked by timing the method on candidate cuts (dbench.balance)."""
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from conftest import batches, tiny_blocks
+from test_partition import brute_force  # the best contiguous cut, by trying every one
 from dbench.balance import balance_measured, imbalance, method_step_seconds
 from dbench.config import RunConfig
 from dbench.partition import BlockTime, balance_time, forward_backward
-
-
-def best_cut(true_costs, k):
-    """Brute force: the contiguous cut into k parts whose largest true part is smallest."""
-    n = len(true_costs)
-    best = None
-    for cuts in itertools.combinations(range(1, n), k - 1):
-        bounds = [0, *cuts, n]
-        worst = max(sum(true_costs[a:b]) for a, b in zip(bounds, bounds[1:]))
-        best = worst if best is None else min(best, worst)
-    return best
 
 
 def measure_with(true_costs):
@@ -44,7 +32,7 @@ def test_a_module_heavier_than_profiled_gets_fewer_blocks():
     measure, calls = measure_with(true)
     chosen = balance_measured(flat_profile(8), 2, forward_backward, None, measure)
     assert calls[0] == balance_time(flat_profile(8), 2) == [(0, 4), (4, 8)]  # the profile's own cut comes first
-    assert max(chosen.measured) == best_cut(true, 2) == 18  # [0, 2) against [2, 8)
+    assert max(chosen.measured) == brute_force(true, 2) == 18  # [0, 2) against [2, 8)
     assert chosen.ranges == [(0, 2), (2, 8)] and chosen.candidates == len(calls) >= 2
     assert chosen.predicted == [6.0, 18.0]  # what the profile said of the chosen cut
     assert imbalance(chosen.measured) == pytest.approx(1.0)
@@ -58,7 +46,7 @@ def test_timing_never_chooses_a_cut_slower_than_the_profile_s():
             chosen = balance_measured(flat_profile(len(true)), k, forward_backward, None, measure)
             first = max(sum(true[a:b]) for a, b in calls[0])
             assert max(chosen.measured) <= first
-            assert max(chosen.measured) >= best_cut(true, k)
+            assert max(chosen.measured) >= brute_force(true, k)
             assert chosen.measured == [float(sum(true[a:b])) for a, b in chosen.ranges]
 
 
