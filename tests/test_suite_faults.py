@@ -36,7 +36,7 @@ PLANNING = [
     # the method's own check_run: gpipe cannot split a batch of 256 into 512 micro-batches
     (bench(extra=GRID.format(methods='["gpipe"]', models='["mlp"]', datasets='["synthetic"]', gpus="[2]")
            + 'method_options = { microbatches = "512" }\n'),
-     "suite.bad.grid[1], run gpipe-mlp-synthetic-k2-s0: bad microbatches 512"),
+     "suite.bad.grid[1], run gpipe-microbatches512-mlp-synthetic-k2-s0: bad microbatches 512"),
     (bench(extra=GRID.format(methods='["bp"]', models='["cnn"]', datasets='["synthetic"]', gpus="[2]")
            + 'split = "1,2"\n'),
      "suite.bad.grid[1], run bp-cnn-synthetic-k2-s0: bad --split 1,2: 2 cut points make 3 modules"),
