@@ -52,31 +52,33 @@ def imbalance(costs: Sequence[float]) -> float:
 
 
 def method_step_seconds(blocks: Sequence[nn.Module], ranges: Ranges, method: str, options: Any,
-                        device: torch.device, batch: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+                        devices: Sequence[torch.device], batch: tuple[torch.Tensor, torch.Tensor], num_classes: int,
                         optim: dict) -> list[float]:
     """Seconds per training step that each module of this cut spends computing and moving its messages.
 
-    The method runs on copies of the blocks on the local engine, which runs one module at a time, so
-    each module's clock holds its own work only. Warm-up: 2K steps, past every method's start (no
-    delayed module updates before K-1 steps; FDG's first module, before 2(K-1)), then the kernels and
-    the allocator are warm too. The global generator is left as it was: a run's numbers must not
-    depend on its cut having been timed.
+    The method runs on copies of the blocks on the local engine, module k on ``devices[k]`` (where the
+    run will put it: a model cut because it does not fit one GPU is timed without having to), one
+    module at a time, so each module's clock holds its own work only. Warm-up: 2K steps, past every
+    method's start (no delayed module updates before K-1 steps; FDG's first module, before 2(K-1)),
+    then the kernels and the allocator are warm too. The global generator is left as it was: a run's
+    numbers must not depend on its cut having been timed.
     """
     from dbench.trainer import Trainer  # the trainer imports the engines, which import this package's peers
 
     k = len(ranges)
+    devices = [torch.device(d) for d in devices]
     x, y = batch
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=sorted({d for d in devices if d.type == "cuda"}, key=str)):
         torch.manual_seed(0)
-        trainer = Trainer(split_modules(copy.deepcopy(list(blocks)), ranges), method, devices=[device] * k,
+        trainer = Trainer(split_modules(copy.deepcopy(list(blocks)), ranges), method, devices=devices,
                           options=options, num_classes=num_classes, measure=True, **optim)
         for _ in range(2 * k):
             trainer.step_output(x, y)
-        synchronize(device)
+        synchronize(*devices)
         trainer.meters.start_epoch()
         for _ in range(MEASURED_STEPS):
             trainer.step_output(x, y)
-        synchronize(device)
+        synchronize(*devices)
         records = trainer.meters.stop_epoch()
     return [(r["compute_s"] + r["comm_s"]) / MEASURED_STEPS for r in records]
 

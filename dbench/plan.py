@@ -205,7 +205,7 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
             f"candidate cuts, for a cut balanced by time")
         began = time.perf_counter()
         with profiling_threads(engine, devices):
-            balance = time_cut(cfg, stage_cls, options, model.blocks, next(iter(train.epoch(0))), devices[0],
+            balance = time_cut(cfg, stage_cls, options, model.blocks, next(iter(train.epoch(0))), devices,
                                splits.num_classes)
         ranges = balance.ranges
         timed = (f"--split time: predicted balance {imbalance(balance.predicted):.2f}, measured "
@@ -230,18 +230,22 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
     return plan, splits
 
 
-def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list, batch: tuple, device: torch.device,
-             num_classes: int) -> Balance:
-    """``--split time``: the profile's balanced cut for the method's step, checked by timing the method on it."""
-    times = time_costs(blocks, batch[0], device)
+def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list, batch: tuple,
+             devices: list[torch.device], num_classes: int) -> Balance:
+    """``--split time``: the profile's balanced cut for the method's step, checked by timing the method on it.
+
+    Blocks are profiled one at a time on the first module's device; the method is timed with each
+    module on its own device.
+    """
+    times = time_costs(blocks, batch[0], devices[0])
     boundaries = None
     if stage_cls.boundary_cost is not None:
-        cost = functools.partial(stage_cls.boundary_cost, device=device, options=options, num_classes=num_classes)
+        cost = functools.partial(stage_cls.boundary_cost, device=devices[0], options=options, num_classes=num_classes)
         boundaries = boundary_costs(times, cost)
     optim = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
     def measure(ranges: Ranges) -> list[float]:
-        return method_step_seconds(blocks, ranges, cfg.method, options, device, batch, num_classes, optim)
+        return method_step_seconds(blocks, ranges, cfg.method, options, devices, batch, num_classes, optim)
 
     return balance_measured(times, cfg.gpus, stage_cls.step_cost, boundaries, measure)
 

@@ -57,7 +57,7 @@ def test_the_method_is_timed_on_copies_without_moving_the_generator():
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    seconds = method_step_seconds(blocks, [(0, 2), (2, 5)], "fr", None, torch.device("cpu"), (x, y), 10,
+    seconds = method_step_seconds(blocks, [(0, 2), (2, 5)], "fr", None, ["cpu", "cpu"], (x, y), 10,
                                   dict(lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4))
     assert torch.equal(torch.rand(3), expected)
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
