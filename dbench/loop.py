@@ -75,7 +75,8 @@ def train(built: Built, run: RunDir, rows: list[dict], first_epoch: int, quiet: 
     except KeyboardInterrupt:
         progress.close()
         if writer:
-            _record_end(run, rows, saved, "interrupted")
+            # Stopped after the last epoch's checkpoint (between it and the end): nothing is left to train.
+            _record_end(run, rows, saved, "complete" if saved == cfg.epochs else "interrupted")
         raise RunInterrupted(run.path, saved, saved_steps) from None
     except DbenchError as e:
         progress.close()
@@ -87,6 +88,10 @@ def train(built: Built, run: RunDir, rows: list[dict], first_epoch: int, quiet: 
         if writer:
             _record_end(run, rows, saved, "failed", f"{type(e).__name__}: {e}", cause=e)
         raise
+    if writer and first_epoch == cfg.epochs:
+        # Resumed with every epoch in the checkpoint (its first process was stopped after the last one was
+        # saved): no epoch ran to write the summary, so it still says how that process ended.
+        write_summary(run, rows, "complete")
     if writer and not quiet:
         click.echo(run_tables.modules_table(summary.read(run.path)))
 

@@ -187,7 +187,13 @@ def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | N
 
 
 def mark(run: RunDir, status: str, error: str | None = None) -> None:
-    """Set a run's status from outside its training (the launcher, after its workers ended)."""
+    """Set a run's status from outside its training (the launcher, after its workers ended).
+
+    A run stopped after its last epoch's checkpoint was saved is complete, whatever stopped it then.
+    """
     # The metrics, the checkpoint and the summary must tell the same story.
-    rows = _keep_checkpointed_rows(run, run.checkpointed()[0])
+    done = run.checkpointed()[0]
+    rows = _keep_checkpointed_rows(run, done)
+    if status == "interrupted" and done == RunConfig.from_dict(run.read(CONFIG)["run"]).epochs:
+        status, error = "complete", None
     loop.write_summary(run, rows, status, error)

@@ -101,3 +101,22 @@ def test_completed_starts_reuses_and_refuses_other_settings(tmp_path):
     assert (tmp_path / "run" / "summary.json").stat().st_mtime_ns == stamp
     with pytest.raises(DbenchError, match="other settings"):
         runner.completed(dataclasses.replace(cfg, seed=1), tmp_path / "run")
+
+
+def test_a_run_stopped_after_its_last_checkpoint_is_complete(tmp_path):
+    """Stopped between the last epoch's checkpoint and the end (a Ctrl-C, the launcher dying): the run is
+    complete, and a run left marked interrupted in that state completes on --resume without training more."""
+    from dbench import loop
+    from dbench.record import RunDir
+
+    path = runner.start(RunConfig(model="mlp", epochs=1, batch_size=512), tmp_path / "run", quiet=True)
+    run = RunDir(path)
+    metrics = (path / "metrics.jsonl").read_text()
+    checkpoint = (path / "checkpoint.pt").read_bytes()
+    runner.mark(run, "interrupted", error="the launcher process died")
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary.get("error") is None
+    loop.write_summary(run, [json.loads(line) for line in metrics.splitlines()], "interrupted")  # as before the fix
+    runner.resume(path, quiet=True)
+    assert json.loads((path / "summary.json").read_text())["status"] == "complete"
+    assert (path / "metrics.jsonl").read_text() == metrics and (path / "checkpoint.pt").read_bytes() == checkpoint
