@@ -47,6 +47,30 @@ def forward_with(module: torch.nn.Module, x: torch.Tensor, weights: dict, buffer
     return functional_call(module, {**weights, **copies}, (x,)), copies
 
 
+def rebuild_stored(module: torch.nn.Module, saved: list[dict], device: torch.device, input_grad: bool) -> list[tuple]:
+    """``(x, weights, buffers, out)`` of each saved forward, its graph built again from what a checkpoint kept.
+
+    A graph cannot be saved; its input, weights and buffers can, and give the same graph (the same ops on
+    the same values), in training mode as it was built. ``input_grad``: the input needs a gradient (the
+    module sends one down).
+    """
+    rebuilt = []
+    was_training = module.training
+    module.train()
+    try:
+        for s in saved:
+            x = s["x"].to(device)
+            if input_grad:
+                x.requires_grad_()
+            weights = {n: w.to(device).requires_grad_() for n, w in s["weights"].items()}
+            buffers = {n: b.to(device) for n, b in s["buffers"].items()}
+            out, _ = forward_with(module, x, weights, buffers)
+            rebuilt.append((x, weights, buffers, out))
+    finally:
+        module.train(was_training)
+    return rebuilt
+
+
 @METHODS.register("ddg")
 class DelayedGradients(Stage):
     """Forward with a graph now, backpropagate the delayed ``δ_k`` through that old graph later.
@@ -111,15 +135,5 @@ class DelayedGradients(Stage):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.stored.clear()
-        was_training = self.module.training
-        self.module.train()  # the graphs were built in training mode
-        for s in state["stored"]:
-            x = s["x"].to(self.device)
-            if not self.is_first:
-                x.requires_grad_()
-            weights = {n: w.to(self.device).requires_grad_() for n, w in s["weights"].items()}
-            buffers = {n: b.to(self.device) for n, b in s["buffers"].items()}
-            out, _ = forward_with(self.module, x, weights, buffers)
-            self.stored.append(_Stored(x, weights, buffers, out))
-        self.module.train(was_training)
+        self.stored = deque(_Stored(*r) for r in rebuild_stored(self.module, state["stored"], self.device,
+                                                                 not self.is_first))

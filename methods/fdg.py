@@ -12,7 +12,7 @@ from dbench.errors import DbenchError
 from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepProgram
 from dbench.registry import METHODS
 # The forward on a snapshot of the weights, whose graph survives the in-place updates (DDG's, see there).
-from methods.ddg import forward_on_snapshot, forward_with
+from methods.ddg import forward_on_snapshot, rebuild_stored
 
 
 @dataclass(frozen=True)
@@ -157,18 +157,6 @@ class FullyDecoupled(Stage):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.stored.clear()
         self.labels = deque((int(b), labels.to(self.device)) for b, labels in state["labels"])
-        was_training = self.module.training
-        self.module.train()  # the graphs were built in training mode
-        try:
-            for s in state["stored"]:
-                x = s["x"].to(self.device)
-                if not self.is_first:
-                    x.requires_grad_()
-                weights = {n: w.to(self.device).requires_grad_() for n, w in s["weights"].items()}
-                buffers = {n: b.to(self.device) for n, b in s["buffers"].items()}
-                out, _ = forward_with(self.module, x, weights, buffers)
-                self.stored.append(_Stored(int(s["batch"]), x, weights, buffers, out))
-        finally:
-            self.module.train(was_training)
+        rebuilt = rebuild_stored(self.module, state["stored"], self.device, not self.is_first)
+        self.stored = deque(_Stored(int(s["batch"]), *r) for s, r in zip(state["stored"], rebuilt))

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and generated batches, all on the CPU."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -118,3 +119,25 @@ def timing_confirms_profile(monkeypatch):
                                         lambda ranges: step_costs(times, ranges, step_cost, boundaries))
 
     monkeypatch.setattr(planning, "balance_measured", confirmed)
+
+
+@contextlib.contextmanager
+def interrupted_at_step(monkeypatch, step: int):
+    """Inside, a run is stopped as by Ctrl-C (KeyboardInterrupt) when its progress reaches ``step`` steps,
+    counted over the whole run; the runner's progress counts as usual again after the block."""
+    from dbench import loop
+
+    advance = loop.Progress.advance
+    done = {"steps": 0}
+
+    def stop(self, n):
+        done["steps"] += n
+        if done["steps"] == step:
+            raise KeyboardInterrupt
+        advance(self, n)
+
+    monkeypatch.setattr(loop.Progress, "advance", stop)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(loop.Progress, "advance", advance)

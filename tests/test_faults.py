@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alive, run_cli
+from conftest import alive, interrupted_at_step, run_cli
 from dbench import run as runner
 from dbench.config import RunConfig
 from dbench.errors import DbenchError
@@ -106,25 +106,14 @@ def _numbers(path: Path) -> list[dict]:
 def test_a_run_stopped_inside_an_epoch_resumes_from_its_last_mid_epoch_checkpoint(tmp_path, monkeypatch, method):
     """--checkpoint-every N: a stop loses at most N steps, and the resumed run ends with the numbers of an
     unbroken one (losses, accuracies, σ probes, per-module memory; timings aside)."""
-    from dbench import loop
-
     cfg = dict(method=method, model="mlp", gpus=3, epochs=2, batch_size=512, seed=1)  # 20 steps an epoch
     whole = runner.start(RunConfig(**cfg), tmp_path / "whole", quiet=True)
 
     cut = tmp_path / "cut"
-    calls = {"n": 0}
-    advance = loop.Progress.advance
-
-    def stop_in_epoch_2(self, n):
-        calls["n"] += n
-        if calls["n"] == 20 + 11:  # step 11 of epoch 2: two steps after its checkpoint at step 9
-            raise KeyboardInterrupt
-        advance(self, n)
-
-    monkeypatch.setattr(loop.Progress, "advance", stop_in_epoch_2)
-    with pytest.raises(runner.RunInterrupted, match=r"1 finished epoch\(s\) and 9 step\(s\) of epoch 2"):
+    # step 11 of epoch 2: two steps after its checkpoint at step 9
+    with interrupted_at_step(monkeypatch, 20 + 11), \
+            pytest.raises(runner.RunInterrupted, match=r"1 finished epoch\(s\) and 9 step\(s\) of epoch 2"):
         runner.start(RunConfig(**cfg, checkpoint_every=3), cut, quiet=True)
-    monkeypatch.setattr(loop.Progress, "advance", advance)
     assert json.loads((cut / "summary.json").read_text())["status"] == "interrupted"
     runner.resume(cut, quiet=True)
     assert _numbers(cut) == _numbers(whole)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import batches, group, record_grads, run_cli, tiny_blocks
+from conftest import batches, group, interrupted_at_step, record_grads, run_cli, tiny_blocks
 from dbench import Trainer
 from dbench import run as runner
 from dbench.config import RunConfig
@@ -313,24 +313,13 @@ def test_loop_averages_over_scored_batches_with_their_labels(quick_data, tmp_pat
 def test_mid_epoch_checkpoint_keeps_the_scored_count(quick_data, tmp_path, monkeypatch):
     """A stop inside the first epoch (where FDG scores fewer batches than it trains on) resumes from the
     mid-epoch checkpoint to the numbers of an unbroken run: the checkpoint carries the scored count."""
-    from dbench import loop
     from test_resume import numbers
 
     cfg = dict(method="fdg", model="mlp", gpus=3, epochs=1, batch_size=1000, seed=1, sigma_every=0)  # 10 steps
     whole = runner.start(RunConfig(**cfg), tmp_path / "whole", quiet=True)
     cut = tmp_path / "cut"
-    calls = {"n": 0}
-    advance = loop.Progress.advance
-
-    def stop_at_step_5(self, n):
-        calls["n"] += n
-        if calls["n"] == 5:  # after the checkpoint at step 3: 3 batches trained on, 1 scored
-            raise KeyboardInterrupt
-        advance(self, n)
-
-    monkeypatch.setattr(loop.Progress, "advance", stop_at_step_5)
-    with pytest.raises(runner.RunInterrupted, match=r"3 step\(s\) of epoch 1"):
+    # after the checkpoint at step 3: 3 batches trained on, 1 scored
+    with interrupted_at_step(monkeypatch, 5), pytest.raises(runner.RunInterrupted, match=r"3 step\(s\) of epoch 1"):
         runner.start(RunConfig(**cfg, checkpoint_every=3), cut, quiet=True)
-    monkeypatch.setattr(loop.Progress, "advance", advance)
     runner.resume(cut, quiet=True)
     assert numbers(cut) == numbers(whole)

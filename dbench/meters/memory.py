@@ -115,13 +115,11 @@ class FixedTensors:
             self.nbytes += storage.nbytes()
 
 
-def account(stage, saved: SavedTensors, queued: Iterable[torch.Tensor],
-            fixed: FixedTensors | None = None) -> dict[str, int]:
+def account(stage, saved: SavedTensors, queued: Iterable[torch.Tensor], fixed: FixedTensors) -> dict[str, int]:
     """Bytes held by ``stage`` right now, by category (see the module docstring).
 
-    ``fixed``: the module's parameters and buffers as taken earlier (read now when None).
+    ``fixed``: the module's parameters and buffers, as taken at the epoch's start.
     """
-    fixed = fixed if fixed is not None else FixedTensors(stage.module)
     claimed: set[int] = set(fixed.keys)
 
     def bytes_of(tensors: Iterable[torch.Tensor | None]) -> int:
