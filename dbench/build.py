@@ -52,7 +52,8 @@ def build(plan: Plan, rank: int | None = None, splits: DataSplits | None = None)
     # Data live on the first module's device (labels are copied to each stage);
     # a module's own process keeps them on its device and reads only labels unless it is the first.
     home = devices[0] if rank is None else devices[rank]
-    train, test = loader(cfg, splits, home, train=True), loader(cfg, splits, home, train=False)
+    train = loader(cfg, splits, home, train=True, context=plan.context)
+    test = loader(cfg, splits, home, train=False, context=plan.context)
 
     torch.manual_seed(cfg.seed)  # the model's initial weights: the same in every process and every method
     modules = split_modules(MODELS.get(cfg.model)(num_classes=plan.num_classes).blocks, plan.ranges)
@@ -64,7 +65,7 @@ def build(plan: Plan, rank: int | None = None, splits: DataSplits | None = None)
         )
     elif rank is None:
         trainer = Trainer(
-            modules, cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            modules, cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, optimizer=cfg.optimizer,
             weight_decay=cfg.weight_decay, devices=devices, options=plan.options,
             num_classes=plan.num_classes, measure=True,
         )

@@ -10,13 +10,14 @@ import click
 
 from dbench.config import ENGINES, PROBES_PER_EPOCH, RunConfig
 from dbench.errors import DbenchError, RunInterrupted
-from dbench.optim import SCHEDULES
+from dbench.optim import OPTIMIZERS, SCHEDULES
 
 # Flags that change what a run computes; --resume takes them from the run instead.
 _RUN_FLAGS = (
     "method", "opt", "model", "dataset", "data_dir", "download", "gpus", "devices", "engine", "split",
     "epochs", "batch_size", "lr", "lr_schedule", "milestones", "lr_gamma", "momentum", "nesterov",
-    "weight_decay", "seed", "out", "sigma_every", "sigma_batches", "comm_timeout", "checkpoint_every",
+    "weight_decay", "optimizer", "context", "seed", "out", "sigma_every", "sigma_batches", "comm_timeout",
+    "checkpoint_every",
 )
 
 
@@ -55,6 +56,9 @@ D = RunConfig()  # the defaults, shown in --help
 @click.option("--dataset", default=D.dataset, show_default=True, help="Data set (see `dbench list`).")
 @click.option("--data-dir", type=click.Path(path_type=str), default=None, help="Folder holding the data set's files.")
 @click.option("--download", is_flag=True, help="Fetch the data set into --data-dir (needs internet).")
+@click.option("--context", type=int, default=None, metavar="TOKENS",
+              help="Text data: tokens (bytes) per training sequence, at most the model's context. "
+                   "[default: the model's context]")
 @click.option("--gpus", type=int, default=D.gpus, show_default=True, help="K: number of modules; module k on device k.")
 @click.option("--devices", default=None, metavar="LIST",
               help="Explicit device per module, e.g. cuda:0,cuda:0 (the only way to share a device).")
@@ -77,6 +81,8 @@ D = RunConfig()  # the defaults, shown in --help
 @click.option("--momentum", type=float, default=D.momentum, show_default=True)
 @click.option("--nesterov", is_flag=True, help="Nesterov momentum.")
 @click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True,
+              help="sgd (the papers'), or adamw (transformers: betas (--momentum, 0.95), decoupled weight decay).")
 @click.option("--seed", type=int, default=D.seed, show_default=True)
 @click.option("--sigma-every", type=int, default=None, metavar="N",
               help=f"Measure σ every N steps; 0 turns the probe off. [default: {PROBES_PER_EPOCH} probes an epoch]")
@@ -132,14 +138,16 @@ def list_() -> None:
         for f in dataclasses.fields(cls.Options):
             doc = f.metadata.get("help", "")
             click.echo(f"  {'':<10}   --opt {f.name}={f.default!r}  {doc}")
-    click.echo("models:")
-    click.echo(f"  {'name':<10} {'params':>12} {'blocks':>7}")
+    click.echo("models (reads: images, or text as byte sequences up to the context length):")
+    click.echo(f"  {'name':<10} {'params':>12} {'blocks':>7}  reads")
     for name, _ in MODELS.items():
         info = describe(name)
-        click.echo(f"  {name:<10} {info['params']:>12,} {info['blocks']:>7}")
+        reads = f"text, context {info['context']}" if info["context"] else info["inputs"]
+        click.echo(f"  {name:<10} {info['params']:>12,} {info['blocks']:>7}  {reads}")
     click.echo("data sets:")
     for name, spec in DATASETS.items():
-        click.echo(f"  {name:<10} {spec.num_classes:>4} classes  {spec.description}")
+        classes = f"{spec.num_classes:>4} classes" if spec.kind == "image" else f"{spec.num_classes:>4} tokens "
+        click.echo(f"  {name:<14} {spec.kind:<5} {classes}  {spec.description}")
 
 
 def _names(ctx, param, values: tuple[str, ...]) -> list[str]:
@@ -158,6 +166,17 @@ def _ints(ctx, param, values: tuple[str, ...]) -> list[int]:
 def _target_acc(ctx, param, value: float | None) -> float | None:
     if value is not None and not 0 < value <= 1:  # NaN fails this too
         raise click.BadParameter(f"{value} is not a test accuracy in (0, 1]: give e.g. 0.9 for 90%")
+    return value
+
+
+def _target_loss(ctx, param, value: float | None) -> float | None:
+    if value is None:
+        return None
+    from dbench.report.verdict import target_loss_problem  # the verdict's own rule (infinity and NaN fail it)
+
+    problem = target_loss_problem(value)
+    if problem:
+        raise click.BadParameter(problem)
     return value
 
 
@@ -191,6 +210,10 @@ def _selection_options(command):
         click.option("--target-acc", type=float, default=None, callback=_target_acc, metavar="ACC",
                      help="Time to accuracy: training seconds until the test accuracy reaches ACC, in (0, 1] "
                           "[default: 0.99 × model-parallel bp's mean best accuracy in each comparison]."),
+        click.option("--target-loss", type=float, default=None, callback=_target_loss, metavar="BPB",
+                     help="Time to target loss, for language models: training seconds until the test loss falls "
+                          "to BPB bits per byte, a finite number above 0 [default: 1.01 × model-parallel bp's mean best "
+                          "test bits per byte in each comparison]."),
     )
     for option in reversed(options):  # the first listed is the outermost decorator, as when stacked
         command = option(command)
@@ -206,14 +229,15 @@ def _warn(message: str) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
               help="Folder to write the report into (created if needed; files of the same name are replaced).")
 def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, engines, epochs,
-           include_unfinished: bool, target_acc: float | None) -> None:
+           include_unfinished: bool, target_acc: float | None, target_loss: float | None) -> None:
     """Figures and tables comparing the runs under PATHS [default: results/]: the verdict (which method buys
     what), convergence, memory, generalization, σ and speed, with index.md and a self-contained index.html."""
     from dbench.report import build_report  # heavy imports (pandas, matplotlib) only when asked
 
     written = build_report(
         list(paths) or [Path("results")], out, methods=methods, models=models, datasets=datasets, ks=ks,
-        engines=engines, epochs=epochs, include_unfinished=include_unfinished, target_acc=target_acc, warn=_warn,
+        engines=engines, epochs=epochs, include_unfinished=include_unfinished, target_acc=target_acc,
+        target_loss=target_loss, warn=_warn,
     )
     click.echo(f"report of {len(written.runs)} run(s) written to {written.out}: "
                f"open {written.index_html} (or {written.index_md.name})")
@@ -222,15 +246,17 @@ def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, en
 @main.command()
 @_selection_options
 def compare(paths: tuple[Path, ...], methods, models, datasets, ks, engines, epochs, include_unfinished: bool,
-            target_acc: float | None) -> None:
+            target_acc: float | None, target_loss: float | None) -> None:
     """Which method buys what, per model, data set and K, for the runs under PATHS [default: results/]:
-    speedups beside their ideals, peak memory, best test error and time to accuracy (the report's verdict)."""
+    speedups beside their ideals, peak memory, best test error and time to accuracy (a language model's: best
+    test bits per byte and time to a target loss) (the report's verdict)."""
     from dbench.report import build, verdict  # heavy imports (pandas, matplotlib) only when asked
 
     chosen = build.select_runs(list(paths) or [Path("results")], methods=methods, models=models,
                                datasets=datasets, ks=ks, engines=engines, epochs=epochs,
                                include_unfinished=include_unfinished, warn=_warn)
-    click.echo(verdict.text(verdict.table(chosen.data, target_acc), target_acc), nl=False)
+    numbers = verdict.table(chosen.data, target_acc, target_loss)
+    click.echo(verdict.text(numbers, target_acc, target_loss=target_loss), nl=False)
 
 
 def _suite_options(command):
@@ -269,7 +295,8 @@ def suite(name: str, file: Path, results: Path, data_dir: str | None, dry_run: b
               help="Golden figures: GOLDEN/NAME/<hardware>.json.")
 @click.option("--update", is_flag=True, help="Write the current runs' figures as the golden ones (after a deliberate change).")
 def check(name: str, file: Path, results: Path, golden: Path, update: bool) -> None:
-    """Compare suite NAME's runs with the golden figures: exit 1 if accuracy fell or memory grew past tolerance."""
+    """Compare suite NAME's runs with the golden figures: exit 1 if accuracy fell (a language model's test loss in
+    bits per byte rose) or memory grew past tolerance."""
     from dbench import check as checker
     from dbench import suites
 

@@ -35,6 +35,7 @@ class RunConfig:
     dataset: str = "synthetic"
     data_dir: str | None = None
     download: bool = False
+    context: int | None = None  # tokens per sequence of a text data set; None: the model's context
     gpus: int = 1
     devices: list[str] | None = None
     engine: str = "auto"
@@ -49,6 +50,7 @@ class RunConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"
     seed: int = 0
     sigma_every: int | None = None  # None: PROBES_PER_EPOCH probes an epoch; 0: no σ probe
     sigma_batches: int = 2
@@ -70,7 +72,8 @@ class RunConfig:
 
     @property
     def optim(self) -> OptimConfig:
-        return OptimConfig(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
+        return OptimConfig(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay,
+                           name=self.optimizer)
 
     def resolved_milestones(self) -> list[int]:
         """Step schedule without explicit milestones: ÷gamma at 50% and 75% of the epochs."""
@@ -92,6 +95,8 @@ class RunConfig:
         _positive_int("--epochs", self.epochs)
         _positive_int("--batch-size", self.batch_size, at_most=None)  # at most the training set: see plan.make
         _positive_int("--gpus", self.gpus)
+        if self.context is not None:
+            _positive_int("--context", self.context)  # at most the model's context: see plan.check
         if not 0 <= self.seed <= MAX_SEED:
             raise DbenchError(f"bad --seed {self.seed}: must be an integer >= 0 and at most {MAX_SEED}")
         if self.sigma_every is not None and not 0 <= self.sigma_every <= MAX_INT:

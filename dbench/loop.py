@@ -13,9 +13,8 @@ from typing import Callable
 
 import click
 import torch
-import torch.nn.functional as F
 
-from dbench import run_tables, summary
+from dbench import objective, run_tables, summary
 from dbench.build import Built
 from dbench.devices import synchronize
 from dbench.errors import DbenchError, RunInterrupted
@@ -129,8 +128,8 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
     loss_sum = partial["loss_sum"].to(top) if partial else torch.zeros((), device=top)
     correct = partial["correct"].to(top) if partial else torch.zeros((), dtype=torch.long, device=top)
     seen = seen_at_start = partial["seen"] if partial else 0  # samples trained on: throughput counts these
-    # Samples whose loss the top module reported (a StepOutput's batch), what the train loss and accuracy
-    # average over. A method whose top module scores an earlier batch than the iteration's, or none in its
+    # Predictions (samples, or tokens) whose loss the top module reported (a StepOutput's batch), what the
+    # train loss and accuracy average over. A method whose top module scores an earlier batch than the iteration's, or none in its
     # first iterations (FDG), scores fewer than it trains on; every other method scores what it trains on.
     # A mid-epoch checkpoint written before this count existed comes from a method of the second kind:
     # its seen is the count.
@@ -172,9 +171,10 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
                 probes.append(_probe_row(epoch, i, iteration, *sigma))
         if out is not None:  # None: another module's process, or no batch scored in this iteration
             labels = out.labels if out.labels is not None else y  # the labels of the batch it scored
-            loss_sum += out.loss * len(labels)
-            correct += (out.logits.argmax(dim=1) == labels.to(top)).sum()
-            scored += len(labels)
+            # Per prediction: a sample of an image batch, a token of a language model's (dbench.objective).
+            loss_sum += out.loss * objective.predictions(labels)
+            correct += objective.correct(out.logits, labels.to(top))
+            scored += objective.predictions(labels)
         seen += len(y)
         progress.advance(1)
         if trainer.is_writer and (i + 1) % SHOW_EVERY == 0 and scored:
@@ -279,14 +279,17 @@ def evaluate(built: Built) -> tuple[float, float, float]:
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=top)
     correct = torch.zeros((), dtype=torch.long, device=top)
+    n = 0  # predictions: samples, or tokens
     for x, y in built.test.epoch(0, images=built.images):
         logits = trainer.predict(x)  # distributed: None except in the top module's process
         if logits is None:
             continue
         y = y.to(top)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(dim=1) == y).sum()
-    n = built.test.num_samples
+        loss_sum += objective.cross_entropy(logits, y, reduction="sum")
+        correct += objective.correct(logits, y)
+        n += objective.predictions(y)
+    if not n:  # another module's process of the distributed engine: it predicts nothing
+        return math.nan, math.nan, time.perf_counter() - start
     loss, acc = loss_sum.item() / n, correct.item() / n  # sync: waits for the last batch
     return loss, acc, time.perf_counter() - start
 
@@ -294,6 +297,6 @@ def evaluate(built: Built) -> tuple[float, float, float]:
 def write_summary(run: RunDir, rows: list[dict], status: str, error: str | None = None) -> None:
     """summary.json and summary.md from the run's rows (see dbench.summary)."""
     config = run.read(CONFIG)
-    result = summary.compute(rows, status, config["run"]["epochs"], error)
+    result = summary.compute(rows, status, config["run"]["epochs"], error, task=config.get("task"))
     run.write(SUMMARY, result)
     run.write_text(run_tables.SUMMARY_MD, run_tables.markdown(config, result))

@@ -283,6 +283,14 @@ class Stage:
         """
 
     @classmethod
+    def check_model(cls, options: Any, model: dict) -> None:
+        """Raise a one-line DbenchError if the method cannot train this model with these options.
+
+        ``model`` is ``dbench.models.base.describe``'s record (name, params, blocks, inputs: "image" or
+        "text", context). Called when a run is planned, before anything is written.
+        """
+
+    @classmethod
     def facts(cls, num_stages: int, options: Any = None) -> dict:
         """What a run records about its method, for reports that must not need the method installed.
 

@@ -11,18 +11,31 @@ if TYPE_CHECKING:  # torch is imported where an optimizer is made: the CLI reads
     import torch
 
 SCHEDULES = ("step", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+ADAMW_BETA2 = 0.95  # GPT-2/nanoGPT's choice for transformers; β1 is --momentum
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """SGD as the papers use it: one optimizer per module with these settings."""
+    """One optimizer per module with these settings: SGD as the papers use it, or AdamW (transformers).
+
+    ``adamw``: torch's AdamW with betas ``(momentum, 0.95)``: the momentum is
+    Adam's first-moment decay β1 (both are the decay of an exponential average
+    of gradients), and weight decay is decoupled (AdamW's), where SGD's is an
+    L2 term added to the gradient. Nesterov applies to SGD only.
+    """
 
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    name: str = "sgd"
 
     def validate(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise DbenchError(f"unknown optimizer {self.name!r}; known: {', '.join(OPTIMIZERS)}")
+        if self.nesterov and self.name != "sgd":
+            raise DbenchError(f"--nesterov applies to sgd only, not --optimizer {self.name}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise DbenchError(f"bad learning rate {self.lr}: must be a finite number > 0")
         if not 0 <= self.momentum < 1:
@@ -32,8 +45,13 @@ class OptimConfig:
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise DbenchError(f"bad weight decay {self.weight_decay}: must be a finite number >= 0")
 
-    def make(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
+    def make(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         import torch
+
+        if self.name == "adamw":
+            # The same explicit single group as SGD's below, for the same reason; foreach as torch chooses.
+            return torch.optim.AdamW([{"params": list(params)}], lr=self.lr, betas=(self.momentum, ADAMW_BETA2),
+                                     weight_decay=self.weight_decay)
 
         # foreach: torch's own choice, as a plain training loop gets it: a
         # per-tensor loop on the CPU, the multi-tensor update on CUDA (a quarter

@@ -204,7 +204,8 @@ def time_costs(
     h = sample.to(device)
     for block in blocks:
         probe = copy.deepcopy(block).to(device).train()
-        x = h.detach().requires_grad_()
+        # Token ids (a language model's input) carry no gradient; features do, as between modules.
+        x = h.detach().requires_grad_() if h.is_floating_point() else h
         runs = [time_forward_backward(probe, x, device) for _ in range(repeats + 1)]
         # The first run warms up kernels and the allocator and is left out.
         with torch.no_grad():

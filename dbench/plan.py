@@ -57,6 +57,8 @@ class Plan:
     device_note: str | None = None  # said once to the user (e.g. no CUDA: modules on the CPU); not recorded
     split_note: str | None = None  # what --split auto chose, and why; not recorded (the partition is)
     balance: dict | None = None  # --split time: predicted and measured seconds per step of each module
+    context: int | None = None  # tokens per sequence (text data); None for images
+    task: dict = dataclasses.field(default_factory=lambda: {"kind": "classification"})  # what the metrics mean
 
     @property
     def method(self) -> type[Stage]:
@@ -85,6 +87,8 @@ class Plan:
             "num_classes": self.num_classes,
             "train_samples": self.train_samples,
             "test_samples": self.test_samples,
+            # what the loss and accuracy mean (a classifier's, or a language model's per token), for the reports
+            "task": self.task,
             **({"balance": self.balance} if self.balance is not None else {}),
         }
 
@@ -99,7 +103,8 @@ class Plan:
             num_classes=record["num_classes"], steps_per_epoch=record["steps_per_epoch"],
             sigma_every=record["sigma_every"], sigma_probe_samples=record["sigma_probe_samples"],
             train_samples=record["train_samples"], test_samples=record["test_samples"],
-            balance=record.get("balance"),
+            balance=record.get("balance"), context=record.get("task", {}).get("context"),
+            task=record.get("task", {"kind": "classification"}),  # runs recorded before tasks were classifiers
         )
 
 
@@ -115,6 +120,7 @@ class Checked:
     device_note: str | None
     engine: str
     split_note: str | None  # what --split auto chose, and why
+    context: int | None  # tokens per sequence: --context, or the model's own for a text data set; None for images
 
 
 def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
@@ -129,12 +135,13 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
     options = parse_options(stage_cls, cfg.method_options)
     build_model = MODELS.get(cfg.model)  # an unknown model fails here, a data-parallel method's too
     spec = DATASETS.get(cfg.dataset)
+    context = check_inputs(cfg, _described(cfg.model, build_model), spec)
     split = parse_split(cfg.split)
     replicas = stage_cls.parallelism == DATA_PARALLEL
     if replicas and split != AUTO:
         raise DbenchError(f"--split {cfg.split} does not apply to {cfg.method}: every device holds the whole model")
     if not replicas:
-        check_k(cfg.gpus, _num_blocks(cfg.model, build_model), cfg.model)
+        check_k(cfg.gpus, _described(cfg.model, build_model)["blocks"], cfg.model)
     if isinstance(split, list) and len(split) + 1 != cfg.gpus:
         raise DbenchError(
             f"bad --split {cfg.split}: {len(split)} cut points make {len(split) + 1} modules, but --gpus is {cfg.gpus}"
@@ -149,6 +156,7 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
         devices, note = resolve_devices(cfg.gpus, cfg.devices)
     engine = cfg.resolved_engine(devices)
     stage_cls.check_run(options, cfg.gpus, cfg.batch_size, devices)
+    stage_cls.check_model(options, _described(cfg.model, build_model))
     if replicas:
         # One process per replica whatever the devices: its gradients are averaged across processes.
         if cfg.engine == "local":
@@ -157,18 +165,41 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
         engine = "distributed"
     if not spec.needs_data_dir and (cfg.data_dir or cfg.download):
         raise DbenchError(f"--data-dir/--download do not apply to data set {cfg.dataset!r} (it is generated)")
+    if cfg.download and not spec.can_download:
+        raise DbenchError(f"--download does not apply to data set {cfg.dataset!r}: it reads your own files from "
+                          f"--data-dir")
     split, split_note = resolve_auto(split, engine, cfg.gpus) if not replicas else (split, None)
     return Checked(stage_cls=stage_cls, options=options, split=split, replicas=replicas, devices=devices,
-                   device_note=note, engine=engine, split_note=split_note)
+                   device_note=note, engine=engine, split_note=split_note, context=context)
 
 
 @functools.lru_cache(maxsize=None)
-def _num_blocks(model: str, build_model: Any) -> int:
-    """The model's block count, built once per model: a suite checks dozens of runs of the same model.
+def _described(model: str, build_model: Any) -> dict:
+    """``describe(model)``, built once per model: a suite checks dozens of runs of the same model.
 
-    Keyed by the builder too, so a model registered anew under the same name is counted anew.
+    Keyed by the builder too, so a model registered anew under the same name is described anew.
     """
-    return describe(model)["blocks"]
+    return describe(model)
+
+
+def check_inputs(cfg: RunConfig, model: dict, spec: Any) -> int | None:
+    """Refuse a model that cannot read the data set's samples, or a --context it cannot take; return the
+    sequence length the run trains on (None for images)."""
+    if model["inputs"] != spec.kind:
+        fitting = [name for name, s in DATASETS.items() if s.kind == model["inputs"]]
+        raise DbenchError(f"model {cfg.model!r} reads {model['inputs']} data but data set {cfg.dataset!r} holds "
+                          f"{spec.kind} data: pick a {model['inputs']} data set "
+                          f"({', '.join(fitting) or 'none registered'}) or a model for {spec.kind}")
+    limit = model["context"]
+    if limit is None:
+        if cfg.context is not None:
+            raise DbenchError(f"--context does not apply to model {cfg.model!r}: it reads {model['inputs']}, "
+                              f"not sequences of tokens")
+        return None
+    if cfg.context is not None and cfg.context > limit:
+        raise DbenchError(f"bad --context {cfg.context}: model {cfg.model!r} reads sequences of at most {limit} "
+                          f"tokens (1 <= context <= {limit})")
+    return cfg.context if cfg.context is not None else limit
 
 
 def make(cfg: RunConfig, devices: list[torch.device] | None = None,
@@ -189,11 +220,12 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
     # The set-up's long steps say what they do: on a big model or data set they take minutes.
     say(f"set-up: loading {cfg.dataset}")
     splits = spec.load(Path(cfg.data_dir).expanduser() if cfg.data_dir else None, cfg.download)
-    samples = len(splits.train_y)
+    splits.check_context(checked.context)
+    train = loader(cfg, splits, devices[0], train=True, context=checked.context)
+    samples = train.num_samples
     if cfg.batch_size > samples:
         raise DbenchError(f"bad --batch-size {cfg.batch_size}: a batch holds at most the {samples} training samples "
                           f"of {cfg.dataset} (1 <= batch size <= {samples})")
-    train = loader(cfg, splits, devices[0], train=True)
 
     torch.manual_seed(cfg.seed)
     model = build_model(num_classes=splits.num_classes)
@@ -224,8 +256,10 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
         num_params=sum(p.numel() for p in model.parameters()), num_classes=splits.num_classes,
         steps_per_epoch=len(train), sigma_every=sigma_every,
         sigma_probe_samples=min(cfg.sigma_batches * cfg.batch_size, train.num_samples) if sigma_every else 0,
-        train_samples=train.num_samples, test_samples=len(splits.test_y), device_note=note,
-        split_note=split_note, balance=balance.record() if balance is not None else None,
+        train_samples=train.num_samples,
+        test_samples=loader(cfg, splits, torch.device("cpu"), train=False, context=checked.context).num_samples,
+        device_note=note, split_note=split_note, balance=balance.record() if balance is not None else None,
+        context=checked.context, task=splits.task(checked.context),
     )
     return plan, splits
 
@@ -242,7 +276,8 @@ def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list,
     if stage_cls.boundary_cost is not None:
         cost = functools.partial(stage_cls.boundary_cost, device=devices[0], options=options, num_classes=num_classes)
         boundaries = boundary_costs(times, cost)
-    optim = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    optim = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                 optimizer=cfg.optimizer)
 
     def measure(ranges: Ranges) -> list[float]:
         return method_step_seconds(blocks, ranges, cfg.method, options, devices, batch, num_classes, optim)
@@ -250,11 +285,11 @@ def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list,
     return balance_measured(times, cfg.gpus, stage_cls.step_cost, boundaries, measure)
 
 
-def loader(cfg: RunConfig, splits: DataSplits, device: torch.device, *, train: bool) -> DeviceLoader:
-    """The training or test loader of ``cfg`` on ``device`` (the one definition both plan and build use)."""
-    x, y = (splits.train_x, splits.train_y) if train else (splits.test_x, splits.test_y)
-    return DeviceLoader(x, y, train=train, batch_size=cfg.batch_size, device=device, mean=splits.mean,
-                        std=splits.std, seed=cfg.seed)
+def loader(cfg: RunConfig, splits: DataSplits, device: torch.device, *, train: bool,
+           context: int | None) -> DeviceLoader:
+    """The training or test loader of ``cfg`` on ``device`` (the one definition both plan and build use);
+    ``context``: tokens per sequence of a text data set (the plan's), None for images."""
+    return splits.loader(train=train, batch_size=cfg.batch_size, device=device, seed=cfg.seed, context=context)
 
 
 @contextlib.contextmanager

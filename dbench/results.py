@@ -1,8 +1,10 @@
 """Read run directories back as tidy pandas tables, for reports and notebooks.
 
     runs, warnings = load_runs(["results/"])       # finished runs; the rest named in warnings
-    runs_frame(runs)      one row per run: method and its facts, model, data set, K, seed, best error, speed, git revision
-    epochs_frame(runs)    one row per run and epoch: losses, accuracies, seconds (and their running total)
+    runs_frame(runs)      one row per run: method and its facts, model, data set, K, seed, task, best error (a language
+                          model's best test loss in bits per byte), speed, git revision
+    epochs_frame(runs)    one row per run and epoch: losses (bits per byte too for a language model), accuracies,
+                          seconds (and their running total)
     modules_frame(runs)   one row per run, epoch and module: time states, peak memory and its categories
     module_peaks(runs)    one row per run and module: its peak memory over the run, as summary.json has it
     probes_frame(runs)    one row per run, σ probe and module (plus the network): σ, corrected σ, cosine
@@ -109,6 +111,21 @@ class Run:
         if recorded is not None:
             return {**UNKNOWN_FACTS, **recorded}
         return installed_facts(self.method, self.k, default_options=self.method_label == self.method)
+
+    @property
+    def task(self) -> dict | None:
+        """config.json's "task" (None for a run recorded before it: a classification)."""
+        task = self.config.get("task")
+        return task if isinstance(task, dict) else None
+
+    @property
+    def task_kind(self) -> str:
+        """"classification" or "language model" (dbench.summary.task_kind)."""
+        return summaries.task_kind(self.task)
+
+    @property
+    def language_model(self) -> bool:
+        return summaries.is_language_model(self.task)
 
     @property
     def engine(self) -> str:
@@ -352,6 +369,9 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
         done = summ.get("epochs_done") or 0
         train_seconds = summ.get("train_seconds")
         facts = run.facts
+        lm = run.language_model
+        # a summary written before best_test_loss existed: the loss of its best epoch, from the epoch rows
+        best_loss = summ.get("best_test_loss", _loss_at(run, summ.get("best_epoch"))) if lm else None
         rows.append({
             **_ids(run),
             "family": facts["family"],
@@ -370,9 +390,20 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             "best_epoch": summ.get("best_epoch"),
             "final_test_error": 1 - summ["final_test_acc"] if summ.get("final_test_acc") is not None else None,
             "final_train_loss": summ.get("final_train_loss"),
+            # the data set's task, and a language model's figures (None for a classification): the best epoch
+            # is its lowest test loss; bits per byte = loss (nats per byte-token) / ln 2
+            "task": run.task_kind,
+            "context": (run.task or {}).get("context") if lm else None,
+            "best_test_acc": summ.get("best_test_acc"),
+            "best_test_loss": best_loss if lm else None,
+            "best_test_bpb": summaries.bits_per_byte(best_loss) if lm else None,
+            "final_test_bpb": summaries.bits_per_byte(summ.get("final_test_loss")) if lm else None,
+            "final_train_bpb": summaries.bits_per_byte(summ.get("final_train_loss")) if lm else None,
             "train_seconds": train_seconds,
             "seconds_per_epoch": train_seconds / done if train_seconds is not None and done else None,
             "samples_per_s": summ.get("samples_per_s"),
+            # a language model's samples are sequences of `context` tokens
+            "tokens_per_s": _tokens_per_s(summ.get("samples_per_s"), run) if lm else None,
             # mean over epochs of the machine's 1-minute load average at each epoch's end (None: not recorded)
             "load_avg": _mean([r.get("load_avg_1m") for r in run.epoch_rows]),
             "cpu_count": next((r["cpu_count"] for r in run.epoch_rows if r.get("cpu_count")), None),
@@ -396,6 +427,18 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
     return frame
 
 
+def _tokens_per_s(samples_per_s, run: Run) -> float | None:
+    context = (run.task or {}).get("context")
+    if samples_per_s is None or not isinstance(context, int) or context <= 0:
+        return None
+    return samples_per_s * context
+
+
+def _loss_at(run: Run, epoch) -> float | None:
+    """The test loss of epoch ``epoch`` of ``run`` (None if it has no such row)."""
+    return next((r.get("test_loss") for r in run.epoch_rows if r.get("epoch") == epoch), None)
+
+
 def _settings_key(run: Run) -> str:
     """The settings that make runs comparable (everything but the seed and where things live), as text."""
     return json.dumps(run.comparable_settings(), sort_keys=True)
@@ -406,11 +449,13 @@ def epochs_frame(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for run in runs:
         wall = 0.0
+        lm = run.language_model
         for r in run.epoch_rows:
             wall += r.get("train_seconds") or 0.0
             rows.append({
                 **_ids(run),
                 "engine": run.engine,
+                "task": run.task_kind,
                 "epoch": r["epoch"],
                 "lr": r.get("lr"),
                 "train_loss": r.get("train_loss"),
@@ -418,6 +463,9 @@ def epochs_frame(runs: list[Run]) -> pd.DataFrame:
                 "test_loss": r.get("test_loss"),
                 "test_acc": r.get("test_acc"),
                 "test_error": 1 - r["test_acc"] if r.get("test_acc") is not None else None,
+                # a language model's losses in bits per byte (None for a classification)
+                "train_bpb": summaries.bits_per_byte(r.get("train_loss")) if lm else None,
+                "test_bpb": summaries.bits_per_byte(r.get("test_loss")) if lm else None,
                 "train_seconds": r.get("train_seconds"),
                 "wall_seconds": wall,
                 "eval_seconds": r.get("eval_seconds"),

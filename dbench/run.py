@@ -83,12 +83,13 @@ def create_run_dir(cfg: RunConfig, out: Path | None = None, devices: list[torch.
             for note in (plan.device_note, plan.split_note):
                 if note:
                     print(note)
+        record = plan.record()
         run = RunDir.create(
             out,
             {
-                CONFIG: plan.record(),
+                CONFIG: record,
                 ENVIRONMENT: environment.collect([torch.device(d) for d in plan.devices]),
-                SUMMARY: summary.compute([], "running", cfg.epochs),
+                SUMMARY: summary.compute([], "running", cfg.epochs, task=record.get("task")),
             },
         )
     return run.path, splits

@@ -299,6 +299,8 @@ def run_suite(suite: Suite, root: Path, *, quiet: bool = True, data_dir: str | N
             if status(planned, root) != "diverged":
                 raise
         final[planned.name] = status(planned, root)
-        best = summaries.read(path).get("best_test_error")
-        echo(f"{label}: {final[planned.name]}" + (f", best test error {100 * best:.2f}%" if best is not None else ""))
+        result = summaries.read(path)
+        best, bpb = result.get("best_test_error"), result.get("best_test_bpb")  # bpb: a language model's quality
+        echo(f"{label}: {final[planned.name]}" + (f", best test loss {bpb:.3f} bits per byte" if bpb is not None else
+                                                  f", best test error {100 * best:.2f}%" if best is not None else ""))
     return final

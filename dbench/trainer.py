@@ -21,6 +21,7 @@ from torch import nn
 
 from dbench.engine import LocalEngine
 from dbench.errors import DbenchError
+from dbench.objective import CrossEntropy
 from dbench.meters import Meters, SigmaResult, StageMeter
 from dbench.method import DATA_PARALLEL, Stage, StepOutput, parse_options
 from dbench.optim import OptimConfig
@@ -45,6 +46,7 @@ class Trainer:
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        optimizer: str = "sgd",
         loss: nn.Module | None = None,
         devices: Sequence[torch.device | str] | None = None,
         options: Any = None,
@@ -56,7 +58,7 @@ class Trainer:
         devices = list(devices) if devices is not None else ["cpu"] * len(modules)
         if len(devices) != len(modules):
             raise DbenchError(f"got {len(devices)} devices for {len(modules)} modules: give one device per module")
-        optim = OptimConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        optim = OptimConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, name=optimizer)
         optim.validate()
         stage_cls: type[Stage] = METHODS.get(method)
         if stage_cls.parallelism == DATA_PARALLEL:
@@ -64,7 +66,7 @@ class Trainer:
                               f"every module in this one: train it with `dbench run --method {method}` or under torchrun")
         if options is None or isinstance(options, dict):
             options = parse_options(stage_cls, {k: str(v) for k, v in (options or {}).items()})
-        loss_fn = loss if loss is not None else nn.CrossEntropyLoss()
+        loss_fn = loss if loss is not None else CrossEntropy()
         self.method = method
         self.stages = [
             stage_cls(k, len(modules), m, torch.device(d), optim, loss_fn, options, num_classes)

@@ -26,6 +26,19 @@ class FeedbackOptions:
             raise DbenchError(f"bad feedback_seed {self.feedback_seed}: must be >= 0 and at most {MAX_SEED}")
 
 
+def per_position(out: torch.Tensor, error: torch.Tensor) -> int:
+    """Features of ``out`` per position of the output error: the size ``B_k`` maps each position's classes to.
+
+    ``error`` is (batch, *positions, classes); ``out`` must be (batch, *positions, ...): a module that does
+    not keep the positions (none of dbench's models has one) cannot take per-position feedback.
+    """
+    positions = tuple(error.shape[1:-1])
+    if tuple(out.shape[1:1 + len(positions)]) != positions:
+        raise DbenchError(f"DFA feedback: the output error has positions {positions} but the module's output has "
+                          f"shape {tuple(out.shape[1:])}; each position's error needs that position's features")
+    return out[0].numel() // max(1, math.prod(positions))
+
+
 @METHODS.register("dfa")
 class DirectFeedbackAlignment(Stage):
     """The output error reaches every module through a fixed random matrix.
@@ -37,6 +50,15 @@ class DirectFeedbackAlignment(Stage):
     gradient travels down. ``B_k`` (classes × size of h_k) is drawn once, at the
     first iteration, from ``feedback_seed`` and k, and never changes: Gaussian
     with variance ``scale² / size(h_k)``, so that ``||e B_k|| ≈ scale·||e||``.
+
+    A language model predicts at every position: its output error is
+    (batch × positions × vocabulary), and ``h_k`` is (batch × positions ×
+    width). Each position's error reaches that position's features through
+    the same ``B_k`` (vocabulary × width): ``δ_k[:, t] = e[:, t] B_k``, the
+    feedback from the vocabulary to each token's features, with ``size(h_k)``
+    the width. In general the error's dimensions between the batch and the
+    classes are positions that ``h_k`` shares, and ``B_k`` maps the classes to
+    the features of one position.
     """
 
     name = "dfa"
@@ -67,7 +89,7 @@ class DirectFeedbackAlignment(Stage):
         error = yield Recv(ERROR, expect=(t,))  # e of this batch, from the top module
         if self.feedback is None:
             g = torch.Generator().manual_seed(self.options.feedback_seed * 1000 + self.index)
-            self.feedback = self.draw_feedback(error.shape[1], out[0].numel(), g).to(self.device)
+            self.feedback = self.draw_feedback(error.shape[-1], per_position(out, error), g).to(self.device)
         self.backward(out, self.apply_feedback(error).view_as(out))
         self.apply_update()
         return None

@@ -5,20 +5,21 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dbench.config import MAX_SEED
 from dbench.errors import DbenchError
 from dbench.method import LOCAL_LOSS, UNLOCKED, UP, Send, SideModel, Stage, StepProgram
+from dbench.objective import cross_entropy
 from dbench.optim import OptimConfig
 from dbench.partition import median_seconds
 from dbench.registry import METHODS
 # BatchNorm that normalizes a batch of one value per channel with its running statistics (a batch of one
 # sample reaching the head's MLP); any larger batch exactly as nn.BatchNorm. See methods/dni.py.
-from methods.dni import SynthBatchNorm1d, SynthBatchNorm2d
+from methods.dni import SEQUENCE_RANK, SynthBatchNorm1d, SynthBatchNorm2d, label_shape
 
 HEAD = "head"  # the side model's name
+HEAD_SHAPE = ("width", "depth", "pooled", "mlp")  # the options that shape an image model's head
 REDUCE = 4  # the head's first pool divides each spatial side by this (rounded up), as the released code
 
 
@@ -62,15 +63,22 @@ class AuxiliaryHead(nn.Module):
     released code. Its BatchNorm layers normalize a batch with one value per
     channel (one sample of flat features, an epoch's last batch) with their
     running statistics, as DNI's synthesizers do; any other batch exactly as
-    ``nn.BatchNorm``.
+    ``nn.BatchNorm``. Sequence features (N, T, F), a transformer's residual
+    stream: a LayerNorm and a linear layer to the classes (the vocabulary) at
+    every position, the shape of a language model's own head.
     """
 
     def __init__(self, shape: tuple[int, ...], num_classes: int, width: int | None, depth: int, pooled: int,
                  mlp: int):
         super().__init__()
+        if len(shape) == SEQUENCE_RANK:
+            # A transformer's residual stream (positions, width): per token, the shape of the model's own head,
+            # a LayerNorm and a linear map to the vocabulary. The conv head's options do not apply (see check_model).
+            self.net = nn.Sequential(nn.LayerNorm(shape[-1]), nn.Linear(shape[-1], num_classes))
+            return
         if len(shape) not in (1, 3):
-            raise DbenchError(f"method 'dgl' puts an auxiliary head on (channels, height, width) or flat features; "
-                              f"a module's output has shape {tuple(shape)} per sample")
+            raise DbenchError(f"method 'dgl' puts an auxiliary head on (channels, height, width), flat or "
+                              f"(positions, width) features; a module's output has shape {tuple(shape)} per sample")
         channels = shape[0]
         width = width if width is not None else channels
         conv = len(shape) == 3
@@ -168,17 +176,29 @@ class DecoupledGreedy(Stage):
             torch.manual_seed(0)
             head = make_head(tuple(output_shape[1:]), num_classes, options).to(device)
             h = torch.randn(output_shape).to(device).requires_grad_()
-            y = torch.randint(0, num_classes, (output_shape[0],)).to(device)
+            y = torch.randint(0, num_classes, label_shape(output_shape)).to(device)
         optimizer = OptimConfig().make(head.parameters())
 
         def head_step() -> None:
-            loss = F.cross_entropy(head(h), y)
+            loss = cross_entropy(head(h), y)
             optimizer.zero_grad(set_to_none=True)
             h.grad = None
             loss.backward()  # also the gradient at the head's input, which the module's backward then takes
             optimizer.step()
 
         return median_seconds(head_step, torch.device(device))
+
+    @classmethod
+    def check_model(cls, options: HeadOptions, model: dict) -> None:
+        if model["inputs"] != "text":
+            return
+        shaped = {name: getattr(options, name) for name in HEAD_SHAPE
+                  if getattr(options, name) != getattr(HeadOptions(), name)}
+        if shaped:
+            given = ", ".join(f"{k}={v}" for k, v in shaped.items())
+            raise DbenchError(f"option(s) {given} of 'dgl' shape the conv head of an image model; on "
+                              f"{model['name']} every head is a LayerNorm and a linear map to the vocabulary per "
+                              f"token: drop them")
 
     def __init__(self, index: int, num_stages: int, module: nn.Module, device: torch.device, optim: OptimConfig,
                  loss_fn: nn.Module, options: HeadOptions | None = None, num_classes: int | None = None):

@@ -15,6 +15,7 @@ from dbench.partition import median_seconds
 from dbench.registry import METHODS
 
 SYNTH = "synthesizer"  # the side model's name
+SEQUENCE_RANK = 2  # features of one sample shaped (positions, width): a transformer's residual stream
 SCALE_DECAY = 0.9  # of the running RMS of synthesizer targets: adapts within ~10 steps
 
 
@@ -38,6 +39,11 @@ class SynthOptions:
             raise DbenchError(f"bad synth_lr {self.synth_lr}: must be a finite number > 0")
         if not 0 <= self.synth_seed <= MAX_SEED:
             raise DbenchError(f"bad synth_seed {self.synth_seed}: must be >= 0 and at most {MAX_SEED}")
+
+
+def label_shape(output_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The labels of a batch whose module output has this shape: one per sample, or one per position."""
+    return tuple(output_shape[:2]) if len(output_shape) == 1 + SEQUENCE_RANK else tuple(output_shape[:1])
 
 
 class _SingleValueSafe:
@@ -73,7 +79,11 @@ class Synthesizer(nn.Module):
 
     Conv features (N, C, H, W): ``layers`` resolution-preserving conv3x3-BN-ReLU
     layers, then a conv3x3 back to C channels; flat features (N, F): the same
-    with linear layers. The last layer starts at zero, so the first synthetic
+    with linear layers. Sequence features (N, T, F), a transformer's residual
+    stream: the flat synthesizer on each position's features, every position
+    a sample of its own (so BatchNorm's statistics are over N·T tokens); with
+    labels, each position reads its own label (for a language model: the next
+    token). The last layer starts at zero, so the first synthetic
     gradient is exactly 0. With labels, the one-hot vector is appended as
     constant channels (or units). It is built in the dtype of the module's
     output (``Stage.side``). A batch with one value per channel (one sample of
@@ -86,7 +96,8 @@ class Synthesizer(nn.Module):
         self.shape = tuple(shape)
         self.num_classes = num_classes
         conv = len(self.shape) == 3
-        channels = self.shape[0]
+        self.sequence = len(self.shape) == SEQUENCE_RANK
+        channels = self.shape[-1] if self.sequence else self.shape[0]
         widths = [channels + num_classes] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(widths, widths[1:]):
@@ -100,6 +111,13 @@ class Synthesizer(nn.Module):
         self.net = nn.Sequential(*body, last)
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.sequence:  # every position on its own, as a flat sample
+            b, t = h.shape[:2]
+            flat = self.flat(h.reshape(b * t, -1), y.reshape(b * t) if y is not None else None)
+            return flat.view(h.shape)
+        return self.flat(h, y)
+
+    def flat(self, h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.num_classes:
             onehot = F.one_hot(y, self.num_classes).to(h.dtype)
             if h.dim() == 4:
@@ -155,7 +173,7 @@ class SyntheticGradients(Stage):
             torch.manual_seed(0)
             synth = Synthesizer(tuple(output_shape[1:]), options.hidden, options.layers, classes).to(device)
             h, target = (torch.randn(output_shape).to(device) for _ in range(2))
-            y = torch.randint(0, max(classes, 1), (output_shape[0],)).to(device)
+            y = torch.randint(0, max(classes, 1), label_shape(output_shape)).to(device)
         optimizer = torch.optim.Adam(synth.parameters(), lr=options.synth_lr)
 
         def synth_step() -> None:

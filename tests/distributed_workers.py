@@ -16,7 +16,36 @@ def data():
     return batches(STEPS, seed=11), batches(2, seed=12), batches(1, seed=13)[0][0]
 
 
-def equivalence_worker(rank: int, world: int, port: int, methods: list[str], path: str) -> None:
+def tiny_gpt_blocks() -> list[torch.nn.Module]:
+    """Five blocks of a small GPT (embedding, three transformer blocks, head) on byte tokens: as tiny_blocks."""
+    from dbench.models.gpt import gpt
+
+    torch.manual_seed(0)
+    return gpt("tiny", layers=3, width=32, heads=4, context=TOKENS).blocks
+
+
+TOKENS = 12  # context of the tiny GPT's sequences
+
+
+def token_batches(n: int, seed: int, batch: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        seq = torch.randint(0, 256, (batch, TOKENS + 1), generator=g)
+        out.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    return out
+
+
+def text_data():
+    return token_batches(STEPS, seed=11), token_batches(2, seed=12), token_batches(1, seed=13)[0][0]
+
+
+# name: (blocks, (train batches, σ probe batches, test inputs), classes)
+WORKLOADS = {"image": (tiny_blocks, data, 10), "text": (tiny_gpt_blocks, text_data, 256)}
+
+
+def equivalence_worker(rank: int, world: int, port: int, methods: list[str], path: str,
+                       workload: str = "image") -> None:
     """Train every method for STEPS steps as module ``rank``; the top module saves what it saw."""
     import torch.distributed as dist
 
@@ -26,12 +55,14 @@ def equivalence_worker(rank: int, world: int, port: int, methods: list[str], pat
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     init(rank, world, torch.device("cpu"), timeout_s=60)
-    train, probe, test_x = data()
+    blocks, batches_of, classes = WORKLOADS[workload]
+    train, probe, test_x = batches_of()
     results = {}
     for method in methods:
-        module = group(tiny_blocks(), RANGES[world])[rank]
+        module = group(blocks(), RANGES[world])[rank]
         t = RankTrainer(module, method, rank, world, torch.device("cpu"),
-                        optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=0.0), options=None, num_classes=10, timeout_s=60)
+                        optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=0.0), options=None,
+                        num_classes=classes, timeout_s=60)
         losses, sigma = [], None
         for i, (x, y) in enumerate(train):
             if i == PROBE_AT:

@@ -116,7 +116,10 @@ def test_list_shows_methods_models_and_datasets(monkeypatch, capsys):
     assert code == 0
     assert "bp" in out and "resnet110" in out and "synthetic" in out and "cifar100" in out
     resnet20 = next(line for line in out.splitlines() if line.split()[:1] == ["resnet20"])
-    assert resnet20.split()[1:] == ["272,474", "11"]
+    assert resnet20.split()[1:] == ["272,474", "11", "image"]
+    nano = next(line for line in out.splitlines() if line.split()[:1] == ["gpt-nano"])
+    assert nano.split()[1:] == ["875,264", "6", "text,", "context", "128"]
+    assert "synthetic-text" in out
 
 
 def test_console_script_end_to_end(tmp_path):

@@ -3,8 +3,9 @@
 Importing this package registers every built-in data set in
 ``dbench.registry.DATASETS``.
 """
-from dbench.data import cifar, synthetic  # noqa: F401  (register on import)
+from dbench.data import cifar, synthetic, text  # noqa: F401  (register on import)
 from dbench.data.base import DataSplits, DatasetSpec, channel_stats
 from dbench.data.loader import DeviceLoader
+from dbench.data.text import TextLoader, TextSplits
 
-__all__ = ["DataSplits", "DatasetSpec", "DeviceLoader", "channel_stats"]
+__all__ = ["DataSplits", "DatasetSpec", "DeviceLoader", "TextLoader", "TextSplits", "channel_stats"]

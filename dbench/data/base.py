@@ -1,16 +1,28 @@
 """The data-set interface: a spec that knows how to load, and the loaded splits.
 
-Every data set is held in memory as uint8 images of shape (N, 3, 32, 32) with
-int64 labels; augmentation and normalization happen later, on the device, in
-:class:`dbench.data.loader.DeviceLoader`.
+An image data set is held in memory as uint8 images of shape (N, 3, 32, 32)
+with int64 labels (:class:`DataSplits`); augmentation and normalization happen
+later, on the device, in :class:`dbench.data.loader.DeviceLoader`. A text data
+set is a pair of uint8 byte strings (:class:`dbench.data.text.TextSplits`).
+
+Both kinds of splits answer the planner the same way: ``kind`` ("image" or
+"text"), ``check_context(context)`` (a one-line DbenchError when ``--context``
+does not fit the data), ``loader(train=, batch_size=, device=, seed=,
+context=)`` and ``task(context)`` (the task as recorded in config.json).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
+
+from dbench.data.loader import DeviceLoader
+from dbench.errors import DbenchError
+
+if TYPE_CHECKING:
+    from dbench.data.text import TextSplits
 
 IMAGE_SHAPE = (3, 32, 32)
 
@@ -25,6 +37,8 @@ class DataSplits:
     test_y: torch.Tensor
     mean: tuple[float, float, float]  # per channel, of train_x/255, computed from the data
     std: tuple[float, float, float]
+
+    kind: ClassVar[str] = "image"  # what the samples are; a model declares the same word
 
     def __post_init__(self) -> None:
         # A loader that produced a wrongly shaped split is a bug in dbench, not
@@ -43,6 +57,23 @@ class DataSplits:
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"{self.name} mean and std must have 3 entries (one per channel)")
 
+    def check_context(self, context: int | None) -> None:
+        """Images have no context length: ``--context`` is a user error here."""
+        if context is not None:
+            raise DbenchError(f"--context applies to text data sets; {self.name} holds images")
+
+    def task(self, context: int | None) -> dict:
+        """What a model trained on these splits does, for config.json."""
+        return {"kind": "classification"}
+
+    def loader(self, *, train: bool, batch_size: int, device: torch.device, seed: int,
+               context: int | None = None) -> DeviceLoader:
+        """The training or test loader of these splits on ``device`` (``context`` must be None: see check_context)."""
+        self.check_context(context)
+        x, y = (self.train_x, self.train_y) if train else (self.test_x, self.test_y)
+        return DeviceLoader(x, y, train=train, batch_size=batch_size, device=device, mean=self.mean,
+                            std=self.std, seed=seed)
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -50,7 +81,9 @@ class DatasetSpec:
     num_classes: int
     description: str  # one line, for `dbench list`
     needs_data_dir: bool  # False for synthetic
-    load: Callable[[Path | None, bool], DataSplits]  # load(data_dir, download)
+    load: Callable[[Path | None, bool], DataSplits | TextSplits]  # load(data_dir, download)
+    kind: str = "image"  # what the samples are: "image" or "text"; a model declares the same word
+    can_download: bool = True  # False: --download does not apply (the data come from --data-dir only)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:

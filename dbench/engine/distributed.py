@@ -29,6 +29,7 @@ from dbench.engine.messages import pack, unpack
 from dbench.engine.transport import Transport
 from dbench.meters import Meters, SigmaResult, StageMeter, sigma_results, true_gradient
 from dbench.method import PROBE_UP, Send, Stage, StepOutput
+from dbench.objective import CrossEntropy
 from dbench.optim import OptimConfig
 from dbench.registry import METHODS
 
@@ -65,7 +66,7 @@ class RankTrainer:
                  optim: OptimConfig, options: Any, num_classes: int | None, timeout_s: float):
         stage_cls: type[Stage] = METHODS.get(method)
         self.rank, self.world = rank, world
-        self.stage = stage_cls(rank, world, module, device, optim, nn.CrossEntropyLoss(), options, num_classes)
+        self.stage = stage_cls(rank, world, module, device, optim, CrossEntropy(), options, num_classes)
         self.stages = [self.stage]
         self.transport = Transport(rank, world, self.stage.device)
         # Control messages (gathers of Python objects, barriers) on gloo, whatever the data backend.

@@ -18,9 +18,12 @@ class BlockModel(nn.Sequential):
     ``model(x)`` equals feeding ``x`` through ``model.blocks`` by hand.
     """
 
-    def __init__(self, blocks: list[nn.Module], name: str):
+    def __init__(self, blocks: list[nn.Module], name: str, inputs: str = "image", context: int | None = None):
         super().__init__(*blocks)
         self.name = name
+        # What the model reads, as a data set's ``kind`` says it ("image", "text"): the plan refuses a mismatch.
+        self.inputs = inputs
+        self.context = context  # the longest sequence a text model reads (its position table); None for images
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -75,7 +78,8 @@ def preact_head(in_ch: int, num_classes: int) -> nn.Sequential:
 
 
 def describe(name: str) -> dict:
-    """Name, parameter count and block count of a registered model.
+    """Name, parameter count, block count, inputs and context of a registered model, as it comes
+    (its default number of classes: 10 for the image models, the 256 bytes for the language models).
 
     The model is built on the meta device, so no memory is allocated and no
     weights are initialised: describing even the largest model is cheap.
@@ -83,5 +87,6 @@ def describe(name: str) -> dict:
     from dbench.registry import MODELS
 
     with torch.device("meta"):
-        model = MODELS.get(name)(num_classes=10)
-    return {"name": name, "params": count_params(model), "blocks": len(model)}
+        model = MODELS.get(name)()
+    return {"name": name, "params": count_params(model), "blocks": len(model),
+            "inputs": getattr(model, "inputs", "image"), "context": getattr(model, "context", None)}

@@ -2,29 +2,36 @@
 
 One figure per (model, data set, K), one line per method: the mean over
 seeds, with a band from the lowest to the highest seed when there are several.
+A language model's figure (byte-level text) shows its training and test loss
+in bits per byte (loss / ln 2) instead: its quality is the test loss.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from dbench.report import figures
+from dbench.summary import LANGUAGE_MODEL
 from dbench.report.figures import new_figure, save, theme
 from dbench.report.section import ReportData, Section
 
 METRICS = (("train_loss", "training loss", 1.0), ("test_error", "test error (%)", 100.0))
+LM_METRICS = (("train_bpb", "training loss (bits per byte)", 1.0), ("test_bpb", "test loss (bits per byte)", 1.0))
 AXES = (("epoch", "epoch"), ("wall_seconds", "training wall-clock (s)"))
 
 LOG_SCALE_RATIO = 30  # training losses spanning more than this factor are drawn on a log scale
 
 CAPTION = ("Lines: mean over seeds; band: lowest to highest seed. Wall-clock: training seconds summed up to the end "
            "of each epoch, averaged over seeds (σ probes and the first steps included, evaluation left out).")
+LM_CAPTION = (" A byte-level language model: training and test loss in bits per byte, the mean cross-entropy per "
+              "byte in nats / ln 2 (lower is better).")
 LOCAL_NOTE = ("Runs on the local engine ran their modules one after another: their wall-clock is total "
               "compute, not what K devices working at once would take (each figure's caption names its engine).")
 
 
 def build(data: ReportData, out: Path) -> Section:
     section = Section("convergence", "Convergence",
-                      "Training loss and test error per epoch and against training time, per model, data set and K.")
+                      "Training loss and test error per epoch and against training time, per model, data set and K"
+                      " (a language model's: training and test loss in bits per byte).")
     epochs = data.epochs
     if epochs.empty:
         section.notes.append("No run has epoch rows in metrics.jsonl.")
@@ -39,6 +46,8 @@ def build(data: ReportData, out: Path) -> Section:
 
 def _figure(group, model, dataset, k, data: ReportData, out: Path) -> figures.Figure:
     colors = data.colors
+    lm = "task" in group.columns and (group["task"] == LANGUAGE_MODEL).all()
+    metrics = LM_METRICS if lm else METRICS
     with theme():
         fig = new_figure(10, 7)
         axes = fig.subplots(2, 2, sharex="col", sharey="row")
@@ -47,9 +56,9 @@ def _figure(group, model, dataset, k, data: ReportData, out: Path) -> figures.Fi
             seeds = runs["seed"].nunique()
             stats = runs.groupby("epoch").agg(
                 wall_seconds=("wall_seconds", "mean"),
-                **{f"{m}_{f}": (m, f) for m, _, _ in METRICS for f in ("mean", "min", "max")},
+                **{f"{m}_{f}": (m, f) for m, _, _ in metrics for f in ("mean", "min", "max")},
             ).reset_index()
-            for row, (metric, ylabel, scale) in enumerate(METRICS):
+            for row, (metric, ylabel, scale) in enumerate(metrics):
                 for col, (x, xlabel) in enumerate(AXES):
                     ax = axes[row][col]
                     ax.plot(stats[x], stats[f"{metric}_mean"] * scale, marker="o", markersize=3.5,
@@ -57,7 +66,7 @@ def _figure(group, model, dataset, k, data: ReportData, out: Path) -> figures.Fi
                     if seeds > 1:
                         ax.fill_between(stats[x], stats[f"{metric}_min"] * scale, stats[f"{metric}_max"] * scale,
                                         color=colors[label], alpha=0.18, linewidth=0)
-                    if row == len(METRICS) - 1:
+                    if row == len(metrics) - 1:
                         ax.set_xlabel(xlabel)
                     if col == 0:
                         ax.set_ylabel(ylabel)
@@ -66,10 +75,10 @@ def _figure(group, model, dataset, k, data: ReportData, out: Path) -> figures.Fi
         if group["epoch"].max() <= 20:  # few epochs: whole-number ticks, not 1.5, 2.5
             for ax in axes[:, 0]:
                 ax.xaxis.get_major_locator().set_params(integer=True)
-        loss = group["train_loss"].dropna()
+        loss = group[metrics[0][0]].astype(float).dropna()
         if len(loss) and loss.min() > 0 and loss.max() / loss.min() > LOG_SCALE_RATIO:
             axes[0][0].set_yscale("log")  # a diverging method would flatten every other line
-            axes[0][0].set_ylabel("training loss (log scale)")
+            axes[0][0].set_ylabel(metrics[0][1] + " (log scale)")
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4))
         fig.suptitle(f"{model} · {dataset} · K={k}")
@@ -77,4 +86,4 @@ def _figure(group, model, dataset, k, data: ReportData, out: Path) -> figures.Fi
         engines = ", ".join(sorted(set(group["engine"])))
         return save(fig, out, "convergence/" + figures.file_stem(model, dataset, f"k{k}"),
                     title=f"Convergence: {model}, {dataset}, K={k}",
-                    caption=f"{CAPTION} Engine: {engines}.", runs=group["run"])
+                    caption=f"{CAPTION}{LM_CAPTION if lm else ''} Engine: {engines}.", runs=group["run"])

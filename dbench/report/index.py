@@ -16,6 +16,7 @@ import pandas as pd
 from dbench.report import tables
 from dbench.report.figures import Figure
 from dbench.report.section import ReportData, Section
+from dbench.summary import CLASSIFICATION, LANGUAGE_MODEL
 
 INDEX_MD = "index.md"
 INDEX_HTML = "index.html"
@@ -26,17 +27,39 @@ def run_anchor(name: str) -> str:
     return "run-" + "".join(c if c.isalnum() else "-" for c in name)
 
 
-def runs_table(data: ReportData) -> pd.DataFrame:
-    """The runs, one row each, as the index lists them."""
+RUN_TITLES = {CLASSIFICATION: "Classification runs", LANGUAGE_MODEL: "Language-model runs"}
+
+
+def runs_table(data: ReportData, kind: str | None = None) -> pd.DataFrame:
+    """The runs, one row each, as the index lists them: those of task ``kind`` (None: every run, each with its
+    best test error %). A language model's quality is its best test loss in bits per byte, with the next-token
+    accuracy at that epoch."""
     t = data.table
-    return pd.DataFrame({
+    if kind is not None and "task" in t.columns:
+        t = t[t["task"] == kind]
+    frame = pd.DataFrame({
         "run": t["run"], "method": t["label"], "model": t["model"], "data set": t["dataset"], "K": t["k"],
         "seed": t["seed"], "status": t["status"],
         "epochs": [f"{d}/{e}" for d, e in zip(t["epochs_done"], t["epochs"])],
         "engine": t["engine"], "batch": t["batch_size"], "lr": t["lr"], "schedule": t["lr_schedule"],
-        "best test error %": (t["best_test_error"] * 100).map(tables.num),
-        "git": [_git(r, d) for r, d in zip(t["git_revision"], t["git_dirty"])],
     })
+    if kind == LANGUAGE_MODEL:
+        frame["best test bpb"] = t["best_test_bpb"].astype(float).map(lambda v: tables.num(v, 3))
+        frame["next-token acc %"] = ((1 - t["best_test_error"].astype(float)) * 100).map(tables.num)
+    else:
+        frame["best test error %"] = (t["best_test_error"] * 100).map(tables.num)
+    frame["git"] = [_git(r, d) for r, d in zip(t["git_revision"], t["git_dirty"])]
+    return frame
+
+
+def runs_tables(data: ReportData) -> list[tuple[str | None, pd.DataFrame]]:
+    """The index's runs tables: one (without a title) where every run is of one task, else one per task with
+    its title, so that no column is half empty."""
+    kinds = [k for k in (CLASSIFICATION, LANGUAGE_MODEL)
+             if "task" in data.table.columns and (data.table["task"] == k).any()] or [CLASSIFICATION]
+    if len(kinds) == 1:
+        return [(None, runs_table(data, kinds[0]))]
+    return [(RUN_TITLES[k], runs_table(data, k)) for k in kinds]
 
 
 def _git(revision, dirty) -> str:
@@ -92,9 +115,10 @@ def _markdown(title, sources, sections, data, warnings) -> str:
                           f"Files: [Markdown]({item.md}) · [CSV]({item.csv}) · [LaTeX]({item.tex})", ""]
             lines += [_md_runs(item.runs), ""]
     lines += ['<a id="runs"></a>', "", "## Runs", "", f"All columns: [{RUNS_CSV}]({RUNS_CSV}).", ""]
-    shown = runs_table(data)
-    shown["run"] = [f'<a id="{run_anchor(n)}"></a>{n}' for n in shown["run"]]
-    lines += [tables.markdown(shown), "", "### Environment", "", tables.markdown(environment_table(data)), ""]
+    for title, shown in runs_tables(data):
+        shown["run"] = [f'<a id="{run_anchor(n)}"></a>{n}' for n in shown["run"]]
+        lines += ([f"### {title}", ""] if title else []) + [tables.markdown(shown), ""]
+    lines += ["### Environment", "", tables.markdown(environment_table(data)), ""]
     return "\n".join(lines)
 
 
@@ -158,7 +182,8 @@ def _html(out, title, sources, sections, data, warnings) -> str:
                              f'<a href="{_e(item.csv)}">CSV</a> · <a href="{_e(item.tex)}">LaTeX</a></p>')
             parts.append(_html_runs(item.runs))
     parts.append(f'<h2 id="runs">Runs</h2><p>All columns: <a href="{RUNS_CSV}">{RUNS_CSV}</a>.</p>')
-    parts.append(_html_table(runs_table(data)))
+    for title, shown in runs_tables(data):
+        parts.append((f"<h3>{_e(title)}</h3>" if title else "") + _html_table(shown))
     parts.append("<h3>Environment</h3>" + _html_table(environment_table(data)))
     for run in data.runs:  # every setting and every environment key, as the run recorded them
         parts.append(f'<details id="{run_anchor(run.name)}"><summary>{_e(run.name)}: {_e(run.path)}</summary>'
