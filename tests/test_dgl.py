@@ -338,15 +338,15 @@ def test_width_none_is_the_module_s_channels():
     assert first_conv.out_channels == 8  # module 0's output channels
 
 
-def test_needs_the_number_of_classes_and_conv_or_flat_features():
+def test_needs_the_number_of_classes_and_conv_flat_or_sequence_features():
     with pytest.raises(DbenchError, match="num_classes"):
         Trainer(group(tiny_blocks(), RANGES[3]), "dgl")
-    # A module whose output is (N, 4, 6): neither conv features nor flat.
-    modules = [nn.Sequential(nn.Flatten(), nn.Linear(192, 24), nn.Unflatten(1, (4, 6))),
+    # A module whose output is (N, 1, 4, 6): neither conv, flat nor (positions, width) features.
+    modules = [nn.Sequential(nn.Flatten(), nn.Linear(192, 24), nn.Unflatten(1, (1, 1, 4, 6))),
                nn.Sequential(nn.Flatten(), nn.Linear(24, 10))]
     with pytest.raises(DbenchError) as info:
         make(modules=modules).step(*batches(1)[0])
-    assert "shape (4, 6) per sample" in str(info.value) and "\n" not in str(info.value)
+    assert "shape (1, 1, 4, 6) per sample" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_facts_and_boundary_cost():
