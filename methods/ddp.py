@@ -30,7 +30,8 @@ class DataParallel(Stage):
     gradients (a sum divided by K), which is the full batch's mean gradient
     only when the shards are equal; so each replica weights its shard's mean
     loss by ``K·n_k/B``, and the average is the batch mean for any split (an
-    epoch's last batch need not divide by K). The gradient is then BP's on the
+    epoch's last batch need not divide by K, and may be smaller than K: a
+    replica without a sample contributes a gradient of zeros). The gradient is then BP's on the
     full batch except for BatchNorm, which normalizes each shard on its own
     (``sync_bn=true``: over the batch, through SyncBatchNorm). DDP broadcasts
     replica 0's buffers before every forward, so the running statistics are
@@ -88,7 +89,13 @@ class DataParallel(Stage):
         batch = len(y)
         xs, ys = x.tensor_split(world)[k], y.tensor_split(world)[k]
         out = self.replica(xs)
-        shard_loss = self.loss_fn(out, ys)
+        if len(ys):
+            shard_loss = self.loss_fn(out, ys)
+        else:
+            # An epoch's last batch smaller than K leaves this replica no sample. It must still take part in
+            # DDP's all-reduce (every replica's backward does), with a gradient of zeros: a loss that is 0 with
+            # a graph through every parameter (the mean of no sample would be NaN and poison every replica).
+            shard_loss = out.sum() * 0.0
         self.backward(shard_loss * (world * len(ys) / batch))  # DDP's average of these is the batch mean
         self.apply_update()
         return StepOutput(loss=(shard_loss * (len(ys) / batch)).detach(), logits=out.detach())

@@ -53,6 +53,20 @@ def blocks() -> list[nn.Module]:
     return tiny_blocks()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def generated_data_cached_for_the_session(tmp_path_factory):
+    """One cache folder for the generated data sets for the whole session, inherited by every dbench process
+    the tests start: the synthetic images are generated once, not once per process (dbench.data.synthetic);
+    and the tests never write into the user's own cache."""
+    before = os.environ.get("DBENCH_CACHE")
+    os.environ["DBENCH_CACHE"] = str(tmp_path_factory.mktemp("dbench-cache"))
+    yield
+    if before is None:
+        os.environ.pop("DBENCH_CACHE", None)
+    else:
+        os.environ["DBENCH_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
 def cpu_unless_marked_gpu(request, monkeypatch):
     """Every test not marked ``gpu`` runs on the CPU, as on CI's machine, also where a GPU is present.

@@ -489,3 +489,45 @@ def test_download_then_read(tmp_path, monkeypatch):
     assert calls == [(str(tmp_path / "fresh"), False, True)]
     assert splits.train_x.shape == (20, 3, 32, 32)
 
+
+
+def test_the_synthetic_cache_returns_what_generating_returns(synth, tmp_path, monkeypatch):
+    monkeypatch.setenv("DBENCH_CACHE", str(tmp_path))
+    first = synthetic.load_cached()  # generates and writes the file
+    files = list(tmp_path.iterdir())
+    assert [f.name for f in files] == [synthetic.cache_path().name]  # no temporary file left beside it
+    second = synthetic.load_cached()  # reads it
+    for got in (first, second):
+        for field in ("train_x", "train_y", "test_x", "test_y"):
+            assert torch.equal(getattr(got, field), getattr(synth, field)), field
+        assert got.mean == synth.mean and got.std == synth.std
+
+
+def test_a_damaged_cache_file_is_generated_again(synth, tmp_path, monkeypatch):
+    monkeypatch.setenv("DBENCH_CACHE", str(tmp_path))
+    path = synthetic.cache_path()
+    saved = {"train_x": synth.train_x.clone(), "train_y": synth.train_y, "test_x": synth.test_x,
+             "test_y": synth.test_y, "mean": list(synth.mean), "std": list(synth.std), "sha256": "0" * 64}
+    saved["train_x"][0, 0, 0, 0] ^= 1  # a flipped bit, and a checksum that does not match
+    torch.save(saved, path)
+    assert torch.equal(synthetic.load_cached().train_x, synth.train_x)
+    path.write_bytes(b"not a torch file")
+    assert torch.equal(synthetic.load_cached().train_x, synth.train_x)
+    assert torch.equal(torch.load(path, weights_only=True)["train_x"], synth.train_x)  # written again, whole
+
+
+def test_the_cache_can_be_turned_off_or_unwritable(synth, tmp_path, monkeypatch):
+    monkeypatch.setenv("DBENCH_CACHE", "off")
+    assert synthetic.cache_path() is None
+    assert torch.equal(synthetic.load_cached().test_x, synth.test_x)
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("DBENCH_CACHE", str(blocked / "cache"))
+    assert torch.equal(synthetic.load_cached().test_x, synth.test_x)
+
+
+def test_the_cache_file_name_follows_the_recipe(monkeypatch, tmp_path):
+    monkeypatch.setenv("DBENCH_CACHE", str(tmp_path))
+    name = synthetic.cache_path().name
+    monkeypatch.setattr(synthetic.torch, "__version__", "0.0-another")
+    assert synthetic.cache_path().name != name  # another torch may draw other numbers: never its file

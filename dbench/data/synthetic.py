@@ -58,7 +58,11 @@ nearest class mean on raw pixels 20.5% (chance is 10%).
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import pickle
+import tempfile
 from pathlib import Path
 
 import torch
@@ -92,6 +96,7 @@ GRADIENT_STD = 0.01  # std of the background gradient, signal units per pixel
 NOISE_STD = 0.5  # std of the (uniform) pixel noise, signal units
 LABEL_NOISE = 0.05  # training labels only
 CHUNK = 2_000  # samples rendered at once, to bound peak memory
+CACHE_ENV = "DBENCH_CACHE"
 
 
 def _uniform(g: torch.Generator, shape: tuple[int, ...], lo: float, hi: float) -> torch.Tensor:
@@ -243,9 +248,80 @@ def generate() -> DataSplits:
     )
 
 
+def cache_path() -> Path | None:
+    """Where ``load`` keeps the generated tensors between processes; None: not kept (``DBENCH_CACHE=off``).
+
+    Generating takes about a second of CPU, and every process of a run needs the data (the planner and
+    each module's worker), as does every run of a suite. The file name holds a hash of this module's
+    source and of torch's version, so a change to the recipe (or to torch's generator) never reads an
+    old file. ``DBENCH_CACHE`` names the folder (default ``~/.cache/dbench``).
+    """
+    folder = os.environ.get(CACHE_ENV, "")
+    if folder.lower() == "off":
+        return None
+    root = Path(folder).expanduser() if folder else Path.home() / ".cache" / "dbench"
+    recipe = hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    return root / f"{NAME}-{recipe}.pt"
+
+
+def load_cached() -> DataSplits:
+    """``generate()``, read from the cache file when one was written, else generated and written there.
+
+    The file is written whole to a temporary name and renamed into place, so a reader sees the whole
+    file or none. The tensors are checked against the SHA-256 of their bytes stored beside them; a file
+    that fails the check is generated and written again. A cache folder that cannot be written is no
+    error: the data set is generated as it would be without a cache.
+    """
+    path = cache_path()
+    if path is None:
+        return generate()
+    cached = _read_cache(path)
+    if cached is not None:
+        return cached
+    splits = generate()
+    tensors = [splits.train_x, splits.train_y, splits.test_x, splits.test_y]
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+            temporary = Path(f.name)
+            torch.save({"train_x": tensors[0], "train_y": tensors[1], "test_x": tensors[2], "test_y": tensors[3],
+                        "mean": list(splits.mean), "std": list(splits.std), "sha256": _digest(tensors)}, f)
+        os.replace(temporary, path)
+        temporary = None
+    except OSError:
+        pass  # a read-only or full cache folder: this process generated the data, and the next one will too
+    finally:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+    return splits
+
+
+def _read_cache(path: Path) -> DataSplits | None:
+    """The cached data set, or None when there is no file or it fails its checksum (or cannot be read)."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        tensors = [saved[k] for k in ("train_x", "train_y", "test_x", "test_y")]
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError):
+        return None  # damaged: generated and written again
+    if saved.get("sha256") != _digest(tensors):
+        return None
+    return DataSplits(name=NAME, num_classes=NUM_CLASSES, train_x=tensors[0], train_y=tensors[1],
+                      test_x=tensors[2], test_y=tensors[3], mean=tuple(saved["mean"]), std=tuple(saved["std"]))
+
+
+def _digest(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _load(data_dir: Path | None, download: bool) -> DataSplits:
     # Built in: data_dir and download do not apply and are ignored.
-    return generate()
+    return load_cached()
 
 
 SPEC = DATASETS.register(NAME)(
