@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import group, run_cli
+from conftest import group, interrupted_at_step, run_cli
 from distributed_workers import PROBE_AT, RANGES, WORKLOADS, equivalence_worker
 from dbench import Trainer, objective
+from dbench import run as runner
+from dbench.config import RunConfig
 from dbench.data.text import generate_synthetic, unigram_entropy_bits
 from dbench.engine.launch import free_port
 from dbench.method import MODEL_PARALLEL
@@ -125,6 +127,26 @@ def test_a_text_run_records_its_task_and_language_model_metrics(small_text, tmp_
     assert summary["status"] == "complete"
     assert summary["best_test_bpb"] == pytest.approx(epoch["test_loss"] / math.log(2))
     assert 0 <= epoch["test_acc"] <= 1 and math.isfinite(epoch["test_loss"])
+
+
+@pytest.mark.parametrize("method", ["fdg", "dni"])
+def test_a_text_run_stopped_inside_an_epoch_resumes_to_the_numbers_of_an_unbroken_one(method, small_text, tmp_path,
+                                                                                     monkeypatch):
+    """Windows drawn from (seed, epoch) alone, the label queue (FDG) and the synthesizers (DNI) in the
+    checkpoint: a stop inside the second epoch, resumed, ends with every number of an unbroken run."""
+    from test_resume import numbers
+
+    cfg = dict(method=method, model="gpt-nano", dataset="text", data_dir=str(small_text), context=32, gpus=2,
+               epochs=2, batch_size=32, lr=LR, seed=4)  # 336 windows: 11 steps an epoch
+    whole = runner.start(RunConfig(**cfg), tmp_path / "whole", quiet=True)
+    cut = tmp_path / "cut"
+    # stopped at step 5 of epoch 2, two steps after its checkpoint at step 3; the 8 steps left cover the
+    # warm-up that a resumed epoch takes again (5 steps), so even the throughput's bookkeeping agrees
+    with interrupted_at_step(monkeypatch, 11 + 5), \
+            pytest.raises(runner.RunInterrupted, match=r"1 finished epoch\(s\) and 3 step\(s\) of epoch 2"):
+        runner.start(RunConfig(**cfg, checkpoint_every=3), cut, quiet=True)
+    runner.resume(cut, quiet=True)
+    assert numbers(cut) == numbers(whole)
 
 
 TEXT = ["--model", "gpt-nano", "--dataset", "text"]

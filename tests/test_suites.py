@@ -48,8 +48,16 @@ def test_the_repository_suites_are_valid(tmp_path):
         assert set(suites.check(suite, tmp_path).values()) == {"missing"}
     assert {"smoke", "paper-cifar10", "paper-cifar100", "speed"} <= set(found)
     smoke = found["smoke"]
-    # every registered method, the exact-gradient baselines included, is in CI's regression check
-    assert sorted(r.config.method for r in smoke.runs) == sorted(METHODS.names())
+    # every registered method, the exact-gradient baselines included, is in CI's regression check, and a
+    # language model too (its figure is bits per byte)
+    assert sorted(r.config.method for r in smoke.runs if r.config.model == "cnn") == sorted(METHODS.names())
+    assert {r.config.dataset for r in smoke.runs if r.config.model == "gpt-nano"} == {"synthetic-text"}
+    lm = found["lm"]  # every method and baseline on the CPU-sized transformer at K=2 and 4, bp also on one device
+    assert {(r.config.model, r.config.dataset) for r in lm.runs} == {("gpt-nano", "synthetic-text")}
+    for k in (2, 4):
+        assert sorted(r.config.method for r in lm.runs if r.config.gpus == k) == sorted(METHODS.names())
+    assert [r.config.method for r in lm.runs if r.config.gpus == 1] == ["bp"]
+    assert {r.config.model for r in found["lm-gpu"].runs} == {"gpt-small"}
     for name, k in (("honest-speed", 2), ("honest-speed-gpu", 4)):
         honest = found[name]
         assert sorted({r.config.method for r in honest.runs}) == sorted(METHODS.names())  # every method and baseline
