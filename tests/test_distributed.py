@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import alive, group, tiny_blocks
-from distributed_workers import PROBE_AT, RANGES, data, equivalence_worker
+from conftest import alive, group
+from distributed_workers import PROBE_AT, RANGES, WORKLOADS, equivalence_worker
 from dbench import Trainer
 from dbench.engine.launch import free_port
 from dbench.meters import STATES
@@ -26,9 +26,11 @@ ALL_METHODS = sorted(name for name, cls in METHODS.items() if cls.parallelism ==
 DBENCH = str(Path(sys.executable).parent / "dbench")
 
 
-def local_reference(method: str, k: int) -> dict:
-    train, probe, test_x = data()
-    t = Trainer(group(tiny_blocks(), RANGES[k]), method, lr=0.05, momentum=0.9, num_classes=10, measure=True)
+def local_reference(method: str, k: int, workload: str = "image") -> dict:
+    """What the distributed workers must reproduce: the local engine on the same model and batches."""
+    blocks, batches_of, classes = WORKLOADS[workload]
+    train, probe, test_x = batches_of()
+    t = Trainer(group(blocks(), RANGES[k]), method, lr=0.05, momentum=0.9, num_classes=classes, measure=True)
     losses, sigma = [], None
     for i, (x, y) in enumerate(train):
         if i == PROBE_AT:

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import group, interrupted_at_step, run_cli
-from distributed_workers import PROBE_AT, RANGES, WORKLOADS, equivalence_worker
+from conftest import interrupted_at_step, run_cli
+from distributed_workers import equivalence_worker
 from dbench import Trainer, objective
 from dbench import run as runner
 from dbench.config import RunConfig
@@ -20,7 +20,7 @@ from dbench.engine.launch import free_port
 from dbench.method import MODEL_PARALLEL
 from dbench.partition import partition, split_modules
 from dbench.registry import DATASETS, METHODS, MODELS
-from test_distributed import assert_same
+from test_distributed import assert_same, local_reference
 
 MODEL_PARALLEL_METHODS = sorted(name for name, cls in METHODS.items() if cls.parallelism == MODEL_PARALLEL)
 
@@ -70,23 +70,6 @@ def test_each_method_at_k2_learns_gpt_nano_on_synthetic_text(method, synthetic_t
     assert loss < LEARNS_BELOW * unigram, f"{method}: held-out {loss:.3f} nats, unigram entropy {unigram:.3f}"
 
 
-def text_reference(method: str, k: int) -> dict:
-    """The local engine on the tiny GPT, as test_distributed.local_reference does for the tiny CNN."""
-    blocks, batches_of, classes = WORKLOADS["text"]
-    train, probe, test_x = batches_of()
-    t = Trainer(group(blocks(), RANGES[k]), method, lr=0.05, momentum=0.9, num_classes=classes, measure=True)
-    losses, sigma = [], None
-    for i, (x, y) in enumerate(train):
-        if i == PROBE_AT:
-            out, sigma, _ = t.sigma_step(x, y, probe)
-        else:
-            out = t.step_output(x, y)
-        if out is not None:
-            losses.append(out.loss)
-    return {"losses": losses, "state": t.state_dict(), "logits": t.predict(test_x),
-            "sigma": [(r.sigma, r.sigma_corrected, r.cosine) for r in sigma]}
-
-
 def test_distributed_equals_local_on_a_transformer_for_every_method(tmp_path):
     """Token inputs, per-token losses, DFA's per-position feedback, DNI's per-token synthesizers, DGL's
     per-token heads: losses, σ, predictions and the whole final state are bit-identical across engines."""
@@ -98,7 +81,7 @@ def test_distributed_equals_local_on_a_transformer_for_every_method(tmp_path):
     torch.set_num_threads(1)
     try:
         for method in MODEL_PARALLEL_METHODS:
-            want = text_reference(method, 2)
+            want = local_reference(method, 2, "text")
             assert_same(want, got[method], method)
     finally:
         torch.set_num_threads(threads)
