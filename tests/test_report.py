@@ -330,3 +330,13 @@ def test_a_method_variant_is_named_in_the_report_and_the_run_summary(tmp_path):
     frame = results.runs_frame(loaded.runs).set_index("run")
     assert frame.loc["variant", "label"] == "dni[normalize=false]" and frame.loc["default", "label"] == "dni"
     assert results.select(loaded.runs, methods=["dni[normalize=false]"]) == [r for r in loaded.runs if r.name == "variant"]
+
+
+@pytest.mark.parametrize("count", [3, 10, 12, 20])
+def test_every_method_label_of_a_report_gets_its_own_colour(count):
+    """Every method and baseline is 12 labels: the colour-blind palette's 10 colours must not repeat."""
+    from dbench.report.figures import method_colors
+
+    labels = [f"m{i}" for i in range(count)]
+    colors = method_colors(labels, {label: i for i, label in enumerate(labels)})
+    assert len(set(colors.values())) == count

@@ -50,10 +50,16 @@ def order_labels(labels, table_order: Mapping[str, float]) -> list[str]:
     return sorted(set(labels), key=key)
 
 
+COLORBLIND = sns.color_palette("colorblind")
+
+
 def method_colors(labels, table_order: Mapping[str, float]) -> dict[str, tuple]:
     """The same colour for a method in every figure of a report (given the report's full label list)."""
     ordered = order_labels(labels, table_order)
-    colors = sns.color_palette("colorblind", n_colors=max(len(ordered), 1))
+    # seaborn's palettes cycle past their size: the colour-blind one has 10 colours, and every method with
+    # its baselines is 12 labels (bp and bdfa came out the same blue). Past 10, tab20's 20 distinct colours.
+    palette = "colorblind" if len(ordered) <= len(COLORBLIND) else "tab20"
+    colors = sns.color_palette(palette, n_colors=max(len(ordered), 1))
     return dict(zip(ordered, colors))
 
 
