@@ -46,9 +46,13 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     Rows that are not parallel measurements (the local engine at K > 1) get no speedup (NaN) and
     ``parallel`` False.
     """
+    if "tokens_per_s" not in table.columns:  # a table without any language model (or from before them)
+        table = table.assign(tokens_per_s=float("nan"))
     means = table.groupby([*GROUP, "label", "method_label", "method"], sort=True).agg(
         seeds=("seed", "nunique"), seconds_per_epoch=("seconds_per_epoch", "mean"),
         samples_per_s=("samples_per_s", "mean"), table_order=("table_order", "first"),
+        # a language model's samples are sequences: its tokens (bytes) per second beside them (NaN for images)
+        tokens_per_s=("tokens_per_s", "mean"),
         reference=("reference", "first"), family=("family", "first"),
         # facts are recorded per run for its K and options, which the label and K fix: the same for every seed
         ideal_speedup=("ideal_speedup", "first"),
@@ -158,6 +162,8 @@ def build(data: ReportData, out: Path) -> Section:
         "batch": numbers["batch_size"], "method": numbers["method"], "seeds": numbers["seeds"],
         "s/epoch": numbers["seconds_per_epoch"].map(tables.num),
         "samples/s": numbers["samples_per_s"].map(lambda v: tables.num(v, 0)),
+        **({"tokens/s": numbers["tokens_per_s"].map(lambda v: tables.num(v, 0))}
+           if numbers["tokens_per_s"].notna().any() else {}),
         f"× {reference}": [_ratio(v, p) for v, p in zip(numbers["speedup_epoch_time"], numbers["parallel"])],
         "ideal": numbers["ideal_speedup"].map(tables.num),
         "fastest exact": numbers["fastest_exact"].fillna(tables.DASH),
@@ -186,6 +192,8 @@ def build(data: ReportData, out: Path) -> Section:
         shown=shown, numbers=numbers, runs=data.table["run"],
         caption=(f"Means over seeds. × {reference}: its training seconds per epoch over the method's (σ probes "
                  "included; speed.csv also has the ratio of samples/s, warm-up steps and σ probes left out); "
+                 + ("samples/s of a language model counts sequences, tokens/s its bytes; "
+                    if numbers["tokens_per_s"].notna().any() else "") +
                  "ideal: ALGORITHMS.md's cost model for the method at that K with the options it ran with, as the "
                  f"run recorded it{_no_ideal(numbers)}. " + " ".join(notes)),
     ))
