@@ -144,3 +144,32 @@ def test_modules_sharing_one_gpu_run_on_the_distributed_engine(tmp_path):
 def test_ddp_replicas_sharing_one_gpu(tmp_path):
     run = _run(tmp_path / "ddp", "--method", "ddp", "--gpus", "2", "--devices", "cuda:0,cuda:0", "--comm-timeout", "60")
     assert run["summary"]["status"] == "complete"
+
+
+def test_gpt_nano_trains_on_cuda_with_every_method(monkeypatch):
+    """The transformer on a GPU (SDPA's CUDA kernels): BP on CUDA follows BP on the CPU in full fp32, and every
+    model-parallel method takes finite steps with its modules on the GPU."""
+    from dbench.method import MODEL_PARALLEL
+    from dbench.partition import partition, split_modules
+    from dbench.registry import METHODS, MODELS
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (4, 8, 33), generator=g)  # 4 batches of 8 sequences of 32 + 1 bytes
+    device = torch.device("cuda")
+
+    def trainer(method: str, on: torch.device) -> Trainer:
+        torch.manual_seed(0)
+        blocks = MODELS.get("gpt-nano")().blocks
+        return Trainer(split_modules(blocks, partition(blocks, 2, "blocks")), method, lr=0.03, num_classes=256,
+                       devices=[on, on])
+
+    cpu, gpu = trainer("bp", torch.device("cpu")), trainer("bp", device)
+    for seq in tokens:
+        a = cpu.step(seq[:, :-1], seq[:, 1:])
+        b = gpu.step(seq[:, :-1].to(device), seq[:, 1:].to(device))
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+    for method in sorted(n for n, c in METHODS.items() if c.parallelism == MODEL_PARALLEL):
+        t = trainer(method, device)
+        losses = [t.step(seq[:, :-1].to(device), seq[:, 1:].to(device)) for seq in tokens]
+        assert all(torch.isfinite(loss).item() for loss in losses if loss is not None), method
