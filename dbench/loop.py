@@ -129,8 +129,9 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
     correct = partial["correct"].to(top) if partial else torch.zeros((), dtype=torch.long, device=top)
     seen = seen_at_start = partial["seen"] if partial else 0  # samples trained on: throughput counts these
     # Predictions (samples, or tokens) whose loss the top module reported (a StepOutput's batch), what the
-    # train loss and accuracy average over. A method whose top module scores an earlier batch than the iteration's, or none in its
-    # first iterations (FDG), scores fewer than it trains on; every other method scores what it trains on.
+    # train loss and accuracy average over. A method whose top module scores an earlier batch than the
+    # iteration's, or none in its first iterations (FDG), scores fewer than it trains on; every other
+    # method scores what it trains on.
     # A mid-epoch checkpoint written before this count existed comes from a method of the second kind:
     # its seen is the count.
     scored = partial.get("scored", partial["seen"]) if partial else 0

@@ -17,6 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# Features of one sample shaped (positions, width): a transformer's residual stream, where every position
+# makes its own prediction and so has its own label (what a method's side models reading them must follow).
+SEQUENCE_RANK = 2
+
+
+def label_shape(output_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The labels of a batch whose module output has this shape: one per sample, or one per position."""
+    return tuple(output_shape[:2]) if len(output_shape) == 1 + SEQUENCE_RANK else tuple(output_shape[:1])
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``logits`` (..., C) against ``labels`` (...), over every prediction."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction=reduction)

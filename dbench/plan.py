@@ -57,8 +57,12 @@ class Plan:
     device_note: str | None = None  # said once to the user (e.g. no CUDA: modules on the CPU); not recorded
     split_note: str | None = None  # what --split auto chose, and why; not recorded (the partition is)
     balance: dict | None = None  # --split time: predicted and measured seconds per step of each module
-    context: int | None = None  # tokens per sequence (text data); None for images
     task: dict = dataclasses.field(default_factory=lambda: {"kind": "classification"})  # what the metrics mean
+
+    @property
+    def context(self) -> int | None:
+        """Tokens per sequence of a text data set (its task records it); None for images."""
+        return self.task.get("context")
 
     @property
     def method(self) -> type[Stage]:
@@ -103,7 +107,7 @@ class Plan:
             num_classes=record["num_classes"], steps_per_epoch=record["steps_per_epoch"],
             sigma_every=record["sigma_every"], sigma_probe_samples=record["sigma_probe_samples"],
             train_samples=record["train_samples"], test_samples=record["test_samples"],
-            balance=record.get("balance"), context=record.get("task", {}).get("context"),
+            balance=record.get("balance"),
             task=record.get("task", {"kind": "classification"}),  # runs recorded before tasks were classifiers
         )
 
@@ -135,13 +139,14 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
     options = parse_options(stage_cls, cfg.method_options)
     build_model = MODELS.get(cfg.model)  # an unknown model fails here, a data-parallel method's too
     spec = DATASETS.get(cfg.dataset)
-    context = check_inputs(cfg, _described(cfg.model, build_model), spec)
+    described = _described(cfg.model, build_model)
+    context = check_inputs(cfg, described, spec)
     split = parse_split(cfg.split)
     replicas = stage_cls.parallelism == DATA_PARALLEL
     if replicas and split != AUTO:
         raise DbenchError(f"--split {cfg.split} does not apply to {cfg.method}: every device holds the whole model")
     if not replicas:
-        check_k(cfg.gpus, _described(cfg.model, build_model)["blocks"], cfg.model)
+        check_k(cfg.gpus, described["blocks"], cfg.model)
     if isinstance(split, list) and len(split) + 1 != cfg.gpus:
         raise DbenchError(
             f"bad --split {cfg.split}: {len(split)} cut points make {len(split) + 1} modules, but --gpus is {cfg.gpus}"
@@ -156,7 +161,7 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
         devices, note = resolve_devices(cfg.gpus, cfg.devices)
     engine = cfg.resolved_engine(devices)
     stage_cls.check_run(options, cfg.gpus, cfg.batch_size, devices)
-    stage_cls.check_model(options, _described(cfg.model, build_model))
+    stage_cls.check_model(options, described)
     if replicas:
         # One process per replica whatever the devices: its gradients are averaged across processes.
         if cfg.engine == "local":
@@ -220,8 +225,7 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
     # The set-up's long steps say what they do: on a big model or data set they take minutes.
     say(f"set-up: loading {cfg.dataset}")
     splits = spec.load(Path(cfg.data_dir).expanduser() if cfg.data_dir else None, cfg.download)
-    splits.check_context(checked.context)
-    train = loader(cfg, splits, devices[0], train=True, context=checked.context)
+    train = loader(cfg, splits, devices[0], train=True, context=checked.context)  # refuses a context too long
     samples = train.num_samples
     if cfg.batch_size > samples:
         raise DbenchError(f"bad --batch-size {cfg.batch_size}: a batch holds at most the {samples} training samples "
@@ -259,7 +263,7 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
         train_samples=train.num_samples,
         test_samples=loader(cfg, splits, torch.device("cpu"), train=False, context=checked.context).num_samples,
         device_note=note, split_note=split_note, balance=balance.record() if balance is not None else None,
-        context=checked.context, task=splits.task(checked.context),
+        task=splits.task(checked.context),
     )
     return plan, splits
 

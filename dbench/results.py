@@ -370,8 +370,6 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
         train_seconds = summ.get("train_seconds")
         facts = run.facts
         lm = run.language_model
-        # a summary written before best_test_loss existed: the loss of its best epoch, from the epoch rows
-        best_loss = summ.get("best_test_loss", _loss_at(run, summ.get("best_epoch"))) if lm else None
         rows.append({
             **_ids(run),
             "family": facts["family"],
@@ -390,20 +388,18 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             "best_epoch": summ.get("best_epoch"),
             "final_test_error": 1 - summ["final_test_acc"] if summ.get("final_test_acc") is not None else None,
             "final_train_loss": summ.get("final_train_loss"),
-            # the data set's task, and a language model's figures (None for a classification): the best epoch
-            # is its lowest test loss; bits per byte = loss (nats per byte-token) / ln 2
+            # the data set's task, and a language model's figures as its summary holds them (None for a
+            # classification): the best epoch is its lowest test loss; bits per byte = loss (nats) / ln 2
             "task": run.task_kind,
             "context": (run.task or {}).get("context") if lm else None,
             "best_test_acc": summ.get("best_test_acc"),
-            "best_test_loss": best_loss if lm else None,
-            "best_test_bpb": summaries.bits_per_byte(best_loss) if lm else None,
-            "final_test_bpb": summaries.bits_per_byte(summ.get("final_test_loss")) if lm else None,
-            "final_train_bpb": summaries.bits_per_byte(summ.get("final_train_loss")) if lm else None,
+            **{key: summ.get(key) if lm else None
+               for key in ("best_test_loss", "best_test_bpb", "final_test_bpb", "final_train_bpb")},
             "train_seconds": train_seconds,
             "seconds_per_epoch": train_seconds / done if train_seconds is not None and done else None,
             "samples_per_s": summ.get("samples_per_s"),
-            # a language model's samples are sequences of `context` tokens
-            "tokens_per_s": _tokens_per_s(summ.get("samples_per_s"), run) if lm else None,
+            # a language model's samples are sequences of `context` tokens (summary.compute multiplies them)
+            "tokens_per_s": summ.get("tokens_per_s") if lm else None,
             # mean over epochs of the machine's 1-minute load average at each epoch's end (None: not recorded)
             "load_avg": _mean([r.get("load_avg_1m") for r in run.epoch_rows]),
             "cpu_count": next((r["cpu_count"] for r in run.epoch_rows if r.get("cpu_count")), None),
@@ -425,18 +421,6 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
         frame["ideal_speedup"] = frame["ideal_speedup"].astype(float)  # None → NaN, also when every run lacks one
         frame["reference"] = frame["reference"].astype(bool)
     return frame
-
-
-def _tokens_per_s(samples_per_s, run: Run) -> float | None:
-    context = (run.task or {}).get("context")
-    if samples_per_s is None or not isinstance(context, int) or context <= 0:
-        return None
-    return samples_per_s * context
-
-
-def _loss_at(run: Run, epoch) -> float | None:
-    """The test loss of epoch ``epoch`` of ``run`` (None if it has no such row)."""
-    return next((r.get("test_loss") for r in run.epoch_rows if r.get("epoch") == epoch), None)
 
 
 def _settings_key(run: Run) -> str:

@@ -21,9 +21,9 @@ from torch import nn
 
 from dbench.engine import LocalEngine
 from dbench.errors import DbenchError
-from dbench.objective import CrossEntropy
 from dbench.meters import Meters, SigmaResult, StageMeter
 from dbench.method import DATA_PARALLEL, Stage, StepOutput, parse_options
+from dbench.objective import CrossEntropy
 from dbench.optim import OptimConfig
 from dbench.registry import METHODS
 

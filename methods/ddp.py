@@ -31,8 +31,8 @@ class DataParallel(Stage):
     only when the shards are equal; so each replica weights its shard's mean
     loss by ``K·n_k/B``, and the average is the batch mean for any split (an
     epoch's last batch need not divide by K, and may be smaller than K: a
-    replica without a sample contributes a gradient of zeros). The gradient is then BP's on the
-    full batch except for BatchNorm, which normalizes each shard on its own
+    replica without a sample contributes a gradient of zeros). The gradient
+    is then BP's on the full batch except for BatchNorm, which normalizes each shard on its own
     (``sync_bn=true``: over the batch, through SyncBatchNorm). DDP broadcasts
     replica 0's buffers before every forward, so the running statistics are
     replica 0's; dbench also broadcasts them before evaluating and saving.

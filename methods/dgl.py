@@ -10,13 +10,13 @@ from torch import nn
 from dbench.config import MAX_SEED
 from dbench.errors import DbenchError
 from dbench.method import LOCAL_LOSS, UNLOCKED, UP, Send, SideModel, Stage, StepProgram
-from dbench.objective import cross_entropy
+from dbench.objective import SEQUENCE_RANK, cross_entropy, label_shape
 from dbench.optim import OptimConfig
 from dbench.partition import median_seconds
 from dbench.registry import METHODS
 # BatchNorm that normalizes a batch of one value per channel with its running statistics (a batch of one
 # sample reaching the head's MLP); any larger batch exactly as nn.BatchNorm. See methods/dni.py.
-from methods.dni import SEQUENCE_RANK, SynthBatchNorm1d, SynthBatchNorm2d, label_shape
+from methods.dni import SynthBatchNorm1d, SynthBatchNorm2d
 
 HEAD = "head"  # the side model's name
 HEAD_SHAPE = ("width", "depth", "pooled", "mlp")  # the options that shape an image model's head

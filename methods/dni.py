@@ -11,11 +11,11 @@ from torch import nn
 from dbench.config import MAX_SEED
 from dbench.errors import DbenchError
 from dbench.method import DOWN, SYNTHETIC_GRADIENT, UNLOCKED, UP, Recv, Send, SideModel, Stage, StepProgram
+from dbench.objective import SEQUENCE_RANK, label_shape
 from dbench.partition import median_seconds
 from dbench.registry import METHODS
 
 SYNTH = "synthesizer"  # the side model's name
-SEQUENCE_RANK = 2  # features of one sample shaped (positions, width): a transformer's residual stream
 SCALE_DECAY = 0.9  # of the running RMS of synthesizer targets: adapts within ~10 steps
 
 
@@ -39,11 +39,6 @@ class SynthOptions:
             raise DbenchError(f"bad synth_lr {self.synth_lr}: must be a finite number > 0")
         if not 0 <= self.synth_seed <= MAX_SEED:
             raise DbenchError(f"bad synth_seed {self.synth_seed}: must be >= 0 and at most {MAX_SEED}")
-
-
-def label_shape(output_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The labels of a batch whose module output has this shape: one per sample, or one per position."""
-    return tuple(output_shape[:2]) if len(output_shape) == 1 + SEQUENCE_RANK else tuple(output_shape[:1])
 
 
 class _SingleValueSafe:
