@@ -126,7 +126,8 @@ def _worker(rank: int, world: int, run_path: str, port: int, quiet: bool, thread
     # Ctrl-C reaches the launcher, which stops the workers with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)
-    threading.Thread(target=_watch_launcher, args=(os.getppid(), rank, world, run_path), daemon=True,
+    launcher = os.getppid()
+    threading.Thread(target=_watch_launcher, args=(launcher, rank, world, run_path), daemon=True,
                      name="launcher-watchdog").start()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     if threads is not None:
@@ -138,9 +139,13 @@ def _worker(rank: int, world: int, run_path: str, port: int, quiet: bool, thread
         code = 130
     except BaseException as e:
         _exiting()
-        if _stopping:
-            # Told to stop: a peer stopped first breaks this module's connections, so what is raised
-            # here is the stop's echo, not a failure; nothing failed and no failure file is written.
+        if _stopping or os.getppid() != launcher:
+            # Told to stop, or the launcher died (whose watchdog stops every worker, each at its own moment):
+            # a peer stopped first breaks this module's connections, so what is raised here is the stop's
+            # echo, not a failure; nothing failed and no failure file is written. The writer's loop has
+            # recorded the run failed as it saw the error: it is interrupted, and resumable.
+            if os.getppid() != launcher and rank == world - 1:
+                _mark_launcher_died(run_path)
             code = 130
         else:
             (Path(run_path) / f"failure-rank{rank}.txt").write_text(traceback.format_exc())
@@ -179,11 +184,15 @@ def _watch_launcher(launcher: int, rank: int, world: int, run_path: str) -> None
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(GRACE_S)
     if rank == world - 1:  # the writer: the run must not stay "running" with nothing running it
-        from dbench import run as runner
-        from dbench.record import RunDir
-
-        runner.mark(RunDir(Path(run_path)), "interrupted", error="the launcher process died")
+        _mark_launcher_died(run_path)
     os._exit(130)
+
+
+def _mark_launcher_died(run_path: str) -> None:
+    from dbench import run as runner
+    from dbench.record import RunDir
+
+    runner.mark(RunDir(Path(run_path)), "interrupted", error="the launcher process died")
 
 
 def run_rank(path: Path, rank: int, world: int, quiet: bool) -> None:
