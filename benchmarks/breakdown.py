@@ -25,7 +25,6 @@ contention. Runs are kept under ``--root`` and reused by later calls.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from datetime import date
 from pathlib import Path
@@ -34,6 +33,7 @@ import click
 import torch
 
 import methods  # noqa: F401  (registers the methods)
+from dbench.cpus import usable_cpus
 from dbench import run as runner
 from dbench.cli import run_command
 from dbench.config import RunConfig
@@ -118,7 +118,7 @@ def main(model: str, ks: tuple[int, ...], wanted: str | None, epochs: int, batch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     click.echo(f"### Time breakdown, {model}, batch {batch_size}, {split} partition, distributed engine "
                f"({date.today().isoformat()})\n")
-    click.echo(f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}, "
+    click.echo(f"Machine: {usable_cpus()} cores ({platform.processor() or platform.machine()}, "
                f"{platform.platform()})" + (f", {gpu}" if gpu else "") + f", torch {torch.__version__}. "
                f"One process per module" + ("" if gpu else ", cores // K threads each") +
                (f", every module on {device} (time-shared: not a parallel speedup)" if device else "") +

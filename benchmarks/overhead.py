@@ -22,7 +22,11 @@ Contenders:
   unsplit model); tells the update's share apart from the runner's.
 - dbench BP, meters off: ``Trainer(...).step``.
 - dbench BP, meters on: as ``dbench run`` trains (clock, memory accounting
-  with saved-tensor hooks, σ capture armed only at probe steps).
+  with saved-tensor hooks in a window at the epoch's start, σ capture armed
+  only at probe steps). Past the window (2K+4 iterations, 6 here) the rounds
+  time the steps a run spends most of its epoch in.
+- dbench BP, meters on, memory accounted every iteration: what every step cost
+  before the window (the saved-tensor hooks and samples at every iteration).
 
     python benchmarks/overhead.py --model resnet20 --model resnet56 --rounds 9 --steps 4 --threads 1
 """
@@ -43,6 +47,7 @@ from torch import nn
 from dbench import Trainer
 from dbench.cli import run_command
 from dbench.devices import parse_device, synchronize
+from dbench.meters.stage_meter import EVERY_ITERATION
 from dbench.registry import MODELS
 
 SETTINGS = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -63,9 +68,12 @@ def plain_loop(blocks, device, foreach):
     return step
 
 
-def dbench_bp(blocks, device, measure):
+def dbench_bp(blocks, device, measure, window=None):
     trainer = Trainer([nn.Sequential(*copy.deepcopy(blocks))], "bp", devices=[device], measure=measure, **SETTINGS)
     if measure:
+        if window is not None:
+            for meter in trainer.meters.stages:
+                meter.window = window
         trainer.meters.start_epoch()  # as the runner does at the start of every epoch
     return trainer.step
 
@@ -76,6 +84,8 @@ def contenders(blocks, device) -> dict:
         "plain loop, foreach=False": plain_loop(blocks, device, foreach=False),
         "dbench BP, meters off": dbench_bp(blocks, device, measure=False),
         "dbench BP, meters on": dbench_bp(blocks, device, measure=True),
+        "dbench BP, meters on, memory accounted every iteration": dbench_bp(blocks, device, measure=True,
+                                                                            window=EVERY_ITERATION),
     }
 
 

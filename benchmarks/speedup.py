@@ -21,7 +21,6 @@ device), each beside its ideal from ALGORITHMS.md's cost model.
 """
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 from datetime import date
@@ -31,6 +30,7 @@ import click
 import torch
 
 import methods  # noqa: F401  (registers the methods)
+from dbench.cpus import usable_cpus
 from dbench import run as runner
 from dbench.cli import run_command
 from dbench.config import RunConfig
@@ -104,9 +104,9 @@ def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     click.echo(f"### Speedup, {model}, K={k}, batch {batch_size}, {split} partition, {rounds} interleaved round(s) "
                f"({date.today().isoformat()})\n")
-    click.echo(f"Machine: {os.cpu_count()} cores ({cpu}, {platform.platform()})" + (f", {gpu}" if gpu else "")
+    click.echo(f"Machine: {usable_cpus()} cores ({cpu}, {platform.platform()})" + (f", {gpu}" if gpu else "")
                + f", torch {torch.__version__}. Distributed engine at K={k} (one process per module or replica"
-               + (f", {max(1, (os.cpu_count() or 1) // k)} thread(s) each" if gpu is None else "")
+               + (f", {max(1, usable_cpus() // k)} thread(s) each" if gpu is None else "")
                + f"); {ONE_DEVICE}: bp on one device" + (" (one process, every core)" if gpu is None else "")
                + f". {epochs} epoch(s), warm-up steps excluded. Fastest exact baseline: {fastest or '–'}."
                + (f" Devices {devices}: modules sharing a GPU time-share it, so these are costs on one GPU, "

@@ -13,6 +13,7 @@ import torch
 
 import dbench
 from dbench import allocator
+from dbench.cpus import usable_cpus
 
 _SOURCE = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,8 @@ def collect(devices: list[torch.device]) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cuda_available": torch.cuda.is_available(),
         "cuda_device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        "cpu_count": os.cpu_count(),
+        "cpu_count": usable_cpus(),  # the CPUs the run may use (its affinity mask)
+        "machine_cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # what every training process of the run does to the C allocator (each applies it at its start)
         "allocator": allocator.keep_freed_memory(),

@@ -21,6 +21,7 @@ from dbench.errors import DbenchError, RunInterrupted
 from dbench.meters import SigmaResult, merge_records
 from dbench.progress import Progress
 from dbench.record import CONFIG, SUMMARY, RunDir
+from dbench.cpus import usable_cpus
 
 # How often the progress bar reads the running loss. Reading it is a
 # device-to-host copy, i.e. a CUDA synchronization, so it is not done every step.
@@ -243,7 +244,7 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
         # How busy the machine was (1-minute load average, the run's own processes included, and the cores
         # it has): speed compared between runs means little when one of them shared the machine.
         "load_avg_1m": os.getloadavg()[0],
-        "cpu_count": os.cpu_count(),
+        "cpu_count": usable_cpus(),
         "modules": modules,
     }
     return row, probes

@@ -101,7 +101,7 @@ class Trainer:
     def step_output(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput | None:
         """One training iteration; what the top module reports (its ``labels`` name the batch when it is
         not ``(x, y)``), or None when it scored no batch in this iteration."""
-        self.engine.train()  # every step: a cached flag would miss a user's own module.eval()
+        self.engine.train()  # every step: a user's module.eval() between steps must not stick
         out = self.engine.train_step(self.iteration, x, y)
         self.iteration += 1
         return out

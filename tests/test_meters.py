@@ -14,6 +14,7 @@ from dbench import Trainer
 from dbench import run as runner
 from dbench.config import RunConfig
 from dbench.meters import STATES
+from dbench.meters.stage_meter import EVERY_ITERATION
 from dbench.partition import partition, split_modules
 from dbench.method import MODEL_PARALLEL
 from dbench.registry import METHODS, MODELS
@@ -203,6 +204,58 @@ def test_method_state_is_counted(resnet_peaks):
         assert peaks["cdni"][i]["accounted_bytes"]["synthesizer"] > peaks["dni"][i]["accounted_bytes"]["synthesizer"]
     parameters = {m: [p["accounted_bytes"]["parameters"] for p in peaks[m]] for m in ALL_METHODS}
     assert len({tuple(v) for v in parameters.values()}) == 1  # one model definition for all
+
+
+def _epochs(t, data, epochs):
+    records = []
+    for _ in range(epochs):
+        t.meters.start_epoch()
+        for x, y in data:
+            t.step(x, y)
+        records.append(t.meters.stop_epoch())
+    return records
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_accounting_window_finds_the_peak_of_accounting_at_every_iteration(method):
+    """The memory meter accounts in a window at each epoch's start (2K+4 iterations); per epoch and module, its peak
+    and breakdown equal those of accounting at every iteration. K=3, 3 epochs of 25 iterations, the last batch
+    smaller, so that epochs 2 and 3 start with graphs built while the hooks were off (DDG, FDG)."""
+    data = batches(24) + batches(1, batch=5, seed=3)
+    every, windowed = trainer(method), trainer(method)
+    for m in every.meters.stages:
+        m.window = EVERY_ITERATION
+    assert [m.window for m in windowed.meters.stages] == [10, 10, 10]
+    for e, (a, b) in enumerate(zip(_epochs(every, data, 3), _epochs(windowed, data, 3))):
+        for ra, rb in zip(a, b):
+            assert rb["accounted_peak_bytes"] == ra["accounted_peak_bytes"] > 0, f"epoch {e}, module {ra['module']}"
+            assert rb["accounted_bytes"] == ra["accounted_bytes"], f"epoch {e}, module {ra['module']}"
+
+
+def test_accounting_window_closes():
+    """Past the window no tensor is tracked: DDG's module 0 keeps graphs across iterations, yet once the window's
+    graphs are consumed the meter holds none; the next epoch opens a new window."""
+    t = trainer("ddg")
+    meter = t.meters.stages[0]
+    t.meters.start_epoch()
+    for i, (x, y) in enumerate(batches(meter.window + meter.lifetime)):
+        t.step(x, y)
+        if i < meter.window:
+            assert meter.saved.live, f"iteration {i}"
+    assert meter.saved.live == {} and meter.saved.born == {}
+    t.meters.start_epoch()
+    t.step(*batches(1)[0])
+    assert meter.saved.live
+
+
+def test_a_graph_older_than_the_window_assumes_is_an_error():
+    """DDG's module 0 keeps each graph K iterations: told that graphs live one iteration, the meter refuses."""
+    t = trainer("ddg")
+    t.meters.stages[0].lifetime = 1
+    t.meters.start_epoch()
+    with pytest.raises(RuntimeError, match="still alive at iteration .* longer than the 1 iterations"):
+        for x, y in batches(6):
+            t.step(x, y)
 
 
 def test_saved_tensors_keep_autograd_in_place_check():

@@ -26,6 +26,7 @@ from torch import nn
 
 from dbench.engine.driver import Driven
 from dbench.engine.messages import pack, unpack
+from dbench.engine.modes import TrainingMode
 from dbench.engine.transport import Transport
 from dbench.meters import Meters, SigmaResult, StageMeter, sigma_results, true_gradient
 from dbench.method import PROBE_UP, Send, Stage, StepOutput
@@ -72,6 +73,7 @@ class RankTrainer:
         # Control messages (gathers of Python objects, barriers) on gloo, whatever the data backend.
         self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self.meters = Meters([StageMeter(self.stage, self.transport.queued)])
+        self.mode = TrainingMode(self.stage.module)
         self.iteration = 0
 
     @property
@@ -99,7 +101,7 @@ class RankTrainer:
     def step_output(self, x: torch.Tensor | None, y: torch.Tensor) -> StepOutput | None:
         """One iteration of this module; the top module's process gets the StepOutput (None in an iteration
         where it scored no batch), the others None."""
-        self.stage.module.train()
+        self.mode.ensure()
         device = self.stage.device
         # The first module reads the batch; a replica of the whole model is its own first module.
         first = self.stage.is_first

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dbench.errors import DbenchError, RunInterrupted
+from dbench.cpus import usable_cpus
 
 POLL_S = 0.1  # how often the launcher looks at its workers
 SETTLE_S = 1.0  # after a failure, how long the peers get to fail and report in turn
@@ -47,7 +48,7 @@ def free_port() -> int:
 def worker_threads(devices: list) -> int | None:
     """Torch threads of each worker process: the cores shared out when every module is on the CPU, else None (as is)."""
     if all(torch.device(d).type == "cpu" for d in devices):
-        return max(1, (os.cpu_count() or 1) // len(devices))
+        return max(1, usable_cpus() // len(devices))
     return None
 
 

@@ -8,6 +8,7 @@ import torch
 
 from dbench.engine.driver import Driven, NoMeter
 from dbench.engine.messages import pack, unpack
+from dbench.engine.modes import TrainingMode
 from dbench.meters.sigma import true_gradient
 from dbench.method import CHANNELS, Message, Send, Stage, StepOutput, route
 
@@ -54,6 +55,7 @@ class LocalEngine:
         self.inboxes = [{c: deque() for c in CHANNELS} for _ in stages]
         self.ports = [_Port(self, k) for k in range(len(stages))]
         self.meters: list = [NoMeter() for _ in stages]
+        self.modes = [TrainingMode(stage.module) for stage in stages]
 
     @property
     def num_stages(self) -> int:
@@ -68,8 +70,8 @@ class LocalEngine:
             yield from (m.tensor for m in q)
 
     def train(self) -> None:
-        for stage in self.stages:
-            stage.module.train()
+        for mode in self.modes:
+            mode.ensure()
 
     def eval(self) -> None:
         for stage in self.stages:

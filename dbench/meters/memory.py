@@ -18,7 +18,9 @@ Sizes are storage sizes (``untyped_storage().nbytes()``), which is what the
 allocator holds even for a view. The meter samples the accounting at every
 transition of the stage and right before every backward and every update (a
 backward is where activations peak, an update where gradients do), and keeps
-the breakdown of the sample with the largest total. On the CPU this is the
+the breakdown of the sample with the largest total. It does so in a window of
+iterations at each epoch's start, once steady (``StageMeter``), not at every
+iteration. On the CPU this is the
 "accounted" peak; on CUDA it is reported next to the allocator's measured peak,
 which also holds what the accounting does not see (the data set, temporaries
 of a forward, workspaces).
@@ -38,11 +40,24 @@ class SavedTensors:
 
     Inside :meth:`hooks`, every tensor a forward saves is wrapped; the wrapper
     lives exactly as long as the graph holds it, so its storage is counted from
-    the forward until the backward frees it (or the graph is dropped).
+    the forward until the backward frees it (or the graph is dropped). Each
+    wrapper also remembers the iteration of ``clock`` (anything with an
+    ``iteration``) it was saved in, so that graphs' ages can be checked.
     """
 
-    def __init__(self):
+    def __init__(self, clock=None):
         self.live: dict[int, list[int]] = {}  # storage address -> [bytes, saved references]
+        self.clock = clock
+        self.born: dict[int, int] = {}  # iteration -> saved tensors from it still alive
+
+    def check_lifetime(self, iteration: int, lifetime: int, stage) -> None:
+        """Raise if a graph built more than ``lifetime`` iterations ago is still alive (see StageMeter)."""
+        if self.born and iteration - min(self.born) > lifetime:
+            raise RuntimeError(
+                f"method {stage.name!r}, module {stage.index}: a graph built at iteration {min(self.born)} is still "
+                f"alive at iteration {iteration}, longer than the {lifetime} iterations the memory meter's "
+                f"accounting window assumes: account at every iteration (window=EVERY_ITERATION) for this method"
+            )
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
@@ -50,15 +65,20 @@ class SavedTensors:
     def _pack(self, tensor: torch.Tensor) -> "_Saved":
         return _Saved(tensor, self)
 
-    def drop(self, key: int) -> None:
+    def drop(self, key: int, born: int) -> None:
         entry = self.live[key]
         entry[1] -= 1
         if entry[1] == 0:
             del self.live[key]
+        left = self.born[born] - 1
+        if left:
+            self.born[born] = left
+        else:
+            del self.born[born]
 
 
 class _Saved:
-    __slots__ = ("tensor", "version", "key", "owner")
+    __slots__ = ("tensor", "version", "key", "owner", "born")
 
     def __init__(self, tensor: torch.Tensor, owner: SavedTensors):
         self.tensor = tensor
@@ -71,6 +91,8 @@ class _Saved:
         # are saved again at every layer's forward, and views share their base's storage).
         self.key = key = tensor.data_ptr() - tensor.storage_offset() * tensor.element_size()
         self.owner = owner
+        self.born = born = owner.clock.iteration if owner.clock is not None else 0
+        owner.born[born] = owner.born.get(born, 0) + 1
         entry = owner.live.get(key)
         if entry is None:
             owner.live[key] = [tensor.untyped_storage().nbytes(), 1]
@@ -78,7 +100,7 @@ class _Saved:
             entry[1] += 1
 
     def __del__(self):
-        self.owner.drop(self.key)
+        self.owner.drop(self.key, self.born)
 
 
 def _unpack(saved: _Saved) -> torch.Tensor:
