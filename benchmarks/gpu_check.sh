@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The checks for a lent GPU machine, as one script (see benchmarks/README.md):
 # the CUDA-marked tests, the runner's overhead on CUDA, the time breakdown of
-# the decoupled methods with K=2 modules sharing the GPU, and, on CPU cores
-# the GPU work does not use, the runner's overhead on the CPU (a quiet machine:
-# one torch thread per process, each process pinned to a physical core of its own).
+# the decoupled methods with K=2 modules sharing the GPU, the data path's share
+# of a GPU epoch, and, on CPU cores the GPU work does not use, the K=2 speedup
+# on the CPU with one core per module (a quiet machine: each run confined to
+# two physical cores of its own with taskset, several runs side by side).
 # Output goes to ${OUT:-gpu-check}/. Each step has its own time limit so that
 # one hang cannot eat the lease.
 set -u
@@ -21,42 +22,53 @@ lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket"
 step install
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 
-# One CPU per physical core, the last three for the CPU overhead runs; everything else runs on the rest.
-read -r -a FREE <<<"$(python3 - <<'EOF'
-import glob
+# One CPU per physical core. The first GPU_CORES cores run the GPU work; the next
+# 2 * CPU_RUNS are paired up for the CPU speedup runs; the rest stay idle.
+GPU_CORES=${GPU_CORES:-6}; CPU_RUNS=${CPU_RUNS:-4}
+read -r -a SETS <<<"$(python3 - "$GPU_CORES" "$CPU_RUNS" <<'EOF'
+import glob, sys
+gpu_cores, runs = int(sys.argv[1]), int(sys.argv[2])
 cores = {}
 for path in sorted(glob.glob("/sys/devices/system/cpu/cpu[0-9]*/topology/thread_siblings_list"),
                    key=lambda p: int(p.split("/cpu")[2].split("/")[0])):
     cpu = int(path.split("/cpu")[2].split("/")[0])
     cores.setdefault(open(path).read().strip(), []).append(cpu)
-quiet = [cpus for cpus in cores.values()][-3:]
-rest = sorted(c for cpus in cores.values() if cpus not in quiet for c in cpus)
-print(",".join(str(c[0]) for c in quiet), ",".join(map(str, rest)))
+first = [cpus[0] for cpus in cores.values()]  # one CPU of each physical core: siblings stay idle
+gpu = first[:gpu_cores]
+pairs = [first[gpu_cores + 2 * i: gpu_cores + 2 * i + 2] for i in range(runs)]
+pairs = [p for p in pairs if len(p) == 2]
+print(",".join(map(str, gpu)), *(",".join(map(str, p)) for p in pairs))
 EOF
 )"
-QUIET=${FREE[0]}; REST=${FREE[1]}
-echo "CPU overhead pinned to CPUs $QUIET (one per physical core, siblings left idle); other work on $REST"
+GPU_SET=${SETS[0]}; PAIRS=("${SETS[@]:1}")
+echo "GPU work on CPUs $GPU_SET; CPU speedup runs on ${PAIRS[*]} (one physical core per module)"
 
-step "runner overhead on the CPU (background, pinned)"
-i=0
-for spec in "resnet20 9 3" "resnet56 9 3" "resnet110 7 2"; do
-  set -- $spec; i=$((i + 1)); cpu=$(echo "$QUIET" | cut -d, -f$i)
-  OMP_NUM_THREADS=1 timeout ${CPU_S:-420} taskset -c "$cpu" python3 benchmarks/overhead.py --device cpu \
-    --threads 1 --model "$1" --rounds "$2" --steps "$3" > "$OUT/overhead-cpu-$1.md" 2>&1 &
+step "K=2 speedup on the CPU, ${#PAIRS[@]} runs side by side (background)"
+i=0; CPU_PIDS=()
+for pair in "${PAIRS[@]}"; do
+  i=$((i + 1))
+  CUDA_VISIBLE_DEVICES= timeout ${CPU_S:-330} taskset -c "$pair" python3 benchmarks/speedup.py --model resnet20 --k 2 \
+    --rounds 1 --methods ${CPU_METHODS:-bp,fr,ddg,ddp} --root /tmp/speedup-cpu-$i > /tmp/speedup-cpu-$i.md 2>&1 &
+  CPU_PIDS+=($!)
 done
 
 step "CUDA-marked tests"
-timeout 150 taskset -c "$REST" python3 -m pytest -q -m gpu -p no:cacheprovider tests -o addopts=-ra
+timeout 150 taskset -c "$GPU_SET" python3 -m pytest -q -m gpu -p no:cacheprovider tests -o addopts=-ra
 
 step "runner overhead on CUDA"
-timeout 90 taskset -c "$REST" python3 benchmarks/overhead.py --device cuda --model resnet20 --model resnet56 \
-  --model resnet110 --rounds 9 --steps 5 | tee "$OUT/overhead-cuda.md"
+timeout 150 taskset -c "$GPU_SET" python3 benchmarks/overhead.py --device cuda --model resnet20 --model resnet56 \
+  --model resnet110 --rounds 7 --steps 5 | tee "$OUT/overhead-cuda.md"
 
 step "time breakdown, K=2 modules sharing the GPU"
-timeout ${BREAKDOWN_S:-200} taskset -c "$REST" python3 benchmarks/breakdown.py --model resnet56 --k 2 \
+timeout ${BREAKDOWN_S:-150} taskset -c "$GPU_SET" python3 benchmarks/breakdown.py --model resnet56 --k 2 \
   --methods fr,ddg,fdg,dgl --device cuda:0 --root /tmp/gpu-breakdown | tee "$OUT/breakdown-gpu.md"
 
-step "waiting for the CPU overhead runs"
-wait
-tail -n +1 "$OUT"/overhead-cpu-*.md
+step "data path's share of a GPU step"
+timeout ${DATA_S:-90} taskset -c "$GPU_SET" python3 benchmarks/data_path.py --device cuda --workers 0,4 \
+  --samples 20000 --rounds 2 --steps 40 | tee "$OUT/data-path-gpu.md"
+
+step "waiting for the CPU speedup runs"
+# Their PIDs, not a bare `wait`: that would also wait for the `tee` of this script's own output.
+wait "${CPU_PIDS[@]}"
+for f in /tmp/speedup-cpu-*.md; do echo "--- $f"; cat "$f"; done | tee "$OUT/speedup-cpu.md"
 step done

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -118,7 +121,7 @@ def test_profiling_uses_the_threads_a_cpu_worker_gets(monkeypatch):
     from dbench import plan as run
     from dbench.engine import launch
 
-    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch, "usable_cpus", lambda: 8)
     before = torch.get_num_threads()
     cpu = [torch.device("cpu")] * 4
     with run.profiling_threads("distributed", cpu):
@@ -127,6 +130,14 @@ def test_profiling_uses_the_threads_a_cpu_worker_gets(monkeypatch):
     with run.profiling_threads("local", cpu):
         assert torch.get_num_threads() == before  # the local engine trains every module in this process
     assert launch.worker_threads(["cuda:0", "cuda:1"]) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_cpus_are_those_the_process_may_use():
+    """Under an affinity mask of one CPU (as `taskset -c 0` sets), one CPU is shared out, whatever the machine has."""
+    code = "import os; os.sched_setaffinity(0, {0}); from dbench.cpus import usable_cpus; print(usable_cpus())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
 
 
 def test_params_split_balances_parameters():
