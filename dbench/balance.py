@@ -26,6 +26,7 @@ from torch import nn
 
 from dbench.devices import synchronize
 from dbench.partition import BlockTime, Ranges, StepCost, balance_time, split_modules, step_costs
+from dbench import interrupts
 
 MEASURED_STEPS = 2  # timed steps per candidate, after the warm-up
 MAX_CANDIDATES = 4  # cuts timed at most (each costs 2K + 2 training steps of the whole model)
@@ -73,10 +74,12 @@ def method_step_seconds(blocks: Sequence[nn.Module], ranges: Ranges, method: str
         trainer = Trainer(split_modules(copy.deepcopy(list(blocks)), ranges), method, devices=devices,
                           options=options, num_classes=num_classes, measure=True, **optim)
         for _ in range(2 * k):
+            interrupts.check()  # a stop swallowed by a __del__ of the meters (dbench/interrupts.py)
             trainer.step_output(x, y)
         synchronize(*devices)
         trainer.meters.start_epoch()
         for _ in range(MEASURED_STEPS):
+            interrupts.check()
             trainer.step_output(x, y)
         synchronize(*devices)
         records = trainer.meters.stop_epoch()

@@ -1,8 +1,6 @@
 """The command line: thin wrappers that parse flags and call dbench's functions."""
 from __future__ import annotations
 
-import dataclasses
-import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import click
 from dbench.config import ENGINES, PROBES_PER_EPOCH, RunConfig
 from dbench.errors import DbenchError, RunInterrupted
 from dbench.optim import OPTIMIZERS, SCHEDULES
+from dbench import interrupts
 
 # Flags that change what a run computes; --resume takes them from the run instead.
 _RUN_FLAGS = (
@@ -115,6 +114,9 @@ def run(ctx: click.Context, resume: Path | None, quiet: bool, **flags) -> None:
         flags["devices"] = flags["devices"].split(",") if flags["devices"] else None
         cfg = RunConfig(**flags)
         cfg.validate()  # a bad number fails here, before torch is loaded (the plan validates it again)
+        from dbench import catalog
+
+        catalog.check_names(cfg.method, cfg.model, cfg.dataset)  # and an unknown name
         from dbench import run as runner
 
         path = runner.start(cfg, out, quiet=quiet)
@@ -127,27 +129,25 @@ def run(ctx: click.Context, resume: Path | None, quiet: bool, **flags) -> None:
 @main.command("list")
 def list_() -> None:
     """Methods (with options), models (parameters, blocks) and data sets."""
-    from dbench.models.base import describe
-    from dbench.registry import DATASETS, METHODS, MODELS
+    from dbench import catalog  # stored descriptions: no torch to import (see dbench/catalog.py)
 
+    described = catalog.current()
     click.echo("methods (family; ideal speedup over model-parallel BP at K=2 and 4, from the cost model):")
-    for name, cls in sorted(METHODS.items(), key=lambda item: (item[1].table_order, item[0])):
-        ideal = ", ".join("–" if v is None else f"{v:.2f}×" for v in (cls.ideal_speedup(2), cls.ideal_speedup(4)))
-        click.echo(f"  {name:<10} {cls.summary}")
-        click.echo(f"  {'':<10}   ({cls.family or 'no family given'}; ideal {ideal})")
-        for f in dataclasses.fields(cls.Options):
-            doc = f.metadata.get("help", "")
-            click.echo(f"  {'':<10}   --opt {f.name}={f.default!r}  {doc}")
+    for name, m in sorted(described["methods"].items(), key=lambda item: (item[1]["table_order"], item[0])):
+        ideal = ", ".join("–" if v is None else f"{v:.2f}×" for v in (m["ideal_speedup"]["2"], m["ideal_speedup"]["4"]))
+        click.echo(f"  {name:<10} {m['summary']}")
+        click.echo(f"  {'':<10}   ({m['family'] or 'no family given'}; ideal {ideal})")
+        for option in m["options"]:
+            click.echo(f"  {'':<10}   --opt {option['name']}={option['default']}  {option['help']}")
     click.echo("models (reads: images, or text as byte sequences up to the context length):")
     click.echo(f"  {'name':<10} {'params':>12} {'blocks':>7}  reads")
-    for name, _ in MODELS.items():
-        info = describe(name)
+    for name, info in sorted(described["models"].items()):
         reads = f"text, context {info['context']}" if info["context"] else info["inputs"]
         click.echo(f"  {name:<10} {info['params']:>12,} {info['blocks']:>7}  {reads}")
     click.echo("data sets:")
-    for name, spec in DATASETS.items():
-        classes = f"{spec.num_classes:>4} classes" if spec.kind == "image" else f"{spec.num_classes:>4} tokens "
-        click.echo(f"  {name:<14} {spec.kind:<5} {classes}  {spec.description}")
+    for name, spec in sorted(described["datasets"].items()):
+        classes = f"{spec['num_classes']:>4} classes" if spec["kind"] == "image" else f"{spec['num_classes']:>4} tokens "
+        click.echo(f"  {name:<14} {spec['kind']:<5} {classes}  {spec['description']}")
 
 
 def _names(ctx, param, values: tuple[str, ...]) -> list[str]:
@@ -188,10 +188,17 @@ def _engines(ctx, param, values: tuple[str, ...]) -> list[str]:
     return names
 
 
+def _run_paths(ctx, param, values: tuple[Path, ...]) -> tuple[Path, ...]:
+    from dbench.run_paths import check_given  # before the commands' heavy imports: a typo fails at once
+
+    check_given(values)
+    return values
+
+
 def _selection_options(command):
     """The options `report` and `compare` share: which runs, and the verdict's target accuracy."""
     options = (
-        click.argument("paths", nargs=-1, type=click.Path(path_type=Path)),
+        click.argument("paths", nargs=-1, type=click.Path(path_type=Path), callback=_run_paths),
         click.option("--method", "methods", multiple=True, callback=_names, metavar="NAMES",
                      help="Only these methods (repeatable or comma-separated), e.g. --method bp,NAME "
                           "(see `dbench list`)."),
@@ -313,15 +320,11 @@ def check(name: str, file: Path, results: Path, golden: Path, update: bool) -> N
     click.echo(f"check {name}: all {len(findings)} figures within tolerance of {path}")
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def entry() -> None:
     """Console entry point: user errors are one line on stderr and exit code 2."""
     # `kill` (SIGTERM) stops a run the way Ctrl-C does: the run directory is
     # marked interrupted and stays resumable, instead of saying "running" forever.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupts.install()
     run_command(main)
 
 

@@ -22,6 +22,7 @@ from dbench.meters import SigmaResult, merge_records
 from dbench.progress import Progress
 from dbench.record import CONFIG, SUMMARY, RunDir
 from dbench.cpus import usable_cpus
+from dbench import interrupts
 
 # How often the progress bar reads the running loss. Reading it is a
 # device-to-host copy, i.e. a CUDA synchronization, so it is not done every step.
@@ -166,6 +167,7 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
             if warm_start is not None:
                 paused += time.perf_counter() - t0
         iteration = trainer.iteration
+        interrupts.check()  # a stop that landed where Python drops exceptions (dbench/interrupts.py)
         out = trainer.step_output(x, y)  # distributed: None except in the top module's process
         if probing:
             sigma = trainer.take_sigma()  # .item(): a sync per probe (and a gather, distributed)

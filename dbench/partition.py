@@ -30,6 +30,7 @@ from torch import nn
 
 from dbench.devices import synchronize
 from dbench.errors import DbenchError
+from dbench import interrupts
 
 RULES = ("blocks", "params", "time")
 AUTO = "auto"  # the default: "time" where modules run at once (the distributed engine), else "blocks"
@@ -203,6 +204,7 @@ def time_costs(
     costs = []
     h = sample.to(device)
     for block in blocks:
+        interrupts.check()  # a stop swallowed where it landed (dbench/interrupts.py)
         probe = copy.deepcopy(block).to(device).train()
         # Token ids (a language model's input) carry no gradient; features do, as between modules.
         x = h.detach().requires_grad_() if h.is_floating_point() else h

@@ -25,6 +25,7 @@ import pandas as pd
 
 from dbench import summary as summaries
 from dbench.errors import DbenchError
+from dbench.run_paths import check_given
 
 CONFIG = "config.json"  # the same names as dbench.record, which imports torch; this module must not
 ENVIRONMENT = "environment.json"
@@ -180,10 +181,7 @@ def find_runs(paths: Iterable[Path | str]) -> list[Path]:
     seen: set[Path] = set()
     for given in paths:
         path = Path(given)
-        if not path.exists():
-            raise DbenchError(f"{path} does not exist: give run directories or folders that hold them")
-        if not path.is_dir():
-            raise DbenchError(f"{path} is not a directory: give run directories or folders that hold them")
+        check_given([path])
         for run in _walk(path):
             key = run.resolve()
             if key not in seen:

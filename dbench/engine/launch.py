@@ -32,6 +32,7 @@ import torch
 
 from dbench.errors import DbenchError, RunInterrupted
 from dbench.cpus import usable_cpus
+from dbench import interrupts
 
 POLL_S = 0.1  # how often the launcher looks at its workers
 SETTLE_S = 1.0  # after a failure, how long the peers get to fail and report in turn
@@ -168,7 +169,7 @@ _stopping = False  # set in a worker once the launcher (or its watchdog) has tol
 def _interrupt(signum, frame) -> None:
     global _stopping
     _stopping = True
-    raise KeyboardInterrupt
+    interrupts.request()  # noted too, in case it lands where Python drops exceptions (dbench/interrupts.py)
 
 
 def _watch_launcher(launcher: int, rank: int, world: int, run_path: str) -> None:
