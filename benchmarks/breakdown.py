@@ -5,8 +5,9 @@ the distributed engine, one process per module (on a CPU each gets
 ``cores // K`` threads), cut by ``--split``. Every module's wall-clock is
 split by dbench's meters into compute (forward, backward, replay, update),
 communication (posting sends; receiving a message once it has started to
-arrive), waiting for an input, waiting for a gradient, and idle (its step done,
-waiting for the others at the epoch's end or the runner). The table gives each
+arrive), waiting for an input, waiting for a gradient, data (its process's
+loader producing the next batch) and idle (its step done, waiting for the others
+at the epoch's end or the runner). The table gives each
 module's share of the training time, and three speedups over BP at the same K:
 
 - measured: samples/s over BP's;
@@ -41,7 +42,7 @@ from dbench.method import EXACT_GRADIENT, MODEL_PARALLEL
 from dbench.registry import METHODS
 
 BUSY = ("compute_s", "comm_s")
-SHARES = ("compute_s", "comm_s", "wait_input_s", "wait_grad_s", "idle_s")
+SHARES = ("compute_s", "comm_s", "wait_input_s", "wait_grad_s", "data_s", "idle_s")
 
 
 def decoupled() -> list[str]:
@@ -75,7 +76,7 @@ def table(k: int, names: list[str], runs: dict[str, tuple[dict, int]]) -> list[s
     ref_period = ref_summary["train_seconds"] / ref_steps
     lines = [f"#### K={k}\n",
              "| method | samples/s | measured × BP | busy bound × BP | ideal × BP | imbalance (max/mean busy) | "
-             "per module: compute / comm / wait input / wait grad / idle, % of training time |",
+             "per module: compute / comm / wait input / wait grad / data / idle, % of training time |",
              "|---|---|---|---|---|---|---|"]
     for name in names:
         summary, steps = runs[name]

@@ -152,7 +152,7 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
     trainer.barrier()  # distributed: every module's clock starts together
     start = time.perf_counter()
     meters.start_epoch()
-    for i, (x, y) in enumerate(loader.epoch(epoch, images=images, start=first), start=first):
+    for i, (x, y) in enumerate(meters.loading(loader.epoch(epoch, images=images, start=first)), start=first):
         if i == first + warmup:
             synchronize(*trainer.devices)  # throughput counts from here: the warm-up's work must be done
             warm_start, warm_seen = time.perf_counter(), seen

@@ -14,9 +14,11 @@ What the columns mean:
   until its teaching signal came (the gradient from above, or DFA's output error).
   In the local engine only one module runs at a time, so these are the other modules' compute;
   the distributed engine shows the real overlap.
-- **idle**: its step was done (or not handed out yet): data, bookkeeping, the other modules in the local engine.
+- **data**: its process's loader producing the next batch (the first module's reads and augments it;
+  the others read its labels).
+- **idle**: its step was done (or not handed out yet): bookkeeping, the other modules in the local engine.
 - **σ probe**: the probe's extra plain-BP pass (not part of the method's cost).
-  compute + waits + idle + probe = the training wall-clock of the run.
+  compute + comm + waits + data + idle + probe = the training wall-clock of the run.
 - **peak memory (accounted)**: bytes of the tensors the module holds, at its largest moment,
   by category (parameters and buffers, gradients, optimizer state, the method's own state,
   queued messages, activations saved for backward). Measured CUDA peaks, where present, also hold
@@ -44,11 +46,12 @@ def modules_table(summary: dict) -> str:
     if not modules:
         return "(no per-module measurements yet)"
     cuda = any("cuda_peak_active_bytes" in m for m in modules)
-    head = ["module", "device", "compute s", "comm s", "wait input s", "wait grad s", "idle s", "σ probe s",
+    head = ["module", "device", "compute s", "comm s", "wait input s", "wait grad s", "data s", "idle s",
+            "σ probe s",
             "peak MiB (accounted)"] + (["peak MiB (CUDA active)", "reserved MiB (CUDA)"] if cuda else []) + ["mean σ", "σ corrected", "mean cos"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in modules:
-        cells = [str(m["module"]), m["device"], *(f"{m.get(f'{s}_s', 0.0):.2f}" for s in ("compute", "comm", "wait_input", "wait_grad", "idle", "probe")),
+        cells = [str(m["module"]), m["device"], *(f"{m.get(f'{s}_s', 0.0):.2f}" for s in ("compute", "comm", "wait_input", "wait_grad", "data", "idle", "probe")),
                  _mib(m["accounted_peak_bytes"])]
         if cuda:
             cells += [_mib(m.get("cuda_peak_active_bytes")), _mib(m.get("cuda_peak_reserved_bytes"))]

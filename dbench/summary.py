@@ -21,7 +21,7 @@ SUMMARY = "summary.json"
 
 # The states of a module's wall-clock, as dbench.meters.clock.STATES (a test checks that
 # they are the same); repeated here because dbench.meters imports torch.
-STATES = ("compute", "wait_input", "wait_grad", "idle", "probe", "comm")
+STATES = ("compute", "wait_input", "wait_grad", "idle", "probe", "comm", "data")
 # The CUDA allocator's peaks an epoch's module record holds when the module sat on a GPU.
 CUDA_PEAKS = ("cuda_peak_active_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes")
 
@@ -209,7 +209,7 @@ def module_summary(epochs: list[dict], probes: list[dict]) -> list[dict]:
         per_epoch = [r["modules"][k] for r in epochs]
         record = {"module": k, "device": first["device"]}
         for state in STATES:
-            # .get: runs recorded before a state existed (comm) have no figure for it; they spent 0 s there
+            # .get: runs recorded before a state existed (comm, data) have no figure for it: 0 s there
             record[f"{state}_s"] = sum(m.get(f"{state}_s", 0.0) for m in per_epoch)
         record.update(module_peak(per_epoch))
         # a module in its warm-up (σ None) made no update: its probe says nothing about its direction

@@ -296,6 +296,26 @@ def test_timers_add_up_and_attribute_waits():
     assert modules[1]["wait_input_s"] > 0
 
 
+def test_the_loaders_time_is_data_not_idle():
+    """A loader that takes 50 ms a batch: every module's clock books that time as data (in the local engine the
+    process's loader feeds them all), and the states still add up to the epoch's wall-clock."""
+    t = trainer("fr")
+
+    def slow(data):
+        for batch in data:
+            time.sleep(0.05)
+            yield batch
+
+    t.meters.start_epoch()
+    start = time.perf_counter()
+    for x, y in t.meters.loading(slow(batches(4))):
+        t.step(x, y)
+    wall = time.perf_counter() - start
+    for r in t.meters.stop_epoch():
+        assert 0.2 <= r["data_s"] < 0.35, r
+        assert sum(r[f"{s}_s"] for s in STATES) == pytest.approx(wall, rel=0.05)
+
+
 def test_run_records_time_memory_and_sigma(tmp_path):
     """A real run: epoch rows carry per-module time and memory, probe rows σ, the summary both."""
     cfg = RunConfig(method="fr", model="mlp", gpus=3, epochs=2, batch_size=256, sigma_every=10)

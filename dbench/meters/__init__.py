@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from dbench.meters.clock import STATES
+from typing import Iterable, Iterator
+
+from dbench.meters.clock import DATA, IDLE, STATES
 from dbench.meters.memory import cuda_peaks
 from dbench.meters.stage_meter import StageMeter
 from dbench.meters.sigma import SigmaResult, true_gradient
@@ -27,7 +29,7 @@ def merge_records(segments: list[list[dict]]) -> list[dict]:
     for records in segments[1:]:
         for into, r in zip(merged, records, strict=True):
             for state in STATES:
-                # .get: a segment checkpointed before a state existed (comm) has no figure for it
+                # .get: a segment checkpointed before a state existed (comm, data) has no figure for it
                 into[f"{state}_s"] = into.get(f"{state}_s", 0.0) + r.get(f"{state}_s", 0.0)
             if r["accounted_peak_bytes"] > into["accounted_peak_bytes"]:
                 into["accounted_peak_bytes"], into["accounted_bytes"] = r["accounted_peak_bytes"], dict(r["accounted_bytes"])
@@ -70,6 +72,23 @@ class Meters:
                 record.update({f"cuda_{name}": value for name, value in peaks[m.stage.device].items()})
             records.append(record)
         return records
+
+    def loading(self, batches: Iterable) -> Iterator:
+        """``batches``, with the time each takes to come out of the loader marked as data on every module's
+        clock in this process (its loader feeds them all; on CUDA the marks are events, so the loader's
+        kernels are what is timed)."""
+        batches = iter(batches)
+        while True:
+            for m in self.stages:
+                m.clock.mark(DATA)
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                for m in self.stages:
+                    m.clock.mark(IDLE)
+            yield batch
 
     def arm_sigma(self, true_grads: list[list[torch.Tensor]]) -> None:
         for m, grads in zip(self.stages, true_grads, strict=True):

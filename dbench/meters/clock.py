@@ -23,9 +23,12 @@ COMPUTE = "compute"  # forward, backward or replay, update
 COMM = "comm"
 WAIT_INPUT = "wait_input"  # blocked until the module below sends an activation
 WAIT_GRAD = "wait_grad"  # blocked until a teaching signal arrives (gradient from above, DFA's error)
-IDLE = "idle"  # its step is done (or not handed out yet): the runner, data, other modules in a sequential engine
+IDLE = "idle"  # its step is done (or not handed out yet): the runner, other modules in a sequential engine
 PROBE = "probe"  # the σ probe's extra plain-BP pass (not part of any method's cost)
-STATES = (COMPUTE, WAIT_INPUT, WAIT_GRAD, IDLE, PROBE, COMM)
+# This process's loader producing the next batch (reading, augmenting; labels only, above the first module):
+# told apart from idle so that a first module's time spent on the data is not mistaken for slack.
+DATA = "data"
+STATES = (COMPUTE, WAIT_INPUT, WAIT_GRAD, IDLE, PROBE, COMM, DATA)
 
 
 class StageClock:
