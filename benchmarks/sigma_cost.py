@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 import torch
 
-import methods  # noqa: F401  (registers the methods)
+import methods as _registering  # noqa: F401  (registers the built-in methods; `methods` is an option below)
 from dbench import run as runner
 from dbench.cli import run_command
 from dbench.config import RunConfig

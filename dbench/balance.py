@@ -73,8 +73,10 @@ def method_step_seconds(blocks: Sequence[nn.Module], ranges: Ranges, method: str
         torch.manual_seed(0)
         trainer = Trainer(split_modules(copy.deepcopy(list(blocks)), ranges), method, devices=devices,
                           options=options, num_classes=num_classes, measure=True, **optim)
+        for meter in trainer.meters.stages:
+            meter.window = 0  # the clocks only: a run's steps past its accounting window carry no memory hooks
         for _ in range(2 * k):
-            interrupts.check()  # a stop swallowed by a __del__ of the meters (dbench/interrupts.py)
+            interrupts.check()  # a stop swallowed where it landed (dbench/interrupts.py)
             trainer.step_output(x, y)
         synchronize(*devices)
         trainer.meters.start_epoch()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -151,7 +152,8 @@ def test_sigma_interval_by_the_delta_method_and_the_too_noisy_flag():
     low, high = summary.sigma_interval(dots, crosses)
     centre = 8.0 / 8.0
     residuals = [d - centre * c for d, c in zip(dots, crosses)]  # -1, 1, 1, -1: mean 0, sample std sqrt(4/3)
-    half = 1.959964 * math.sqrt(4 / 3) / math.sqrt(4) / (8.0 / 4)
+    assert statistics.stdev(residuals) == pytest.approx(math.sqrt(4 / 3))
+    half = 1.959964 * statistics.stdev(residuals) / math.sqrt(4) / (8.0 / 4)
     assert (low, high) == pytest.approx((centre - half, centre + half))
     assert summary.too_noisy((low, high)) == (2 * half > 1.0)
     assert summary.sigma_interval([1.0], [1.0]) is None and summary.too_noisy(None)  # one probe: no interval
