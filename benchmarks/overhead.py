@@ -23,8 +23,8 @@ Contenders:
 - dbench BP, meters off: ``Trainer(...).step``.
 - dbench BP, meters on: as ``dbench run`` trains (clock, memory accounting
   with saved-tensor hooks in a window at the epoch's start, σ capture armed
-  only at probe steps). Past the window (2K+4 iterations, 6 here) the rounds
-  time the steps a run spends most of its epoch in.
+  only at probe steps). The warm-up runs past the window (2K+4 iterations, 6
+  here), so the rounds time the steps a run spends most of its epoch in.
 - dbench BP, meters on, memory accounted every iteration: what every step cost
   before the window (the saved-tensor hooks and samples at every iteration).
 
@@ -51,6 +51,9 @@ from dbench.meters.stage_meter import EVERY_ITERATION
 from dbench.registry import MODELS
 
 SETTINGS = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+# Past dbench's memory accounting window at K=1 (2K+4 iterations from the epoch's start: StageMeter), so
+# that "meters on" times the steps a run spends most of its epoch in, as every round does.
+WARMUP = 6
 PLAIN = "plain PyTorch loop"
 
 
@@ -97,9 +100,9 @@ def measure(model: str, batch_size: int, rounds: int, steps: int, device: torch.
     data = [(torch.randn(batch_size, 3, 32, 32, generator=g).to(device),
              torch.randint(0, 10, (batch_size,), generator=g).to(device)) for _ in range(steps)]
     steppers = contenders(blocks, device)
-    for step in steppers.values():  # warm-up: allocations, kernel selection, lazy state
-        for x, y in data[:2]:
-            step(x, y)
+    for step in steppers.values():  # warm-up: allocations, kernel selection, lazy state, the accounting window
+        for i in range(WARMUP):
+            step(*data[i % len(data)])
     synchronize(device)
     order = list(steppers)
     shuffle = random.Random(seed)
@@ -158,7 +161,7 @@ def main(models, batch_size: int, rounds: int, steps: int, threads: int | None, 
     click.echo(f"### Runner overhead, {device.type} ({date.today().isoformat()})\n")
     click.echo(f"Machine: {where}, {torch.get_num_threads()} torch threads; {platform.platform()}; "
                f"torch {torch.__version__}. {rounds} rounds of {steps} iterations per contender, in a shuffled "
-               f"order per round (seed {seed}), after 2 warm-up iterations. Ratios are per round, to the plain "
+               f"order per round (seed {seed}), after {WARMUP} warm-up iterations. Ratios are per round, to the plain "
                f"loop of the same round.\n")
     for model in models:
         click.echo("\n".join(table(model, batch_size, measure(model, batch_size, rounds, steps, device, seed))))
