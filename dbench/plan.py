@@ -242,7 +242,7 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
         began = time.perf_counter()
         with profiling_threads(engine, devices):
             balance = time_cut(cfg, stage_cls, options, model.blocks, next(iter(train.epoch(0))), devices,
-                               splits.num_classes)
+                               splits.num_classes, say)
         ranges = balance.ranges
         timed = (f"--split time: predicted balance {imbalance(balance.predicted):.2f}, measured "
                  f"{imbalance(balance.measured):.2f} (slowest module's step over the mean module's, {cfg.method} "
@@ -269,13 +269,16 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
 
 
 def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list, batch: tuple,
-             devices: list[torch.device], num_classes: int) -> Balance:
+             devices: list[torch.device], num_classes: int, say: Callable[[str], None] = lambda line: None) -> Balance:
     """``--split time``: the profile's balanced cut for the method's step, checked by timing the method on it.
 
     Blocks are profiled one at a time on the first module's device; the method is timed with each
-    module on its own device.
+    module on its own device. ``say`` hears a line after the profile and after each timed cut: on a
+    large model each takes a while.
     """
+    began = time.perf_counter()
     times = time_costs(blocks, batch[0], devices[0])
+    say(f"set-up: {len(blocks)} blocks profiled in {time.perf_counter() - began:.1f} s")
     boundaries = None
     if stage_cls.boundary_cost is not None:
         cost = functools.partial(stage_cls.boundary_cost, device=devices[0], options=options, num_classes=num_classes)
@@ -284,7 +287,12 @@ def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list,
                  optimizer=cfg.optimizer)
 
     def measure(ranges: Ranges) -> list[float]:
-        return method_step_seconds(blocks, ranges, cfg.method, options, devices, batch, num_classes, optim)
+        began = time.perf_counter()
+        seconds = method_step_seconds(blocks, ranges, cfg.method, options, devices, batch, num_classes, optim)
+        cuts = ",".join(str(b) for _, b in ranges[:-1])
+        say(f"set-up: {cfg.method} timed on the cut after block(s) {cuts}: slowest module {max(seconds):.3f} s "
+            f"per step ({time.perf_counter() - began:.1f} s)")
+        return seconds
 
     return balance_measured(times, cfg.gpus, stage_cls.step_cost, boundaries, measure)
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
+
+from dbench.balance import MAX_CANDIDATES
 
 from dbench import plan as plan_module
 from dbench import run as runner
@@ -96,8 +99,14 @@ def test_the_default_cut_balances_time_only_where_modules_run_at_once(monkeypatc
     said = []
     distributed, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="distributed"), say=said.append)
     # the long set-up steps say what they do, before doing it
-    assert said == ["set-up: loading synthetic", "set-up: profiling the 3 blocks of mlp, then timing bp on the "
-                    "candidate cuts, for a cut balanced by time"]
+    assert said[:2] == ["set-up: loading synthetic", "set-up: profiling the 3 blocks of mlp, then timing bp on the "
+                        "candidate cuts, for a cut balanced by time"]
+    # and then each step as it ends: the profile, and each cut timed (at most MAX_CANDIDATES)
+    assert re.fullmatch(r"set-up: 3 blocks profiled in \d+\.\d s", said[2]), said
+    timed = said[3:]
+    assert 1 <= len(timed) <= MAX_CANDIDATES and all(
+        re.fullmatch(r"set-up: bp timed on the cut after block\(s\) \d: slowest module \d+\.\d{3} s per step "
+                     r"\(\d+\.\d s\)", line) for line in timed), timed
     local, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="local"))
     one, _ = planning.make(RunConfig(model="mlp", gpus=1))
     assert rules == ["time", "blocks", "blocks"]
