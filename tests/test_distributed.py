@@ -182,7 +182,10 @@ def test_launcher_torchrun_and_local_runs_agree(tmp_path):
             for m in row["modules"]:
                 # every module sends and receives each step: moving messages is a state of its own
                 assert m["comm_s"] > 0, (name, m)
-                assert sum(m[f"{s}_s"] for s in STATES) == pytest.approx(row["train_seconds"], rel=0.03, abs=0.02)
+                # Each process's clocks run from its own exit of the epoch's first barrier to its exit of the last;
+                # train_seconds is the writer's. On a loaded 2-core machine (xdist, torchrun's agent) a process
+                # can be descheduled for tens of ms around a barrier: 0.1 s of slack for that skew (seen: 59 ms).
+                assert sum(m[f"{s}_s"] for s in STATES) == pytest.approx(row["train_seconds"], rel=0.03, abs=0.1)
 
 
 @pytest.mark.parametrize("method", ["ddg", "ddp"])
