@@ -1,10 +1,12 @@
 """What ``dbench list`` shows and what the CLI checks names against, without importing torch.
 
 ``import torch`` takes 1.5-2.5 s, and the models' parameter counts need the models built. So the
-built-in methods, models and data sets are described once, in ``catalog.json`` beside this file,
-and ``dbench list`` and the CLI's first checks of ``--method``/``--model``/``--dataset`` read that.
-``python -m dbench.catalog`` writes it from the live registries, and a test fails when it no
-longer matches them (tests/test_catalog.py), so it cannot go stale unnoticed.
+built-in methods, models and data sets are described once, in two files: ``methods/catalog.json``
+for the methods (their facts live with them: the framework names no method) and
+``dbench/catalog.json`` for the models and data sets. ``dbench list`` and the CLI's first checks of
+``--method``/``--model``/``--dataset`` read those. ``python -m dbench.catalog`` writes both from the
+live registries, and a test fails when they no longer match them (tests/test_catalog.py), so they
+cannot go stale unnoticed.
 
 A method installed by another package (the ``dbench.methods`` entry-point group) is not in the
 file: when one is installed, :func:`current` describes everything from the live registries,
@@ -13,6 +15,7 @@ importing torch, and is exact either way.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 from importlib.metadata import entry_points
@@ -20,8 +23,14 @@ from pathlib import Path
 
 from dbench.errors import DbenchError
 
-PATH = Path(__file__).with_name("catalog.json")
 PLUGIN_GROUP = "dbench.methods"
+# Each part of the catalog, and the file beside the code it describes. The methods package is found, not
+# imported: importing it registers nothing by itself, but finding it is all this needs.
+FILES = {
+    "methods": Path(importlib.util.find_spec("methods").submodule_search_locations[0]) / "catalog.json",
+    "models": Path(__file__).with_name("catalog.json"),
+    "datasets": Path(__file__).with_name("catalog.json"),
+}
 
 
 def build() -> dict:
@@ -54,7 +63,8 @@ def plugins() -> list[str]:
 
 
 def stored() -> dict:
-    return json.loads(PATH.read_text(encoding="utf-8"))
+    files = {path: json.loads(path.read_text(encoding="utf-8")) for path in set(FILES.values())}
+    return {part: files[path][part] for part, path in FILES.items()}
 
 
 def current() -> dict:
@@ -71,13 +81,18 @@ def check_names(method: str, model: str, dataset: str) -> None:
             raise DbenchError(f"unknown {kind} {name!r}; known {kind}s: {', '.join(sorted(known))}")
 
 
-def write(path: Path = PATH) -> None:
-    path.write_text(json.dumps(build(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+def write() -> list[Path]:
+    """Write each file of the catalog from the live registries; the paths written."""
+    catalog = build()
+    paths = sorted(set(FILES.values()))
+    for path in paths:
+        parts = {part: catalog[part] for part, where in FILES.items() if where == path}
+        path.write_text(json.dumps(parts, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return paths
 
 
 if __name__ == "__main__":
     if plugins():
         sys.exit(f"method plug-ins are installed ({', '.join(plugins())}): the stored catalog describes the "
                  f"built-in methods only; write it from an environment without them")
-    write()
-    print(f"wrote {PATH}")
+    print("wrote " + ", ".join(str(path) for path in write()))

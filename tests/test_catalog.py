@@ -1,4 +1,4 @@
-"""The stored catalog (dbench/catalog.json): what `dbench list` and the CLI's name checks read without torch."""
+"""The stored catalog (methods/catalog.json, dbench/catalog.json): what `dbench list` and the CLI's name checks read without torch."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +14,7 @@ from dbench.registry import METHODS
 
 
 def test_the_stored_catalog_is_what_the_registries_describe():
-    assert catalog.stored() == catalog.build(), "dbench/catalog.json is stale: run `python -m dbench.catalog`"
+    assert catalog.stored() == catalog.build(), "the stored catalog is stale: run `python -m dbench.catalog`"
 
 
 def _cli_in_a_fresh_process(*args: str) -> tuple[int, str, list[str]]:

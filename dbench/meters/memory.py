@@ -45,7 +45,7 @@ class SavedTensors:
     ``iteration``) it was saved in, so that graphs' ages can be checked.
     """
 
-    def __init__(self, clock=None):
+    def __init__(self, clock):
         self.live: dict[int, list[int]] = {}  # storage address -> [bytes, saved references]
         self.clock = clock
         self.born: dict[int, int] = {}  # iteration -> saved tensors from it still alive
@@ -91,7 +91,7 @@ class _Saved:
         # are saved again at every layer's forward, and views share their base's storage).
         self.key = key = tensor.data_ptr() - tensor.storage_offset() * tensor.element_size()
         self.owner = owner
-        self.born = born = owner.clock.iteration if owner.clock is not None else 0
+        self.born = born = owner.clock.iteration
         owner.born[born] = owner.born.get(born, 0) + 1
         entry = owner.live.get(key)
         if entry is None:
