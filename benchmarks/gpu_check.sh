@@ -2,9 +2,12 @@
 # The checks for a lent GPU machine, as one script (see benchmarks/README.md):
 # the CUDA-marked tests, the runner's overhead on CUDA, the time breakdown of
 # the decoupled methods with K=2 modules sharing the GPU, the data path's share
-# of a GPU epoch, and, on CPU cores the GPU work does not use, the K=2 speedup
-# on the CPU with one core per module (a quiet machine: each run confined to
-# two physical cores of its own with taskset, several runs side by side).
+# of a GPU epoch; and before them, on a machine with nothing else running,
+# what two and four cores computing at once cost each other (contention.py),
+# and the K=2 speedup on the CPU with one core per module (each run confined to
+# two physical cores with taskset, CPU_RUNS runs side by side).
+# STEPS picks the steps (default: all of them, in this order):
+#   contention speedup tests overhead breakdown data
 # Output goes to ${OUT:-gpu-check}/. Each step has its own time limit so that
 # one hang cannot eat the lease.
 set -u
@@ -12,7 +15,9 @@ OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log") 2>&1
 export PYTHONUNBUFFERED=1
+STEPS=${STEPS:-contention speedup tests overhead breakdown data}
 step() { echo; echo "=== $* ($(date +%T))"; }
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 
 step machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -23,7 +28,7 @@ step install
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 
 # One CPU per physical core. The first GPU_CORES cores run the GPU work; the next
-# 2 * CPU_RUNS are paired up for the CPU speedup runs; the rest stay idle.
+# 2 * CPU_RUNS are paired up for the CPU steps; the rest stay idle.
 GPU_CORES=${GPU_CORES:-6}; CPU_RUNS=${CPU_RUNS:-4}
 read -r -a SETS <<<"$(python3 - "$GPU_CORES" "$CPU_RUNS" <<'EOF'
 import glob, sys
@@ -41,34 +46,55 @@ print(",".join(map(str, gpu)), *(",".join(map(str, p)) for p in pairs))
 EOF
 )"
 GPU_SET=${SETS[0]}; PAIRS=("${SETS[@]:1}")
-echo "GPU work on CPUs $GPU_SET; CPU speedup runs on ${PAIRS[*]} (one physical core per module)"
+echo "GPU work on CPUs $GPU_SET; CPU steps on ${PAIRS[*]} (one physical core per module)"
 
-step "K=2 speedup on the CPU, ${#PAIRS[@]} runs side by side (background)"
+# The CPU steps run first, before the GPU work, so that no core of the machine is busy but theirs.
+if wanted contention; then
+step "contention: 2 and 4 cores computing at once against one alone"
+QUAD=$(IFS=,; echo "${PAIRS[*]:0:2}")
+CUDA_VISIBLE_DEVICES= timeout 120 taskset -c "${PAIRS[0]}" python3 benchmarks/contention.py --model resnet20 --k 2 \
+  --rounds 3 | tee "$OUT/contention.md"
+CUDA_VISIBLE_DEVICES= timeout 120 taskset -c "$QUAD" python3 benchmarks/contention.py --model resnet20 --k 4 \
+  --rounds 3 | tee -a "$OUT/contention.md"
+fi
+
+if wanted speedup; then
+step "K=2 speedup on the CPU, ${#PAIRS[@]} runs side by side"
 i=0; CPU_PIDS=()
 for pair in "${PAIRS[@]}"; do
   i=$((i + 1))
-  CUDA_VISIBLE_DEVICES= timeout ${CPU_S:-330} taskset -c "$pair" python3 benchmarks/speedup.py --model resnet20 --k 2 \
+  CUDA_VISIBLE_DEVICES= timeout ${CPU_S:-330} taskset -c "$pair" python3 benchmarks/speedup.py --model ${SPEEDUP_MODEL:-resnet20} --k 2 \
     --rounds 1 --methods ${CPU_METHODS:-bp,fr,ddg,ddp} --root /tmp/speedup-cpu-$i > /tmp/speedup-cpu-$i.md 2>&1 &
   CPU_PIDS+=($!)
 done
-
-step "CUDA-marked tests"
-timeout 150 taskset -c "$GPU_SET" python3 -m pytest -q -m gpu -p no:cacheprovider tests -o addopts=-ra
-
-step "runner overhead on CUDA"
-timeout 150 taskset -c "$GPU_SET" python3 benchmarks/overhead.py --device cuda --model resnet20 --model resnet56 \
-  --model resnet110 --rounds 7 --steps 5 | tee "$OUT/overhead-cuda.md"
-
-step "time breakdown, K=2 modules sharing the GPU"
-timeout ${BREAKDOWN_S:-150} taskset -c "$GPU_SET" python3 benchmarks/breakdown.py --model resnet56 --k 2 \
-  --methods fr,ddg,fdg,dgl --device cuda:0 --root /tmp/gpu-breakdown | tee "$OUT/breakdown-gpu.md"
-
-step "data path's share of a GPU step"
-timeout ${DATA_S:-90} taskset -c "$GPU_SET" python3 benchmarks/data_path.py --device cuda --workers 0,4 \
-  --samples 20000 --rounds 2 --steps 40 | tee "$OUT/data-path-gpu.md"
-
-step "waiting for the CPU speedup runs"
 # Their PIDs, not a bare `wait`: that would also wait for the `tee` of this script's own output.
 wait "${CPU_PIDS[@]}"
 for f in /tmp/speedup-cpu-*.md; do echo "--- $f"; cat "$f"; done | tee "$OUT/speedup-cpu.md"
+# Each finished run's own figure, for a table cut short by the time limit.
+grep -o '"samples_per_s": [0-9.]*' /tmp/speedup-cpu-*/*/*/summary.json | tee -a "$OUT/speedup-cpu.md"
+fi
+
+if wanted tests; then
+step "CUDA-marked tests"
+timeout ${TESTS_S:-150} taskset -c "$GPU_SET" python3 -m pytest -q -m gpu -p no:cacheprovider tests -o addopts=-ra
+fi
+
+if wanted overhead; then
+step "runner overhead on CUDA"
+MODELS=""; for m in ${OVERHEAD_MODELS:-resnet20 resnet56 resnet110}; do MODELS="$MODELS --model $m"; done
+timeout ${OVERHEAD_S:-150} taskset -c "$GPU_SET" python3 benchmarks/overhead.py --device cuda $MODELS \
+  --rounds ${OVERHEAD_ROUNDS:-7} --steps 5 | tee "$OUT/overhead-cuda.md"
+fi
+
+if wanted breakdown; then
+step "time breakdown, K=2 modules sharing the GPU"
+timeout ${BREAKDOWN_S:-150} taskset -c "$GPU_SET" python3 benchmarks/breakdown.py --model resnet56 --k 2 \
+  --methods fr,ddg,fdg,dgl --device cuda:0 --root /tmp/gpu-breakdown | tee "$OUT/breakdown-gpu.md"
+fi
+
+if wanted data; then
+step "data path's share of a GPU step"
+timeout ${DATA_S:-90} taskset -c "$GPU_SET" python3 benchmarks/data_path.py --device cuda --workers 0,4 \
+  --samples 20000 --rounds 2 --steps 40 | tee "$OUT/data-path-gpu.md"
+fi
 step done

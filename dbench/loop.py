@@ -21,7 +21,7 @@ from dbench.errors import DbenchError, RunInterrupted
 from dbench.meters import SigmaResult, merge_records
 from dbench.progress import Progress
 from dbench.record import CONFIG, SUMMARY, RunDir
-from dbench.cpus import usable_cpus
+from dbench.cpus import run_cpus
 from dbench import interrupts
 
 # How often the progress bar reads the running loss. Reading it is a
@@ -246,7 +246,7 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
         # How busy the machine was (1-minute load average, the run's own processes included, and the cores
         # it has): speed compared between runs means little when one of them shared the machine.
         "load_avg_1m": os.getloadavg()[0],
-        "cpu_count": usable_cpus(),
+        "cpu_count": run_cpus(),
         "modules": modules,
     }
     return row, probes

@@ -84,11 +84,15 @@ def create_run_dir(cfg: RunConfig, out: Path | None = None, devices: list[torch.
                 if note:
                     print(note)
         record = plan.record()
+        env = environment.collect([torch.device(d) for d in plan.devices])
+        # The CPUs each module's process is pinned to (dbench.cpus), None where none is pinned.
+        env["module_cpus"] = (launch.worker_cpus(plan.devices)
+                              if plan.engine == "distributed" and not launch.under_torchrun() else None)
         run = RunDir.create(
             out,
             {
                 CONFIG: record,
-                ENVIRONMENT: environment.collect([torch.device(d) for d in plan.devices]),
+                ENVIRONMENT: env,
                 SUMMARY: summary.compute([], "running", cfg.epochs, task=record.get("task")),
             },
         )

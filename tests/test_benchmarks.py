@@ -12,6 +12,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 TINY = {
+    "contention.py": ["--model", "resnet8", "--batch-size", "8", "--k", "2", "--rounds", "1", "--steps", "1",
+                      "--warmup", "1"],
     "overhead.py": ["--model", "resnet8", "--batch-size", "8", "--rounds", "1", "--steps", "1"],
     "partition_balance.py": ["--models", "resnet8", "--k", "2", "--batch-size", "4", "--repeats", "1"],
     "data_path.py": ["--model", "resnet8", "--samples", "256", "--batch-size", "32", "--steps", "1", "--rounds", "1",
@@ -53,6 +55,8 @@ def test_benchmark_prints_its_table(script, tmp_path):
 
 @pytest.mark.parametrize("script,args", [
     ("overhead.py", ["--steps", "0"]),
+    ("contention.py", ["--k", "1"]),
+    ("contention.py", ["--model", "nope"]),
     ("overhead.py", ["--model", "nope"]),
     ("breakdown.py", ["--methods", "fr,nope", "--root", "{tmp}/breakdown"]),
     ("breakdown.py", ["--k", "1", "--root", "{tmp}/breakdown"]),

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from conftest import alive, group
 from distributed_workers import PROBE_AT, RANGES, WORKLOADS, equivalence_worker
 from dbench import Trainer
+from dbench.cpus import module_shares, usable_cpus
 from dbench.engine.launch import free_port
 from dbench.meters import STATES
 from dbench.method import MODEL_PARALLEL
@@ -178,6 +179,11 @@ def test_launcher_torchrun_and_local_runs_agree(tmp_path):
         assert config["engine"] == "distributed" and config["devices"] == ["cpu", "cpu"]
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [m["module"] for m in rows[-1]["modules"]] == [0, 1]
+        environment = json.loads((tmp_path / name / "environment.json").read_text())
+        # Our launcher pins each module's process to its share of the CPUs; torchrun's processes are its own.
+        assert environment["module_cpus"] == (module_shares(2) if name == "distributed" else None)
+        # The rows count the run's CPUs, not the share of the pinned process that writes them.
+        assert {r["cpu_count"] for r in rows if r["kind"] == "epoch"} == {usable_cpus()}
         for row in (r for r in rows if r["kind"] == "epoch"):
             for m in row["modules"]:
                 # every module sends and receives each step: moving messages is a state of its own

@@ -121,7 +121,10 @@ def test_profiling_uses_the_threads_a_cpu_worker_gets(monkeypatch):
     from dbench import plan as run
     from dbench.engine import launch
 
-    monkeypatch.setattr(launch, "usable_cpus", lambda: 8)
+    from dbench import cpus
+
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(cpus, "_core_of", lambda cpu: ("0", str(cpu)))
     before = torch.get_num_threads()
     cpu = [torch.device("cpu")] * 4
     with run.profiling_threads("distributed", cpu):
@@ -138,6 +141,48 @@ def test_cpus_are_those_the_process_may_use():
     code = "import os; os.sched_setaffinity(0, {0}); from dbench.cpus import usable_cpus; print(usable_cpus())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"
+
+
+def test_cpu_modules_get_disjoint_shares_of_the_mask(monkeypatch):
+    from dbench import cpus
+    from dbench.engine import launch
+
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {9, 2, 3, 4, 5})
+    monkeypatch.setattr(cpus, "_core_of", lambda cpu: ("0", str(cpu)))  # one thread per core
+    assert cpus.module_shares(2) == [[2, 3], [4, 5]]  # equal shares; the fifth CPU is left over
+    assert cpus.module_shares(5) == [[2], [3], [4], [5], [9]]
+    assert cpus.module_shares(6) is None  # fewer CPUs than modules: they share them all, unpinned
+    assert launch.worker_cpus(["cpu", "cpu"]) == [[2, 3], [4, 5]]
+    assert launch.worker_threads(["cpu", "cpu"]) == 2
+    assert launch.worker_cpus(["cuda:0", "cuda:1"]) is None
+
+    # Two threads per core, numbered apart as Linux does on x86 (cpu i and i + 4 are one core's):
+    # a module gets whole cores, never one sibling of a core whose other sibling computes for another.
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(cpus, "_core_of", lambda cpu: ("0", str(cpu % 4)))
+    assert cpus.module_shares(2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert cpus.module_shares(4) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert cpus.module_shares(8) == [[cpu] for cpu in range(8)]  # more modules than cores: single CPUs
+    assert launch.worker_threads(["cpu"] * 3) == 2  # 4 cores // 3 modules: one core (two CPUs) each
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_a_pinned_process_and_its_later_threads_keep_to_their_share():
+    """What a CPU module's process does first (launch._worker): pinned, it and the threads it starts after
+    (torch's pool, gloo's) run on its share; the run's CPU count stays the whole mask's."""
+    code = """
+import os, threading
+from dbench import cpus
+first = min(os.sched_getaffinity(0))
+whole = cpus.usable_cpus()
+cpus.pin([first])
+seen = []
+t = threading.Thread(target=lambda: seen.append(sorted(os.sched_getaffinity(0))))
+t.start(); t.join()
+print(sorted(os.sched_getaffinity(0)) == [first], seen == [[first]], cpus.usable_cpus(), cpus.run_cpus() == whole)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "1", "True"]
 
 
 def test_params_split_balances_parameters():

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dbench.errors import DbenchError, RunInterrupted
-from dbench.cpus import usable_cpus
+from dbench.cpus import module_shares, pin
 from dbench import interrupts
 
 POLL_S = 0.1  # how often the launcher looks at its workers
@@ -47,9 +47,20 @@ def free_port() -> int:
 
 
 def worker_threads(devices: list) -> int | None:
-    """Torch threads of each worker process: the cores shared out when every module is on the CPU, else None (as is)."""
+    """Torch threads of each worker process when every module is on the CPU: the CPUs of its share (one
+    where there are fewer CPUs than modules); else None (as is)."""
     if all(torch.device(d).type == "cpu" for d in devices):
-        return max(1, usable_cpus() // len(devices))
+        shares = worker_cpus(devices)
+        return min(len(share) for share in shares) if shares else 1
+    return None
+
+
+def worker_cpus(devices: list) -> list[list[int]] | None:
+    """The CPUs each worker process is pinned to: a share of this process's affinity mask per module when
+    every module is on the CPU and there are CPUs enough (``dbench.cpus.module_shares``), else None (as is).
+    Module k on device k: on the CPU, a module's device is its share of the cores."""
+    if all(torch.device(d).type == "cpu" for d in devices):
+        return module_shares(len(devices))
     return None
 
 
@@ -61,11 +72,12 @@ def launch(run, quiet: bool) -> None:
     record = run.read(CONFIG)
     world = record["run"]["gpus"]
     threads = worker_threads(record["devices"])
+    shares = worker_cpus(record["devices"]) or [None] * world
     ctx = mp.get_context("spawn")
     reports = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world, str(run.path), port, quiet, threads, reports), name=f"module-{rank}")
+        ctx.Process(target=_worker, args=(rank, world, str(run.path), port, quiet, threads, shares[rank], reports), name=f"module-{rank}")
         for rank in range(world)
     ]
     for p in procs:
@@ -124,7 +136,10 @@ def _stop(procs: list) -> None:
             p.join()
 
 
-def _worker(rank: int, world: int, run_path: str, port: int, quiet: bool, threads: int | None, reports) -> None:
+def _worker(rank: int, world: int, run_path: str, port: int, quiet: bool, threads: int | None,
+            cpus: list[int] | None, reports) -> None:
+    if cpus is not None:
+        pin(cpus)  # first: every thread this process starts from here on inherits the mask
     # Ctrl-C reaches the launcher, which stops the workers with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)
