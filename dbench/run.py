@@ -85,9 +85,13 @@ def create_run_dir(cfg: RunConfig, out: Path | None = None, devices: list[torch.
                     print(note)
         record = plan.record()
         env = environment.collect([torch.device(d) for d in plan.devices])
-        # The CPUs each module's process is pinned to (dbench.cpus), None where none is pinned.
-        env["module_cpus"] = (launch.worker_cpus(plan.devices)
-                              if plan.engine == "distributed" and not launch.under_torchrun() else None)
+        if plan.engine == "distributed" and not launch.under_torchrun():
+            # What our launcher gives each module's process, not what this one has: its torch threads, and
+            # the CPUs it is pinned to (dbench.cpus; None where none is pinned).
+            env["torch_threads"] = launch.worker_threads(plan.devices) or env["torch_threads"]
+            env["module_cpus"] = launch.worker_cpus(plan.devices)
+        else:
+            env["module_cpus"] = None
         run = RunDir.create(
             out,
             {

@@ -182,6 +182,8 @@ def test_launcher_torchrun_and_local_runs_agree(tmp_path):
         environment = json.loads((tmp_path / name / "environment.json").read_text())
         # Our launcher pins each module's process to its share of the CPUs; torchrun's processes are its own.
         assert environment["module_cpus"] == (module_shares(2) if name == "distributed" else None)
+        if name == "distributed" and module_shares(2):
+            assert environment["torch_threads"] == len(module_shares(2)[0])  # each module's, not the launcher's
         # The rows count the run's CPUs, not the share of the pinned process that writes them.
         assert {r["cpu_count"] for r in rows if r["kind"] == "epoch"} == {usable_cpus()}
         for row in (r for r in rows if r["kind"] == "epoch"):

@@ -165,6 +165,11 @@ def test_cpu_modules_get_disjoint_shares_of_the_mask(monkeypatch):
     assert cpus.module_shares(8) == [[cpu] for cpu in range(8)]  # more modules than cores: single CPUs
     assert launch.worker_threads(["cpu"] * 3) == 2  # 4 cores // 3 modules: one core (two CPUs) each
 
+    # No affinity mask to read (macOS): no pinning, the machine's CPUs split evenly among the modules.
+    monkeypatch.delattr(cpus.os, "sched_getaffinity")
+    monkeypatch.setattr(cpus.os, "cpu_count", lambda: 8)
+    assert launch.worker_cpus(["cpu", "cpu"]) is None and launch.worker_threads(["cpu", "cpu"]) == 4
+
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
 def test_a_pinned_process_and_its_later_threads_keep_to_their_share():

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dbench.errors import DbenchError, RunInterrupted
-from dbench.cpus import module_shares, pin
+from dbench.cpus import module_shares, pin, usable_cpus
 from dbench import interrupts
 
 POLL_S = 0.1  # how often the launcher looks at its workers
@@ -47,11 +47,12 @@ def free_port() -> int:
 
 
 def worker_threads(devices: list) -> int | None:
-    """Torch threads of each worker process when every module is on the CPU: the CPUs of its share (one
-    where there are fewer CPUs than modules); else None (as is)."""
+    """Torch threads of each worker process when every module is on the CPU: the CPUs of its share; where
+    there are no shares (fewer CPUs than modules, or no affinity mask to read, as on macOS) the CPUs split
+    evenly, at least one each. Else None (as is)."""
     if all(torch.device(d).type == "cpu" for d in devices):
         shares = worker_cpus(devices)
-        return min(len(share) for share in shares) if shares else 1
+        return min(len(share) for share in shares) if shares else max(1, usable_cpus() // len(devices))
     return None
 
 
