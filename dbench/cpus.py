@@ -57,12 +57,13 @@ def _core_of(cpu: int) -> tuple[str, str]:
 
 
 def pin(cpus: list[int]) -> None:
-    """Confine this process to ``cpus``: its module's share of a CPU run.
+    """Confine this process to ``cpus``: its module's share of a CPU run (module k on device k).
 
-    Why: with one torch thread per module and no pinning, the scheduler moves the module processes and
-    their communication threads between the cores, so a module's working set is left behind in another
-    core's cache and two modules can land on one core for a while. Threads started after this call (torch's
-    intra-op pool, gloo's) inherit the mask; call it before either exists.
+    Why: unpinned, the K processes' torch threads (a share's worth each) and gloo's threads are placed by the
+    scheduler, which may put two modules' threads on one core while another core idles, or move a module
+    away from the cache that holds its working set. Pinned, a module's cores compute for it alone. (On the
+    2-core machine, where each module has one thread, pinned and unpinned runs measured the same.) Threads
+    started after this call (torch's intra-op pool, gloo's) inherit the mask; call it before either exists.
     """
     global _run_cpus
     _run_cpus = usable_cpus()

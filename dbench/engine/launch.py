@@ -78,7 +78,8 @@ def launch(run, quiet: bool) -> None:
     reports = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world, str(run.path), port, quiet, threads, shares[rank], reports), name=f"module-{rank}")
+        ctx.Process(target=_worker, args=(rank, world, str(run.path), port, quiet, threads, shares[rank], reports),
+                    name=f"module-{rank}")
         for rank in range(world)
     ]
     for p in procs:
