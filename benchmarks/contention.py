@@ -12,7 +12,8 @@ pays it too.
 This measures it directly, with no dbench engine, messages or methods in the
 way: the same single-threaded BP training step (the given model, batch and
 SGD settings, synthetic data) in one process alone on one CPU, and in K
-processes at once, each pinned to its own CPU of this process's affinity mask,
+processes at once, each pinned to its own CPU of this process's affinity mask
+(on distinct physical cores where there are K of them, as dbench pins modules),
 started together at a barrier. The K processes start once and serve every
 round; a round times the first of them alone, then all K together. Each
 process times its steps after a warm-up, in CPU time (what the core spent on
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from dbench.cli import run_command
-from dbench.cpus import usable_cpus
+from dbench.cpus import module_shares, usable_cpus
 from dbench.registry import MODELS
 
 
@@ -127,7 +128,8 @@ def main(model, batch, k, rounds, warmup, steps):
     mask = sorted(os.sched_getaffinity(0))
     if k < 2 or k > len(mask):
         raise click.BadParameter(f"{k}: needs 2 to {len(mask)} (the CPUs this process may use)", param_hint="--k")
-    together_cpus = mask[:k]
+    # One CPU of each of K distinct physical cores where there are so many (as dbench pins K modules).
+    together_cpus = [share[0] for share in module_shares(k)]
     alone, together, ratios = [], [], {"cpu": [], "wall": []}
     workers = Workers(model, batch, together_cpus, warmup)
     try:
