@@ -278,20 +278,24 @@ def _suite_options(command):
 @main.command()
 @_suite_options
 @click.option("--data-dir", default=None, help="Data folder for new runs (overrides the suite's data_dir).")
+@click.option("--device", default=None, metavar="DEVICE",
+              help="Put every module of each new run on DEVICE, e.g. cuda:0: K modules sharing one GPU time-share "
+                   "it, so the report shows their costs there, not parallel speedups.")
 @click.option("--dry-run", is_flag=True, help="List the runs and what is on disk for each; train nothing.")
 @click.option("--progress", is_flag=True, help="Show each run's progress bar (default: one line per epoch).")
-def suite(name: str, file: Path, results: Path, data_dir: str | None, dry_run: bool, progress: bool) -> None:
+def suite(name: str, file: Path, results: Path, data_dir: str | None, device: str | None, dry_run: bool,
+          progress: bool) -> None:
     """Run suite NAME of bench.toml: skip complete runs, resume unfinished ones, record diverged ones and go on."""
     from dbench import suites
 
     planned = suites.load(file, name)
     if dry_run:
-        states = suites.check(planned, results, data_dir)  # what a real run refuses, the dry run refuses too
+        states = suites.check(planned, results, data_dir, device)  # what a real run refuses, the dry run refuses too
         click.echo(f"suite {name}: {planned.description}" if planned.description else f"suite {name}")
         for i, run in enumerate(planned.runs, 1):
             click.echo(f"[{i}/{len(planned.runs)}] {run.name}: {states[run.name]}  ({run.path(results)})")
         return
-    final = suites.run_suite(planned, results, quiet=not progress, data_dir=data_dir, echo=click.echo)
+    final = suites.run_suite(planned, results, quiet=not progress, data_dir=data_dir, device=device, echo=click.echo)
     counts = {state: list(final.values()).count(state) for state in sorted(set(final.values()))}
     click.echo(f"suite {name}: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
 

@@ -405,6 +405,8 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             "sigma_corrected": summ.get("sigma_corrected"),
             "num_params": run.config.get("num_params"),
             "devices": ",".join(run.config.get("devices") or []),
+            # K modules on one GPU time-share it (dbench.report.speed: not a parallel measurement)
+            "shared_gpu": _shares_a_gpu(run.config.get("devices") or []),
             "partition": " ".join(f"[{a},{b})" for a, b in run.config.get("partition") or []),
             "settings": _settings_key(run),
             "git_revision": run.git_revision,
@@ -556,3 +558,8 @@ def probes_frame(runs: list[Run]) -> pd.DataFrame:
             frame[name] = pd.to_numeric(frame[name], errors="coerce")  # None → NaN
     return frame
 
+
+def _shares_a_gpu(devices: list[str]) -> bool:
+    """Whether two modules of a run sat on one CUDA device (CPU modules each have cores of their own)."""
+    gpus = [d if ":" in d else f"{d}:0" for d in devices if d.startswith("cuda")]
+    return len(set(gpus)) < len(gpus)

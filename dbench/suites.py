@@ -234,12 +234,18 @@ def status(run: PlannedRun, root: Path) -> str:
                      f"restore the file, or remove {path} to run it again")
 
 
-def _for_this_machine(config: RunConfig, data_dir: str | None) -> RunConfig:
-    """A new run's settings, with the --data-dir given to `dbench suite` in place of the suite's."""
-    return config if data_dir is None else dataclasses.replace(config, data_dir=data_dir)
+def _for_this_machine(config: RunConfig, data_dir: str | None, device: str | None = None) -> RunConfig:
+    """A new run's settings, with the --data-dir given to `dbench suite` in place of the suite's, and with
+    --device every module of the run on that one device (K modules sharing a GPU: a cost on it, not a
+    parallel speedup; the report says so)."""
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=data_dir)
+    if device is not None:
+        config = dataclasses.replace(config, devices=[device] * config.gpus)
+    return config
 
 
-def check(suite: Suite, root: Path, data_dir: str | None = None) -> dict[str, str]:
+def check(suite: Suite, root: Path, data_dir: str | None = None, device: str | None = None) -> dict[str, str]:
     """{run name: status on disk} of every run, once each run the suite would start is planned as
     `dbench run` plans it (``plan.check``): a DbenchError, before anything trains or is written, names
     the first damaged run directory or the first run `dbench run` would refuse.
@@ -261,13 +267,13 @@ def check(suite: Suite, root: Path, data_dir: str | None = None) -> dict[str, st
         if states[planned.name] != "missing":
             continue
         try:
-            plan.check(_for_this_machine(planned.config, data_dir))
+            plan.check(_for_this_machine(planned.config, data_dir, device))
         except DbenchError as e:
             raise DbenchError(f"{suite.source}: {planned.where}, run {planned.name}: {e}") from None
     return states
 
 
-def run_suite(suite: Suite, root: Path, *, quiet: bool = True, data_dir: str | None = None,
+def run_suite(suite: Suite, root: Path, *, quiet: bool = True, data_dir: str | None = None, device: str | None = None,
               echo: Callable[[str], None] = print, on_epoch_end: Callable[[int], None] | None = None) -> dict[str, str]:
     """Run every planned run that is not complete; returns {run name: final status}.
 
@@ -277,7 +283,7 @@ def run_suite(suite: Suite, root: Path, *, quiet: bool = True, data_dir: str | N
     """
     from dbench import run as runner
 
-    check(suite, root, data_dir)
+    check(suite, root, data_dir, device)
     final = {}
     total = len(suite.runs)
     for i, planned in enumerate(suite.runs, 1):
@@ -288,7 +294,7 @@ def run_suite(suite: Suite, root: Path, *, quiet: bool = True, data_dir: str | N
             echo(f"{label}: {before}, skipped")
             final[planned.name] = before
             continue
-        config = _for_this_machine(planned.config, data_dir)
+        config = _for_this_machine(planned.config, data_dir, device)
         echo(f"{label}: {'resuming' if before != 'missing' else 'starting'}")
         try:
             if before == "missing":

@@ -74,3 +74,28 @@ def test_runs_timed_under_very_different_load_are_flagged():
     warnings = load_warnings(runs)
     assert len(warnings) == 1 and "resnet20 · synthetic · 128" in warnings[0]
     assert "2.0 to 3.5 on 2 cores" in warnings[0]
+
+
+def test_modules_sharing_a_gpu_are_not_a_parallel_measurement():
+    """K modules on one GPU (--devices cuda:0,cuda:0) time-share it: seconds are shown, no speedup, and a note."""
+    from dbench.report.speed import SHARED_NOTE, parallel_measurement
+
+    shared = table().assign(shared_gpu=False)
+    shared.loc[(shared["label"] == "ddg") & (shared["batch_size"] == 64), "shared_gpu"] = True
+    got = summarize(shared).set_index(["method", "k", "engine", "batch_size"])
+    ddg = got.loc[("ddg", 2, "distributed", 64)]
+    assert not ddg["parallel"] and ddg["seconds_per_epoch"] == 10.0
+    assert math.isnan(ddg["speedup_epoch_time"]) and math.isnan(ddg["speedup_vs_exact"])
+    assert got.loc[("ddg", 2, "distributed", 128)]["speedup_epoch_time"] == pytest.approx(2.0)  # the rest as before
+    assert list(parallel_measurement(shared)) == [True, True, True, True, True, True, True, False, False]
+    assert "time-share" in SHARED_NOTE
+
+
+@pytest.mark.parametrize("devices,shared", [
+    (["cuda:0", "cuda:0"], True), (["cuda", "cuda:0"], True), (["cuda:0", "cuda:1"], False),
+    (["cpu", "cpu"], False), (["cuda:0"], False), ([], False),
+])
+def test_which_runs_shared_a_gpu(devices, shared):
+    from dbench.results import _shares_a_gpu
+
+    assert _shares_a_gpu(devices) is shared

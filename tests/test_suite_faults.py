@@ -60,6 +60,26 @@ def test_a_data_dir_override_is_checked_before_any_run(tmp_path, monkeypatch, ca
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_a_device_override_is_checked_before_any_run(dry_run, tmp_path, monkeypatch, capsys):
+    (tmp_path / "bench.toml").write_text(bench())
+    args = ["suite", "bad", "--device", "tpu:0", *(["--dry-run"] if dry_run else [])]
+    code, out, err = run_cli(args, monkeypatch, capsys, cwd=tmp_path)
+    assert code == 2 and err == "error: bench.toml: suite.bad.grid[0], run bp-mlp-synthetic-k1-s0: bad device " \
+                                "'tpu:0': expected cpu or cuda:N\n"
+    assert out == "" and not (tmp_path / "results").exists()
+
+
+def test_a_device_override_puts_every_module_of_a_new_run_there(tmp_path, monkeypatch, capsys):
+    import json
+
+    (tmp_path / "bench.toml").write_text(bench(gpus="[2]"))
+    code, out, err = run_cli(["suite", "bad", "--device", "cpu"], monkeypatch, capsys, cwd=tmp_path)
+    assert code == 0, err
+    config = json.loads((tmp_path / "results/bad/bp-mlp-synthetic-k2-s0/config.json").read_text())
+    assert config["run"]["devices"] == ["cpu", "cpu"] and config["devices"] == ["cpu", "cpu"]
+
+
 # --- every key's type ----------------------------------------------------------------------------
 
 WRONG = "{ bad = [1] }"  # a TOML value that fits no setting: not a number, string, list or table of strings

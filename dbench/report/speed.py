@@ -30,6 +30,9 @@ LOCAL_NOTE = ("Local engine at K > 1: the K modules run one after another in one
               "total compute, not parallel time: no speedup is shown for it (" + NOT_PARALLEL + "). Measure speed "
               "with `dbench run --engine distributed` runs.")
 DISTRIBUTED_NOTE = "Distributed engine: one process per module (or replica), working at the same time."
+SHARED_NOTE = ("Modules that shared one GPU (--devices cuda:0,cuda:0, or `dbench suite --device`) time-share it: "
+               "their seconds are costs on that GPU, not parallel time, so no speedup is shown for them ("
+               + NOT_PARALLEL + "); benchmarks/breakdown.py says where their time goes.")
 EXACT_NOTE = ("Fastest exact baseline: of the exact-gradient ways to use the same devices (the model on one "
               "device, ddp, gpipe, 1f1b) that were measured for the same model, data set and batch size, the one "
               "with the fewest seconds per epoch; × fastest exact is its seconds per epoch over the method's, beside "
@@ -48,11 +51,14 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """
     if "tokens_per_s" not in table.columns:  # a table without any language model (or from before them)
         table = table.assign(tokens_per_s=float("nan"))
+    if "shared_gpu" not in table.columns:  # a table made without the column (no GPU shared)
+        table = table.assign(shared_gpu=False)
     means = table.groupby([*GROUP, "label", "method_label", "method"], sort=True).agg(
         seeds=("seed", "nunique"), seconds_per_epoch=("seconds_per_epoch", "mean"),
         samples_per_s=("samples_per_s", "mean"), table_order=("table_order", "first"),
         # a language model's samples are sequences: its tokens (bytes) per second beside them (NaN for images)
         tokens_per_s=("tokens_per_s", "mean"),
+        shared_gpu=("shared_gpu", "any"),
         reference=("reference", "first"), family=("family", "first"),
         # facts are recorded per run for its K and options, which the label and K fix: the same for every seed
         ideal_speedup=("ideal_speedup", "first"),
@@ -113,8 +119,10 @@ LOAD_GAP = 0.5  # of the machine's cores: runs whose load averages differ by mor
 
 def parallel_measurement(frame: pd.DataFrame) -> pd.Series:
     """Rows whose seconds are parallel time: the distributed engine, or a single device (the local engine at
-    K > 1 runs its modules one after another)."""
-    return (frame["engine"] != "local") | (frame["k"] == 1)
+    K > 1 runs its modules one after another); not modules that shared a GPU (``--devices cuda:0,cuda:0``,
+    ``dbench suite --device``), which time-share it."""
+    shared = frame["shared_gpu"].fillna(False).astype(bool) if "shared_gpu" in frame.columns else False
+    return ((frame["engine"] != "local") | (frame["k"] == 1)) & ~shared
 
 
 def load_warnings(table: pd.DataFrame) -> list[str]:
@@ -172,8 +180,10 @@ def build(data: ReportData, out: Path) -> Section:
     })
     engines = set(numbers["engine"])
     notes = []
-    if (~numbers["parallel"]).any():
+    if ((numbers["engine"] == "local") & (numbers["k"] > 1)).any():
         notes.append(LOCAL_NOTE)
+    if numbers["shared_gpu"].any():
+        notes.append(SHARED_NOTE)
     if "distributed" in engines:
         notes.append(DISTRIBUTED_NOTE)
     notes.append(EXACT_NOTE)
