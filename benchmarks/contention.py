@@ -37,11 +37,11 @@ from datetime import date
 
 import click
 import torch
-from torch import nn
 
 from dbench.cli import run_command
 from dbench.cpus import module_shares, usable_cpus
 from dbench.registry import MODELS
+from overhead import plain_loop  # benchmarks/ is this script's folder: on the path, here and in spawned workers
 
 
 def _worker(model_name: str, batch: int, cpu: int, warmup: int, conn, barrier) -> None:
@@ -54,18 +54,11 @@ def _worker(model_name: str, batch: int, cpu: int, warmup: int, conn, barrier) -
     os.sched_setaffinity(0, {cpu})
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = nn.Sequential(*MODELS.get(model_name)(num_classes=10).blocks).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    # The plain PyTorch training step overhead.py times dbench against (torch's default SGD update).
+    step = plain_loop(MODELS.get(model_name)(num_classes=10).blocks, torch.device("cpu"), foreach=None)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-
     for _ in range(warmup):
-        step()
+        step(x, y)
     conn.send("ready")
     while (order := conn.recv()) is not None:
         _, steps, together = order
@@ -73,7 +66,7 @@ def _worker(model_name: str, batch: int, cpu: int, warmup: int, conn, barrier) -
             barrier.wait()  # the K processes time their steps at the same moment
         cpu0, wall0 = time.process_time(), time.perf_counter()
         for _ in range(steps):
-            step()
+            step(x, y)
         conn.send(((time.process_time() - cpu0) / steps, (time.perf_counter() - wall0) / steps))
 
 

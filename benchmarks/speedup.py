@@ -131,18 +131,22 @@ def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: 
     for name in everyone:
         s = last[name]
         over_ref = median[name] / median[reference]
-        # Per round, over the reference of the same round: the issue's "in every run" is about each of them.
-        shares = [mine_r / ref_r / ideal(name) for mine_r, ref_r in zip(rates[name], rates[reference])] \
-            if ideal(name) and name != ONE_DEVICE else []
-        per_round = ", ".join(f"{x:.0%}" for x in shares) or "–"
-        # The cost model's ideal assumes balanced modules; at the cut the run used, the slowest module sets
-        # the pace: ideal / (slowest over mean), from the cut's timing at set-up (median over rounds).
-        # (The reference runs one module at a time: its period is the sum of the modules', whatever the cut.)
-        at_cut = ideal(name) if name == reference else \
-            ideal(name) / statistics.median(balances[name]) if ideal(name) and balances[name] else None
         over_exact = median[name] / median[fastest] if fastest else None
         mine, theirs = ideal(name), ideal(fastest) if fastest else None
         vs_exact = mine / theirs if mine is not None and theirs else None
+        # Per round, over the reference of the same round: the issue's "in every run" is about each of them.
+        shares = ([mine_r / ref_r / mine for mine_r, ref_r in zip(rates[name], rates[reference])]
+                  if mine and name != ONE_DEVICE else [])
+        per_round = ", ".join(f"{x:.0%}" for x in shares) or "–"
+        # The cost model's ideal assumes balanced modules; at the cut the run used, the slowest module sets
+        # the pace: ideal / (slowest over mean), from the cut's timing at set-up (median over rounds).
+        # The reference runs one module at a time: its period is the sum of the modules', whatever the cut.
+        if name == reference:
+            at_cut = mine
+        elif mine and balances[name]:
+            at_cut = mine / statistics.median(balances[name])
+        else:
+            at_cut = None
         compute = " / ".join(f"{m['compute_s']:.1f}" for m in s["modules"])
         wait = " / ".join(f"{m['wait_input_s'] + m['wait_grad_s']:.1f}" for m in s["modules"])
         spread = f"{median[name]:.1f} ({min(rates[name]):.1f}–{max(rates[name]):.1f})"
