@@ -14,8 +14,7 @@ import torch
 
 from dbench.data.base import DataSplits
 from dbench.data.loader import DeviceLoader
-from dbench.engine.distributed import RankTrainer, ReplicaTrainer
-from dbench.method import DATA_PARALLEL
+from dbench.engine.distributed import RankTrainer
 from dbench.optim import LRSchedule
 from dbench.partition import split_modules
 from dbench.plan import Plan, loader
@@ -39,8 +38,8 @@ class Built:
 
     @property
     def images(self) -> bool:
-        """Whether this process reads images (the first module's does; the others need labels only)."""
-        return self.rank in (None, 0) or self.plan.method.parallelism == DATA_PARALLEL
+        """Whether this process reads images (every replica's first module does; the others need labels only)."""
+        return self.rank is None or self.rank % self.plan.modules == 0
 
 
 def build(plan: Plan, rank: int | None = None, splits: DataSplits | None = None) -> Built:
@@ -55,24 +54,19 @@ def build(plan: Plan, rank: int | None = None, splits: DataSplits | None = None)
     train = loader(cfg, splits, home, train=True, context=plan.context)
     test = loader(cfg, splits, home, train=False, context=plan.context)
 
-    torch.manual_seed(cfg.seed)  # the model's initial weights: the same in every process and every method
+    torch.manual_seed(cfg.seed)  # the model's initial weights: the same in every process, replica and method
     modules = split_modules(MODELS.get(cfg.model)(num_classes=plan.num_classes).blocks, plan.ranges)
-    if plan.method.parallelism == DATA_PARALLEL:
-        # a whole replica in each process (the plan's ranges all cover every block)
-        trainer = ReplicaTrainer(
-            modules[rank], cfg.method, rank, cfg.gpus, devices[rank], optim=cfg.optim, options=plan.options,
-            num_classes=plan.num_classes, timeout_s=cfg.comm_timeout,
-        )
-    elif rank is None:
+    if rank is None:
         trainer = Trainer(
             modules, cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, optimizer=cfg.optimizer,
             weight_decay=cfg.weight_decay, devices=devices, options=plan.options,
-            num_classes=plan.num_classes, measure=True,
+            num_classes=plan.num_classes, measure=True, replicas=plan.replicas,
         )
     else:
+        # Process rank = d·K + k holds module k of replica d.
         trainer = RankTrainer(
-            modules[rank], cfg.method, rank, cfg.gpus, devices[rank], optim=cfg.optim, options=plan.options,
-            num_classes=plan.num_classes, timeout_s=cfg.comm_timeout,
+            modules[rank % plan.modules], cfg.method, rank, cfg.gpus, devices[rank], optim=cfg.optim,
+            options=plan.options, num_classes=plan.num_classes, timeout_s=cfg.comm_timeout, replicas=plan.replicas,
         )
     probe = train.fixed_batches(cfg.sigma_batches, PROBE_SEED) if plan.sigma_every else []
     return Built(plan=plan, train=train, test=test, trainer=trainer, rank=rank,

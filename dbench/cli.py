@@ -58,13 +58,17 @@ D = RunConfig()  # the defaults, shown in --help
 @click.option("--context", type=int, default=None, metavar="TOKENS",
               help="Text data: tokens (bytes) per training sequence, at most the model's context. "
                    "[default: the model's context]")
-@click.option("--gpus", type=int, default=D.gpus, show_default=True, help="K: number of modules; module k on device k.")
+@click.option("--gpus", type=int, default=D.gpus, show_default=True,
+              help="N: number of devices, K = N/D modules per replica; module k of replica d on device d*K+k.")
+@click.option("--replicas", type=int, default=None, metavar="D",
+              help="D copies of the K modules, each on a shard of every batch, gradients averaged over the copies "
+                   "of each module. [default: 1; ddp: one per device]")
 @click.option("--devices", default=None, metavar="LIST",
               help="Explicit device per module, e.g. cuda:0,cuda:0 (the only way to share a device).")
 @click.option("--engine", type=click.Choice(ENGINES), default=D.engine, show_default=True,
-              help="local: every module in this process; distributed: one process per module "
-                   "(torch.distributed: NCCL when each module has a GPU of its own, else gloo); auto: distributed when the K modules "
-                   "sit on K distinct GPUs, else local.")
+              help="local: every module in this process; distributed: one process per module (and replica) "
+                   "(torch.distributed: NCCL when each module has a GPU of its own, else gloo); auto: distributed when the N "
+                   "devices are distinct GPUs or each holds a whole replica, else local.")
 @click.option("--comm-timeout", type=float, default=D.comm_timeout, show_default=True, metavar="SECONDS",
               help="Distributed engine: how long a module process waits on a message before it fails.")
 @click.option("--split", default=D.split, show_default=True,

@@ -36,7 +36,10 @@ class RunConfig:
     data_dir: str | None = None
     download: bool = False
     context: int | None = None  # tokens per sequence of a text data set; None: the model's context
-    gpus: int = 1
+    gpus: int = 1  # N devices: K = N / replicas modules per replica
+    # D replicas of the K modules, each on a shard of every batch (ALGORITHMS.md, "At scale"). None: 1, or
+    # one per device for a method whose layout is whole-model replicas (ddp).
+    replicas: int | None = None
     devices: list[str] | None = None
     engine: str = "auto"
     comm_timeout: float = 300.0  # seconds a module process waits on a message before it gives up
@@ -56,13 +59,19 @@ class RunConfig:
     sigma_batches: int = 2
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
 
-    def resolved_engine(self, devices: list) -> str:
-        """``auto``: one process per module when the K > 1 modules sit on K distinct CUDA devices,
-        else the local engine (on a CPU, K processes would share the same cores)."""
+    def resolved_engine(self, devices: list, modules: int | None = None) -> str:
+        """``auto``: one process per device when the N > 1 devices are distinct CUDA devices, or when every
+        device holds a whole replica (``modules`` K = 1: no pipeline, so every process computes at once, as
+        DDP always runs); else the local engine (on a CPU, a pipeline's processes would share the same cores
+        one module at a time)."""
         if self.engine != "auto":
             return self.engine
         distinct_gpus = all(d.type == "cuda" for d in devices) and len(set(devices)) == len(devices)
-        return "distributed" if len(devices) > 1 and distinct_gpus else "local"
+        return "distributed" if len(devices) > 1 and (distinct_gpus or modules == 1) else "local"
+
+    def layout_name(self) -> str:
+        """``k<N>`` (N devices) in run folder names, and ``d<D>`` after it when ``--replicas`` D > 1 is given."""
+        return f"k{self.gpus}" + (f"d{self.replicas}" if self.replicas and self.replicas > 1 else "")
 
     def sigma_interval(self, steps_per_epoch: int) -> int:
         """Steps between two σ probes (0: never)."""
@@ -95,6 +104,12 @@ class RunConfig:
         _positive_int("--epochs", self.epochs)
         _positive_int("--batch-size", self.batch_size, at_most=None)  # at most the training set: see plan.make
         _positive_int("--gpus", self.gpus)
+        if self.replicas is not None:
+            _positive_int("--replicas", self.replicas)
+            if self.gpus % self.replicas:
+                divisors = [d for d in range(1, self.gpus + 1) if self.gpus % d == 0] if self.gpus <= 4096 else [1]
+                raise DbenchError(f"bad --replicas {self.replicas}: it must divide --gpus {self.gpus} (K = N/D modules "
+                                  f"per replica); accepted: {', '.join(map(str, divisors))}")
         if self.context is not None:
             _positive_int("--context", self.context)  # at most the model's context: see plan.check
         if not 0 <= self.seed <= MAX_SEED:

@@ -126,6 +126,22 @@ class Recv:
 
 
 @dataclass(frozen=True)
+class AllReduce:
+    """Average ``tensors`` in place over the D copies of this module (one per replica); the engine does it.
+
+    Yielded by ``Stage.apply_update`` (and ``side_update``) before an optimizer
+    steps, when the run has replicas (ALGORITHMS.md, "At scale"): the gradient
+    a module hands its optimizer is first averaged over the copies of that
+    module in every replica. Every copy runs the same program, so they all
+    yield it at the same point, with tensors of the same shapes; the engine
+    answers once the last of them has. ``what`` names it in errors and traces.
+    """
+
+    tensors: tuple
+    what: str = "gradients"
+
+
+@dataclass(frozen=True)
 class Message:
     """What travels on a channel: a value (never a graph) and its tag."""
 
@@ -142,7 +158,7 @@ def check_tag(stage: int, op: Recv, message: Message) -> torch.Tensor:
     return message.tensor
 
 
-Op = Union[Send, Recv]
+Op = Union[Send, Recv, AllReduce]
 
 
 @dataclass(frozen=True)
@@ -326,6 +342,20 @@ class Stage:
         # Set by dbench.meters when a run measures: told before every backward
         # (memory peaks there) and before every update (σ reads the gradient there).
         self.observer: Any = None
+        # The layout (ALGORITHMS.md, "At scale"): this module is module ``index`` of replica ``replica`` of
+        # ``replicas``; set by the engine (``place``). Each replica trains on its shard of every batch.
+        self.replica, self.replicas = 0, 1
+        # D·n_d/B of the current iteration's batch (n_d samples of this replica's shard, B of the batch): what
+        # this replica's losses are multiplied by, so that the mean over replicas of every gradient derived
+        # from them is the full batch's mean gradient. Set by the engine before every step; 1 without replicas.
+        self.shard_weight = 1.0
+        self._updates_open = 0  # apply_update()/side_update() called but not yet run through (see check_updates)
+
+    def place(self, replica: int, replicas: int) -> None:
+        """Make this stage the copy of its module in replica ``replica`` of ``replicas`` (the engine calls it)."""
+        if not 0 <= replica < replicas:
+            raise ValueError(f"replica {replica} of {replicas}: must be 0 <= replica < replicas")
+        self.replica, self.replicas = replica, replicas
 
     @property
     def is_first(self) -> bool:
@@ -360,7 +390,8 @@ class Stage:
             x.requires_grad_()
         return x
 
-    def top_step(self, t: int, x: torch.Tensor | None, y: torch.Tensor, teach: str | None = DOWN) -> StepProgram:
+    def top_step(self, t: int, x: torch.Tensor | None, y: torch.Tensor, teach: str | None = DOWN,
+                 weight: float | None = None) -> StepProgram:
         """The top module: forward, loss, true backward, update; and what it teaches the modules below.
 
         ``teach``: DOWN sends the error gradient at its input to the module
@@ -368,7 +399,8 @@ class Stage:
         output error ``∂f/∂h_K`` to every other module (feedback alignment),
         None sends nothing. Whatever it sends leaves before the update, and
         the output error even before the backward, so the modules below can
-        start at once. Messages are tagged with ``t``.
+        start at once. Messages are tagged with ``t``. ``weight``: the shard
+        weight of the batch scored (default: this iteration's, ``shard_weight``).
         """
         below = not self.is_first
         x = yield from self.receive_input(x, needs_grad=teach == DOWN, t=t)
@@ -377,7 +409,7 @@ class Stage:
             # A top module without trainable parameters (its input carries no graph either): the output
             # error ∂f/∂h_K is still what the modules below learn from, so the loss must reach its output.
             out = out.detach().requires_grad_()
-        loss = self.loss_fn(out, y)
+        loss = self.weighted(self.loss_fn(out, y), weight)
         if teach == ERROR and below:
             # The error first (the graph kept), so every module below can start; then the whole backward from
             # the loss, which also frees the loss's own node (a backward from ``out`` would leave it alive).
@@ -386,8 +418,24 @@ class Stage:
         self.backward(loss)
         if teach == DOWN and below:
             yield Send(DOWN, x.grad, (t,))
-        self.apply_update()
-        return StepOutput(loss=loss.detach(), logits=out.detach())
+        yield from self.apply_update()
+        return StepOutput(loss=self.share(loss), logits=out.detach())
+
+    def weighted(self, loss: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+        """``loss`` (a mean over this replica's shard) times the shard weight D·n_d/B (``weight``, or this
+        iteration's): the replicas' mean of its gradients is then the full batch's. Unchanged without replicas.
+
+        The weight goes on the loss rather than on the averaged gradient, so that every gradient derived from
+        the loss (sent down, delayed, replayed, fed back as DFA's error) carries the weight of the batch it came
+        from, whichever iteration applies it.
+        """
+        if self.replicas == 1:
+            return loss
+        return loss * (self.shard_weight if weight is None else weight)
+
+    def share(self, weighted: torch.Tensor) -> torch.Tensor:
+        """This replica's share of the batch's mean loss, from its ``weighted`` loss (the engine sums the shares)."""
+        return weighted.detach() if self.replicas == 1 else weighted.detach() / self.replicas
 
     @property
     def has_trainable_parameters(self) -> bool:
@@ -412,12 +460,59 @@ class Stage:
         if self.observer is not None:
             self.observer.before_backward()
 
-    def apply_update(self) -> None:
-        """Hand ``p.grad`` to the optimizer; this gradient is the method's ``g_k^t``."""
+    def apply_update(self) -> StepProgram:
+        """Hand ``p.grad`` to the optimizer; this gradient is the method's ``g_k^t``.
+
+        Use as ``yield from self.apply_update()``: with replicas the gradient is
+        first averaged over the copies of this module (an ``AllReduce`` the
+        engine answers), so σ and the optimizer see the averaged one. Calling it
+        without ``yield from`` would skip the update; the engines check that
+        every update begun in a step was run through (``check_updates``).
+        """
+        self._updates_open += 1
+        return self._update()
+
+    def _update(self) -> StepProgram:
+        yield from self.average(self.optimizer)
         if self.observer is not None:
             self.observer.before_update()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._updates_open -= 1
+
+    def side_update(self, name: str) -> StepProgram:
+        """Step side model ``name``'s optimizer (its gradients averaged over the replicas first), then zero
+        them. Use as ``yield from self.side_update(name)``."""
+        self._updates_open += 1
+        return self._side_update(name)
+
+    def _side_update(self, name: str) -> StepProgram:
+        optimizer = self.side_optimizer(name)
+        yield from self.average(optimizer, what=f"{name} gradients")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._updates_open -= 1
+
+    def average(self, optimizer: torch.optim.Optimizer, what: str = "gradients") -> StepProgram:
+        """Average the gradients ``optimizer`` is about to apply over the replicas (nothing without replicas)."""
+        if self.replicas == 1:
+            return
+        grads = tuple(p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+        if grads:
+            yield AllReduce(grads, what)
+
+    def join(self, group: Any) -> None:
+        """The distributed engine made ``group``, the process group of this module's copies in every replica.
+
+        A method that needs it (DDP's SyncBatchNorm) takes it here; the others ignore it.
+        """
+
+    def check_updates(self) -> None:
+        """Raise if an update was begun in this step but never run (``apply_update()`` without ``yield from``)."""
+        if self._updates_open:
+            self._updates_open = 0
+            raise RuntimeError(f"method {self.name!r}, module {self.index}: an update was called but not run; "
+                               f"write `yield from self.apply_update()` (and `yield from self.side_update(name)`)")
 
     def declare_side(self, name: str, side: SideModel) -> None:
         """Declare a side model (in ``__init__``); :meth:`side` builds it at first use."""

@@ -44,7 +44,7 @@ class Plan:
 
     config: RunConfig
     options: Any  # the method's Options
-    devices: list[str]  # one per module
+    devices: list[str]  # one per device: module k of replica d on devices[d·K + k]
     engine: str  # "local" or "distributed" (resolved)
     ranges: Ranges  # block range of each module
     num_params: int
@@ -58,6 +58,31 @@ class Plan:
     split_note: str | None = None  # what --split auto chose, and why; not recorded (the partition is)
     balance: dict | None = None  # --split time: predicted and measured seconds per step of each module
     task: dict = dataclasses.field(default_factory=lambda: {"kind": "classification"})  # what the metrics mean
+    replicas: int = 1  # D: copies of the K modules, each on a shard of every batch
+
+    @property
+    def modules(self) -> int:
+        """K, the modules of one replica (the ranges)."""
+        return len(self.ranges)
+
+    def facts(self) -> dict:
+        """The method's facts for this layout. With D replicas of K modules (a method other than ddp, whose
+        facts are already stated for its N replicas): the ideal speedup over model-parallel BP on the same N
+        devices is the method's at K times D (each replica runs the method at K on B/D samples; BP's K or N
+        locked modules take the same time per batch), and even BP's hybrid is an exact layout among the
+        others, not the papers' reference (model-parallel BP, D = 1)."""
+        facts = self.method.facts(facts_k(self.method, self.modules, self.replicas), self.options)
+        if self.replicas > 1 and self.method.parallelism != DATA_PARALLEL:
+            ideal = facts["ideal_speedup"]
+            facts = {**facts, "reference": False, "ideal_speedup": None if ideal is None else ideal * self.replicas}
+        return facts
+
+    def layout(self) -> dict:
+        """config.json's "layout": N devices as K modules × D replicas, and which device holds what."""
+        return {"devices": len(self.devices), "modules": self.modules, "replicas": self.replicas,
+                "placement": "module k of replica d on device d*K + k",
+                "shards": "each batch split in D shards by torch.tensor_split; replica d trains on shard d",
+                "sigma": "measured on replica 0's modules (the same weights and averaged gradient in every replica)"}
 
     @property
     def context(self) -> int | None:
@@ -77,7 +102,8 @@ class Plan:
             "run": self.config.to_dict(),
             "method_options": dataclasses.asdict(self.options),
             # the method's facts, so reports need neither the method installed nor its name
-            "method_facts": self.method.facts(self.config.gpus, self.options),
+            "method_facts": self.facts(),
+            "layout": self.layout(),
             "milestones": self.config.resolved_milestones(),
             "partition": [list(r) for r in self.ranges],
             "engine": self.engine,
@@ -101,9 +127,14 @@ class Plan:
         """The plan a run directory holds, as its creator made it (nothing is validated or profiled again)."""
         cfg = RunConfig.from_dict(record["run"], source=source)
         options = METHODS.get(cfg.method).Options(**record["method_options"])
+        ranges = [tuple(r) for r in record["partition"]]
+        replicas = record.get("layout", {}).get("replicas")
+        if replicas is None:  # recorded before layouts: ddp's ranges were one whole model per device
+            replicas = len(ranges) if METHODS.get(cfg.method).parallelism == DATA_PARALLEL else 1
+            ranges = ranges[:len(ranges) // replicas]
         return cls(
             config=cfg, options=options, devices=list(record["devices"]), engine=record["engine"],
-            ranges=[tuple(r) for r in record["partition"]], num_params=record["num_params"],
+            ranges=ranges, replicas=replicas, num_params=record["num_params"],
             num_classes=record["num_classes"], steps_per_epoch=record["steps_per_epoch"],
             sigma_every=record["sigma_every"], sigma_probe_samples=record["sigma_probe_samples"],
             train_samples=record["train_samples"], test_samples=record["test_samples"],
@@ -119,7 +150,8 @@ class Checked:
     stage_cls: type[Stage]
     options: Any  # the method's Options
     split: str | list[int]  # --split auto already resolved to its rule
-    replicas: bool  # a data-parallel method: every device holds the whole model
+    modules: int  # K, modules per replica
+    replicas: int  # D, copies of the K modules (N = K·D devices)
     devices: list[torch.device]
     device_note: str | None
     engine: str
@@ -142,40 +174,54 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
     described = _described(cfg.model, build_model)
     context = check_inputs(cfg, described, spec)
     split = parse_split(cfg.split)
-    replicas = stage_cls.parallelism == DATA_PARALLEL
-    if replicas and split != AUTO:
-        raise DbenchError(f"--split {cfg.split} does not apply to {cfg.method}: every device holds the whole model")
-    if not replicas:
-        check_k(cfg.gpus, described["blocks"], cfg.model)
-    if isinstance(split, list) and len(split) + 1 != cfg.gpus:
-        raise DbenchError(
-            f"bad --split {cfg.split}: {len(split)} cut points make {len(split) + 1} modules, but --gpus is {cfg.gpus}"
-        )
-    if replicas and cfg.batch_size < cfg.gpus:
-        # Before the devices are resolved: K replicas are K devices and K processes, and a K past any batch
+    replicas = layout_replicas(cfg, stage_cls)
+    k = cfg.gpus // replicas
+    where = f" ({replicas} replicas of {k} module(s) on {cfg.gpus} devices)" if replicas > 1 else ""
+    if k == 1 and replicas > 1 and split != AUTO:
+        raise DbenchError(f"--split {cfg.split} does not apply to {cfg.method} with --gpus {cfg.gpus} and "
+                          f"{replicas} replicas: every device holds the whole model")
+    check_k(k, described["blocks"], cfg.model)
+    if isinstance(split, list) and len(split) + 1 != k:
+        raise DbenchError(f"bad --split {cfg.split}: {len(split)} cut points make {len(split) + 1} modules, but "
+                          + (f"--gpus is {cfg.gpus}" if replicas == 1 else f"K is {k}{where}"))
+    if cfg.batch_size < replicas:
+        # Before the devices are resolved: D replicas are D·K devices and processes, and a D past any batch
         # (--gpus 10**22) would be allocated as a device list before being refused.
-        raise DbenchError(f"bad --batch-size {cfg.batch_size} for {cfg.method} on {cfg.gpus} devices: every replica "
-                          f"needs a shard of at least one sample (batch size >= K)")
+        raise DbenchError(f"bad --batch-size {cfg.batch_size} for {replicas} replicas{where}: every replica needs a "
+                          f"shard of at least one sample (batch size >= D = {replicas})")
     note = None
     if devices is None:
         devices, note = resolve_devices(cfg.gpus, cfg.devices)
-    engine = cfg.resolved_engine(devices)
-    stage_cls.check_run(options, cfg.gpus, cfg.batch_size, devices)
+    engine = cfg.resolved_engine(devices, k)
+    # The smallest shard of a full batch: what each replica's method splits (micro-batches, say).
+    stage_cls.check_run(options, facts_k(stage_cls, k, replicas), cfg.batch_size // replicas, devices)
     stage_cls.check_model(options, described)
-    if replicas:
-        # One process per replica whatever the devices: its gradients are averaged across processes.
-        if cfg.engine == "local":
-            raise DbenchError(f"--engine local does not apply to {cfg.method}: it runs one process per replica "
-                              f"(use --engine distributed or auto)")
-        engine = "distributed"
     if not spec.needs_data_dir and (cfg.data_dir or cfg.download):
         raise DbenchError(f"--data-dir/--download do not apply to data set {cfg.dataset!r} (it is generated)")
     if cfg.download and not spec.can_download:
         raise DbenchError(f"--download does not apply to data set {cfg.dataset!r}: it reads your own files from "
                           f"--data-dir")
-    split, split_note = resolve_auto(split, engine, cfg.gpus) if not replicas else (split, None)
-    return Checked(stage_cls=stage_cls, options=options, split=split, replicas=replicas, devices=devices,
+    split, split_note = resolve_auto(split, engine, k)
+    return Checked(stage_cls=stage_cls, options=options, split=split, modules=k, replicas=replicas, devices=devices,
                    device_note=note, engine=engine, split_note=split_note, context=context)
+
+
+def layout_replicas(cfg: RunConfig, stage_cls: type[Stage]) -> int:
+    """D: ``--replicas``, by default 1; a method whose layout is whole-model replicas (ddp) has one per device."""
+    if stage_cls.parallelism == DATA_PARALLEL:
+        if cfg.replicas not in (None, cfg.gpus):
+            raise DbenchError(f"bad --replicas {cfg.replicas} for {cfg.method}: its layout is one whole model per "
+                              f"device (K = 1), so its replicas are its {cfg.gpus} devices (leave --replicas out, or "
+                              f"use --method bp --replicas {cfg.replicas} for {cfg.gpus // cfg.replicas} modules "
+                              f"per replica)")
+        return cfg.gpus
+    return cfg.replicas or 1
+
+
+def facts_k(stage_cls: type[Stage], modules: int, replicas: int) -> int:
+    """The K a method's facts and checks are stated for: its modules, or for whole-model replicas (ddp, whose
+    ideal is over model-parallel BP on the same devices) its replicas."""
+    return replicas if stage_cls.parallelism == DATA_PARALLEL else modules
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,6 +264,7 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
     """
     checked = check(cfg, devices)
     stage_cls, options, split, replicas = checked.stage_cls, checked.options, checked.split, checked.replicas
+    k = checked.modules
     devices, note, engine, split_note = checked.devices, checked.device_note, checked.engine, checked.split_note
     build_model = MODELS.get(cfg.model)
     spec = DATASETS.get(cfg.dataset)
@@ -230,19 +277,24 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
     if cfg.batch_size > samples:
         raise DbenchError(f"bad --batch-size {cfg.batch_size}: a batch holds at most the {samples} training samples "
                           f"of {cfg.dataset} (1 <= batch size <= {samples})")
+    last = samples % cfg.batch_size
+    if 0 < last < replicas:
+        raise DbenchError(f"bad --batch-size {cfg.batch_size} for {replicas} replicas: an epoch's last batch holds "
+                          f"{last} of the {samples} training samples, fewer than the replicas (every replica needs "
+                          f"a shard of at least one sample; pick a batch size that leaves none or >= {replicas})")
 
     torch.manual_seed(cfg.seed)
     model = build_model(num_classes=splits.num_classes)
     balance = None
-    if replicas:
-        ranges = [(0, len(model.blocks))] * cfg.gpus  # every replica holds every block
-    elif split == "time":
+    if split == "time":
         say(f"set-up: profiling the {len(model.blocks)} blocks of {cfg.model}, then timing {cfg.method} on the "
             f"candidate cuts, for a cut balanced by time")
         began = time.perf_counter()
         with profiling_threads(engine, devices):
-            balance = time_cut(cfg, stage_cls, options, model.blocks, next(iter(train.epoch(0))), devices,
-                               splits.num_classes, say)
+            # Replica 0's devices; it is profiled on its shard of a batch, what each replica trains on.
+            x, y = next(iter(train.epoch(0)))
+            shard = (x.tensor_split(replicas)[0], y.tensor_split(replicas)[0])
+            balance = time_cut(cfg, stage_cls, options, model.blocks, shard, devices[:k], splits.num_classes, say, k)
         ranges = balance.ranges
         timed = (f"--split time: predicted balance {imbalance(balance.predicted):.2f}, measured "
                  f"{imbalance(balance.measured):.2f} (slowest module's step over the mean module's, {cfg.method} "
@@ -250,7 +302,7 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
                  + ("; --split blocks for equal block counts)" if split_note else ")"))
         split_note = f"{split_note}; {timed}" if split_note else timed
     else:
-        ranges = partition(model.blocks, cfg.gpus, split, model=cfg.model)
+        ranges = partition(model.blocks, k, split, model=cfg.model)
     sigma_every = cfg.sigma_interval(len(train))
     if sigma_every and cfg.sigma_batches > len(train):
         raise DbenchError(f"bad --sigma-batches {cfg.sigma_batches}: the σ probe's set is drawn from the {len(train)} "
@@ -263,13 +315,14 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
         train_samples=train.num_samples,
         test_samples=loader(cfg, splits, torch.device("cpu"), train=False, context=checked.context).num_samples,
         device_note=note, split_note=split_note, balance=balance.record() if balance is not None else None,
-        task=splits.task(checked.context),
+        task=splits.task(checked.context), replicas=replicas,
     )
     return plan, splits
 
 
 def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list, batch: tuple,
-             devices: list[torch.device], num_classes: int, say: Callable[[str], None] = lambda line: None) -> Balance:
+             devices: list[torch.device], num_classes: int, say: Callable[[str], None] = lambda line: None,
+             modules: int | None = None) -> Balance:
     """``--split time``: the profile's balanced cut for the method's step, checked by timing the method on it.
 
     Blocks are profiled one at a time on the first module's device; the method is timed with each
@@ -294,7 +347,7 @@ def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list,
             f"per step ({time.perf_counter() - began:.1f} s)")
         return seconds
 
-    return balance_measured(times, cfg.gpus, stage_cls.step_cost, boundaries, measure)
+    return balance_measured(times, modules or cfg.gpus, stage_cls.step_cost, boundaries, measure)
 
 
 def loader(cfg: RunConfig, splits: DataSplits, device: torch.device, *, train: bool,

@@ -46,7 +46,8 @@ UNKNOWN_FACTS = {"family": "", "table_order": 100.0, "reference": False, "lockin
 # RunConfig fields that do not change what a run computes or measures; runs that
 # differ only in these (and the seed) are repetitions of one experiment.
 NOT_SETTINGS = {"seed", "data_dir", "download", "devices", "comm_timeout", "sigma_every", "sigma_batches", "method_options",
-                "checkpoint_every"}
+                "checkpoint_every",
+                "replicas"}  # the layout is part of every label instead (Run.label)
 
 
 class RunSkipped(DbenchError):
@@ -83,12 +84,31 @@ class Run:
         return summaries.method_label(self.config)
 
     @property
+    def layout(self) -> tuple[int, int]:
+        """(K modules, D replicas) on its N devices; a run recorded before layouts: ddp's were N whole-model
+        replicas, every other method's N modules."""
+        layout = self.config.get("layout")
+        if isinstance(layout, dict):
+            return int(layout["modules"]), int(layout["replicas"])
+        if self.facts.get("parallelism") == "data":
+            return 1, self.k
+        return self.k, 1
+
+    @property
+    def layout_label(self) -> str:
+        """`` 2×2`` (K modules × D replicas) for a hybrid; nothing for the method on N devices as it comes (D = 1,
+        or ddp, whose layout is always 1×N)."""
+        k, d = self.layout
+        return f" {k}×{d}" if d > 1 and self.facts.get("parallelism") != "data" else ""
+
+    @property
     def label(self) -> str:
-        """The method label, plus the settings that set this run apart from others it is shown with:
-        ``bp (engine=local, epochs=2)``."""
+        """The method label with its layout, plus the settings that set this run apart from others it is shown
+        with: ``bp (engine=local, epochs=2)``, ``ddg 2×2``."""
+        label = self.method_label + self.layout_label
         if not self.differs:
-            return self.method_label
-        return self.method_label + " (" + ", ".join(f"{k}={_text(v)}" for k, v in sorted(self.differs.items())) + ")"
+            return label
+        return label + " (" + ", ".join(f"{k}={_text(v)}" for k, v in sorted(self.differs.items())) + ")"
 
     def comparable_settings(self) -> dict:
         """The settings that change what a run computes or measures, seed aside (the engine as resolved)."""
@@ -332,7 +352,7 @@ def distinguish(runs: list[Run]) -> None:
     """
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = (run.method_label, run.settings["model"], run.settings["dataset"], run.k)
+        key = (run.method_label + run.layout_label, run.settings["model"], run.settings["dataset"], run.k)
         groups.setdefault(key, []).append(run)
     for group in groups.values():
         settings = [r.comparable_settings() for r in group]
@@ -376,6 +396,9 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             # for the run's own K and options (recorded with the run); see Run.facts for older runs
             "ideal_speedup": facts["ideal_speedup"],
             "engine": run.engine,
+            # N devices (the "k" column: --gpus) as K modules × D replicas
+            "modules": run.layout[0],
+            "replicas": run.layout[1],
             "batch_size": s.get("batch_size"),
             "lr": s.get("lr"),
             "lr_schedule": s.get("lr_schedule"),

@@ -28,7 +28,7 @@ __all__ = ["start", "resume", "completed", "create_run_dir", "train_here", "mark
 
 def default_run_dir(cfg: RunConfig, root: Path = Path("results")) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = f"{cfg.method}-{cfg.model}-{cfg.dataset}-k{cfg.gpus}-s{cfg.seed}-{stamp}"
+    base = f"{cfg.method}-{cfg.model}-{cfg.dataset}-{cfg.layout_name()}-s{cfg.seed}-{stamp}"
     path, n = root / base, 1
     while path.exists():
         n += 1

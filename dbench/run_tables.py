@@ -40,6 +40,11 @@ def _mib(value) -> str:
     return "–" if value is None else f"{value / MIB:.2f}"
 
 
+def module_name(record: dict) -> str:
+    """``k``, or ``k (replica d)`` for a run with replicas (one record per device)."""
+    return str(record["module"]) + (f" (replica {record['replica']})" if "replica" in record else "")
+
+
 def modules_table(summary: dict) -> str:
     """Per-module time, peak memory and σ over the whole run (Markdown)."""
     modules = summary.get("modules")
@@ -51,7 +56,7 @@ def modules_table(summary: dict) -> str:
             "peak MiB (accounted)"] + (["peak MiB (CUDA active)", "reserved MiB (CUDA)"] if cuda else []) + ["mean σ", "σ corrected", "mean cos"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in modules:
-        cells = [str(m["module"]), m["device"], *(f"{m.get(f'{s}_s', 0.0):.2f}" for s in ("compute", "comm", "wait_input", "wait_grad", "data", "idle", "probe")),
+        cells = [module_name(m), m["device"], *(f"{m.get(f'{s}_s', 0.0):.2f}" for s in ("compute", "comm", "wait_input", "wait_grad", "data", "idle", "probe")),
                  _mib(m["accounted_peak_bytes"])]
         if cuda:
             cells += [_mib(m.get("cuda_peak_active_bytes")), _mib(m.get("cuda_peak_reserved_bytes"))]
@@ -82,7 +87,7 @@ def memory_table(summary: dict) -> str:
     head = ["module", *categories, "total"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in modules:
-        cells = [str(m["module"]), *(_mib(m["accounted_bytes"].get(c, 0)) for c in categories), _mib(m["accounted_peak_bytes"])]
+        cells = [module_name(m), *(_mib(m["accounted_bytes"].get(c, 0)) for c in categories), _mib(m["accounted_peak_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -50,10 +50,10 @@ class PlannedRun:
     @property
     def name(self) -> str:
         """The run's folder: method (with the options it sets, so variants of a method in one suite are
-        kept apart, e.g. ``fdg-shrink0.5``), model, data set, K and seed."""
+        kept apart, e.g. ``fdg-shrink0.5``), model, data set, devices (and replicas) and seed."""
         c = self.config
         options = "".join(f"-{key}{value}" for key, value in sorted(c.method_options.items()))
-        return f"{c.method}{options}-{c.model}-{c.dataset}-k{c.gpus}-s{c.seed}"
+        return f"{c.method}{options}-{c.model}-{c.dataset}-{c.layout_name()}-s{c.seed}"
 
     def path(self, root: Path) -> Path:
         return root / self.suite / self.name

@@ -203,11 +203,18 @@ def compute(rows: list[dict], status: str, epochs: int, error: str | None = None
 
 
 def module_summary(epochs: list[dict], probes: list[dict]) -> list[dict]:
-    """Per module over the whole run: time totals, peak memory (with its breakdown) and mean σ."""
+    """Per module over the whole run: time totals, peak memory (with its breakdown) and mean σ.
+
+    With replicas, one record per device (module k of replica d: ``replica`` names d), and σ is replica 0's
+    module k in every replica's record of module k: the replicas hold the same weights and apply the same
+    averaged gradient, so replica 0's probe measures each copy's update.
+    """
     out = []
-    for k, first in enumerate(epochs[0]["modules"]):
-        per_epoch = [r["modules"][k] for r in epochs]
-        record = {"module": k, "device": first["device"]}
+    for i, first in enumerate(epochs[0]["modules"]):
+        per_epoch = [r["modules"][i] for r in epochs]
+        k = first.get("module", i)  # the module within its replica (runs without replicas: its position)
+        record = {"module": k, **({"replica": first["replica"]} if "replica" in first else {}),
+                  "device": first["device"]}
         for state in STATES:
             # .get: runs recorded before a state existed (comm, data) have no figure for it: 0 s there
             record[f"{state}_s"] = sum(m.get(f"{state}_s", 0.0) for m in per_epoch)

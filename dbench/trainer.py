@@ -13,6 +13,7 @@ The command line builds exactly this object; nothing it does is out of reach her
 """
 from __future__ import annotations
 
+import copy
 from functools import partial
 from typing import Any, Sequence
 
@@ -35,6 +36,12 @@ class Trainer:
     ``{name: text}`` dict as given on the command line. ``num_classes`` is
     needed by methods that read the labels as input (cDNI). ``measure``
     attaches the meters (``self.meters``: time, memory, σ per module).
+
+    ``replicas`` (D): train D copies of the K modules, each on its shard of
+    every batch, with every update's gradient averaged over the copies of its
+    module (ALGORITHMS.md, "At scale"); the copies start from ``modules``'
+    weights. ``devices`` then names the device of each of the D·K modules
+    (module k of replica d at d·K + k), or K devices that every replica uses.
     """
 
     def __init__(
@@ -52,30 +59,40 @@ class Trainer:
         options: Any = None,
         num_classes: int | None = None,
         measure: bool = False,
+        replicas: int = 1,
     ):
         if not modules:
             raise DbenchError("a trainer needs at least one module")
+        if not isinstance(replicas, int) or replicas < 1:
+            raise DbenchError(f"bad replicas {replicas!r}: must be an integer >= 1")
         devices = list(devices) if devices is not None else ["cpu"] * len(modules)
-        if len(devices) != len(modules):
-            raise DbenchError(f"got {len(devices)} devices for {len(modules)} modules: give one device per module")
+        if len(devices) == len(modules) and replicas > 1:
+            devices = devices * replicas
+        if len(devices) != len(modules) * replicas:
+            raise DbenchError(f"got {len(devices)} devices for {len(modules)} modules × {replicas} replicas: give one "
+                              f"device per module, or one per module of every replica")
         optim = OptimConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, name=optimizer)
         optim.validate()
         stage_cls: type[Stage] = METHODS.get(method)
-        if stage_cls.parallelism == DATA_PARALLEL:
-            raise DbenchError(f"method {method!r} keeps a whole replica in each of its own processes; the Trainer runs "
-                              f"every module in this one: train it with `dbench run --method {method}` or under torchrun")
+        if stage_cls.parallelism == DATA_PARALLEL and len(modules) != 1:
+            raise DbenchError(f"method {method!r} trains whole-model replicas: give it the model as one module "
+                              f"(got {len(modules)}) and the number of devices as replicas")
         if options is None or isinstance(options, dict):
             options = parse_options(stage_cls, {k: str(v) for k, v in (options or {}).items()})
         loss_fn = loss if loss is not None else CrossEntropy()
         self.method = method
+        # Replica 0 trains the modules given; every other replica a copy of them (the same initial weights).
+        copies = [list(modules)] + [[copy.deepcopy(m) for m in modules] for _ in range(replicas - 1)]
+        K = len(modules)
         self.stages = [
-            stage_cls(k, len(modules), m, torch.device(d), optim, loss_fn, options, num_classes)
-            for k, (m, d) in enumerate(zip(modules, devices))
+            stage_cls(p % K, K, copies[p // K][p % K], torch.device(d), optim, loss_fn, options, num_classes)
+            for p, d in enumerate(devices)
         ]
-        self.engine = LocalEngine(self.stages)
+        self.engine = LocalEngine(self.stages, replicas)
         self.meters: Meters | None = None
         if measure:
-            self.meters = Meters([StageMeter(s, partial(self.engine.queued, k)) for k, s in enumerate(self.stages)])
+            self.meters = Meters([StageMeter(s, partial(self.engine.queued, k)) for k, s in enumerate(self.stages)],
+                                 sigma_stages=K)
             self.engine.attach_meters(self.meters.stages)
         self.iteration = 0
 
@@ -85,7 +102,12 @@ class Trainer:
 
     @property
     def modules(self) -> list[nn.Module]:
-        return [s.module for s in self.stages]
+        """Replica 0's modules (every replica holds the same weights)."""
+        return [s.module for s in self.engine.first_replica]
+
+    @property
+    def replicas(self) -> int:
+        return self.engine.replicas
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """One training iteration; returns the (detached, 0-dim) loss of the batch it computed.

@@ -32,5 +32,5 @@ class BackProp(Stage):
             # Send δ_{k-1} before updating, so the module below can start its
             # backward while this one steps.
             yield Send(DOWN, x.grad, (t,))
-        self.apply_update()
+        yield from self.apply_update()
         return None

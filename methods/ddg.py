@@ -117,7 +117,7 @@ class DelayedGradients(Stage):
             p.grad = old.weights[name].grad
         if not self.is_first:
             yield Send(DOWN, old.x.grad, (t - self.delay,))
-        self.apply_update()
+        yield from self.apply_update()
         return None
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:

@@ -1,17 +1,16 @@
-"""DDP: K replicas of the whole model, the batch split in K shards, gradients averaged by torch's
-DistributedDataParallel (gloo on the CPU, NCCL on CUDA)."""
+"""DDP: the K = 1 layout of the hybrid, N whole-model replicas, each batch split in N shards, gradients
+averaged over the replicas (ALGORITHMS.md, "Exact-gradient baselines" and "At scale")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from dbench.errors import DbenchError
-from dbench.method import DATA_PARALLEL, EXACT_GRADIENT, LOCKED, Stage, StepOutput, StepProgram
+from dbench.method import DATA_PARALLEL
 from dbench.registry import METHODS
+from methods.bp import BackProp
 
 
 @dataclass(frozen=True)
@@ -23,38 +22,40 @@ class ReplicaOptions:
 
 
 @METHODS.register("ddp")
-class DataParallel(Stage):
-    """Replica k holds the whole model and trains on shard k of every batch; DDP averages the gradients.
+class DataParallel(BackProp):
+    """BP with one module (the whole model) and N replicas: ``--method ddp --gpus N`` is ``--method bp
+    --gpus N --replicas N``, the same code path (the engines' replicas), under the baseline's own name.
 
-    Shards are ``torch.tensor_split(batch, K)[k]``. DDP averages the replicas'
-    gradients (a sum divided by K), which is the full batch's mean gradient
-    only when the shards are equal; so each replica weights its shard's mean
-    loss by ``K·n_k/B``, and the average is the batch mean for any split (an
-    epoch's last batch need not divide by K, and may be smaller than K: a
-    replica without a sample contributes a gradient of zeros). The gradient
-    is then BP's on the full batch except for BatchNorm, which normalizes each shard on its own
-    (``sync_bn=true``: over the batch, through SyncBatchNorm). DDP broadcasts
-    replica 0's buffers before every forward, so the running statistics are
-    replica 0's; dbench also broadcasts them before evaluating and saving.
-    The reported loss is the whole batch's mean and the logits the whole
-    batch's, gathered on the writer. Memory per device: the whole model, its
-    gradients and optimizer state, the activations of B/K samples (DDP's
-    gradient buckets are not in the accounted figure; CUDA's allocator peak
-    has them).
+    Replica d trains on shard d of every batch (``torch.tensor_split``); its
+    loss is weighted by ``N·n_d/B`` and the gradients are averaged over the
+    replicas by one all-reduce before the update, so the update is BP's on the
+    full batch for any split (an epoch's last batch need not divide by N)
+    except for BatchNorm, which normalizes each shard on its own
+    (``sync_bn=true``: over the batch, through torch's SyncBatchNorm, CUDA
+    only). Running statistics are replica 0's, broadcast before evaluating and
+    saving. The reported loss is the whole batch's mean, the logits the whole
+    batch's.
+
+    What torch's DistributedDataParallel adds and this does not: its
+    all-reduce starts on gradient buckets while the backward still runs.
+    Here the all-reduce follows the backward, as for every method with
+    replicas (their update rules differ, so the gradient is final only at the
+    update). The cost of that is measured in benchmarks/RESULTS.md.
+    Memory per device: the whole model, its gradients and optimizer state, the
+    activations of B/N samples.
     """
 
     name = "ddp"
-    summary = "DDP: exact gradient, K whole-model replicas on K shards of each batch, gradients all-reduced"
-    family = EXACT_GRADIENT
+    summary = "DDP: exact gradient, N whole-model replicas on N shards of each batch, gradients all-reduced"
     table_order = 0.25
-    locking = LOCKED
-    parallelism = DATA_PARALLEL
+    reference = False
+    parallelism = DATA_PARALLEL  # the layout: one module per replica, as many replicas as devices
     Options = ReplicaOptions
 
     @classmethod
     def ideal_speedup(cls, num_stages: int, options=None) -> float:
-        # Each replica does the whole step on B/K samples while model-parallel BP's K modules take turns: K
-        # (ALGORITHMS.md; the all-reduce is taken as free, like every message in the cost model).
+        # Over model-parallel BP on the same N devices: each replica does the whole step on B/N samples while
+        # BP's N modules take turns (ALGORITHMS.md; the all-reduce is free, like every message in the cost model).
         return float(num_stages)
 
     @classmethod
@@ -62,46 +63,8 @@ class DataParallel(Stage):
         if options.sync_bn and any(torch.device(d).type != "cuda" for d in devices):
             raise DbenchError("sync_bn=true needs a CUDA device per replica (torch's SyncBatchNorm works on GPUs "
                               "only); drop it on the CPU")
-        # A batch of at least K samples (a shard per replica) is checked by dbench.plan for every data-parallel method.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.replica: nn.Module | None = None  # the DDP wrapper, made once the process group exists
-
-    # Each replica is a whole model: it is both the first module (it reads images) and the last (its loss).
-    @property
-    def is_first(self) -> bool:
-        return True
-
-    @property
-    def is_last(self) -> bool:
-        return True
-
-    def wrap(self) -> None:
-        """Wrap the module in DDP (and SyncBatchNorm) inside the joined process group, before the first step."""
+    def join(self, group) -> None:
+        """In the distributed engine, once the replicas' process group exists: SyncBatchNorm over it."""
         if self.options.sync_bn:
-            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
-        device_ids = [self.device] if self.device.type == "cuda" else None
-        self.replica = DistributedDataParallel(self.module, device_ids=device_ids)
-
-    def train_step(self, t, x, y) -> StepProgram:
-        k, world = self.index, self.num_stages
-        batch = len(y)
-        xs, ys = x.tensor_split(world)[k], y.tensor_split(world)[k]
-        out = self.replica(xs)
-        if len(ys):
-            shard_loss = self.loss_fn(out, ys)
-        else:
-            # An epoch's last batch smaller than K leaves this replica no sample. It must still take part in
-            # DDP's all-reduce (every replica's backward does), with a gradient of zeros: a loss that is 0 with
-            # a graph through every parameter (the mean of no sample would be NaN and poison every replica).
-            shard_loss = out.sum() * 0.0
-        self.backward(shard_loss * (world * len(ys) / batch))  # DDP's average of these is the batch mean
-        self.apply_update()
-        return StepOutput(loss=(shard_loss * (len(ys) / batch)).detach(), logits=out.detach())
-        yield  # a generator like every method's step, though it sends nothing: DDP's all-reduce is in backward
-
-    def sync_buffers(self) -> None:
-        """Every replica takes replica 0's buffers (BatchNorm running statistics), as DDP's next forward would."""
-        for buffer in self.module.buffers():
-            dist.broadcast(buffer, src=0)
+            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module, process_group=group)

@@ -91,7 +91,7 @@ class DirectFeedbackAlignment(Stage):
             g = torch.Generator().manual_seed(self.options.feedback_seed * 1000 + self.index)
             self.feedback = self.draw_feedback(error.shape[-1], per_position(out, error), g).to(self.device)
         self.backward(out, self.apply_feedback(error).view_as(out))
-        self.apply_update()
+        yield from self.apply_update()
         return None
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:

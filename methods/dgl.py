@@ -241,11 +241,9 @@ class DecoupledGreedy(Stage):
         x = yield from self.receive_input(x, needs_grad=False, t=t)  # a value: no gradient crosses the boundary
         out = self.module(x)
         yield Send(UP, out, (t,))  # h_k^t, before this step's update
-        loss = self.loss_fn(self.side(HEAD, out)(out), y)  # f(A_k(h_k^t), y^t)
+        loss = self.weighted(self.loss_fn(self.side(HEAD, out)(out), y))  # f(A_k(h_k^t), y^t)
         self.backward(loss)
-        self.apply_update()
-        optimizer = self.side_optimizer(HEAD)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.local_loss = loss.detach()
+        yield from self.apply_update()
+        yield from self.side_update(HEAD)
+        self.local_loss = self.share(loss)
         return None

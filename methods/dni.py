@@ -222,7 +222,7 @@ class SyntheticGradients(Stage):
         self.backward(out, (raw * self.gain()).detach())  # δ̂_k
         if not self.is_first:
             yield Send(DOWN, x.grad, (t,))  # module k-1's synthesizer target
-        self.apply_update()  # unlocked: no waiting for the modules above
+        yield from self.apply_update()  # unlocked: no waiting for the modules above
         target = yield Recv(DOWN, expect=(t,))  # what module k+1 produced at its input for this batch
         if self.options.normalize:
             rms = target.pow(2).mean().sqrt()
@@ -233,10 +233,9 @@ class SyntheticGradients(Stage):
             loss = F.mse_loss(raw, target / unit)  # normalized units, see the class docstring
         else:
             loss = F.mse_loss(raw, target)  # the paper's ||δ̂ − target||², mean over elements
-        optimizer = self.side_optimizer(SYNTH)
-        optimizer.zero_grad(set_to_none=True)
+        self.side_optimizer(SYNTH).zero_grad(set_to_none=True)
         self.backward(loss)
-        optimizer.step()
+        yield from self.side_update(SYNTH)  # averaged over the replicas, as every side model (ALGORITHMS.md)
         self.synth_loss = loss.detach()
         return None
 

@@ -96,7 +96,8 @@ class FullyDecoupled(Stage):
         # Iterations between module k's forward of a batch and the gradient of that batch reaching it.
         self.delay = 2 * (self.num_stages - 1 - self.index)
         self.stored: deque[_Stored] = deque()
-        self.labels: deque[tuple[int, torch.Tensor]] = deque()  # top module: (batch, labels) not yet scored
+        # Top module: (batch, labels, shard weight) of the batches not yet scored.
+        self.labels: deque[tuple[int, torch.Tensor, float]] = deque()
 
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
@@ -115,7 +116,7 @@ class FullyDecoupled(Stage):
             if not self.is_first:
                 yield Send(DOWN, old.x.grad, (late,))
             del old  # its graph is spent; the snapshot goes with it, before the new forward is built
-            self.apply_update()
+            yield from self.apply_update()
         batch = t - self.index  # the batch this module forwards now; none yet in its first k iterations
         if batch < 0:
             return None
@@ -128,15 +129,16 @@ class FullyDecoupled(Stage):
     def _top(self, t, x, y) -> StepProgram:
         """The top module scores batch t-(K-1), whose labels arrived K-1 iterations ago."""
         # A copy: the labels wait K-1 iterations, and whatever made ``y`` may reuse its memory meanwhile.
-        self.labels.append((t, y.clone()))
+        self.labels.append((t, y.clone(), self.shard_weight))
         batch = t - (self.num_stages - 1)
         if batch < 0:
             return None  # nothing has reached the top module yet
-        tagged, labels = self.labels.popleft()
+        tagged, labels, weight = self.labels.popleft()
         if tagged != batch:
             raise RuntimeError(f"fdg top module at iteration {t}: queued labels of batch {tagged}, "
                                f"scoring batch {batch}")
-        out = yield from self.top_step(batch, x, labels)  # its messages tagged with the batch, as every other
+        # Its messages tagged with the batch, as every other; its loss weighted as that batch's shard.
+        out = yield from self.top_step(batch, x, labels, weight=weight)
         return dataclasses.replace(out, labels=labels)
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
@@ -145,7 +147,7 @@ class FullyDecoupled(Stage):
         # labels are FDG's too.
         held = {"weight_snapshots": [t for s in self.stored for t in (*s.weights.values(), *s.buffers.values())]}
         if self.is_last and self.num_stages > 1:
-            held["stored_labels"] = [labels for _, labels in self.labels]
+            held["stored_labels"] = [labels for _, labels, _ in self.labels]
         return held
 
     def state_dict(self) -> dict:
@@ -153,10 +155,13 @@ class FullyDecoupled(Stage):
         # the same values).
         kept = [{"batch": s.batch, "x": s.x.detach(), "weights": {n: w.detach() for n, w in s.weights.items()},
                  "buffers": s.buffers} for s in self.stored]
-        return {**super().state_dict(), "stored": kept, "labels": [[b, labels] for b, labels in self.labels]}
+        return {**super().state_dict(), "stored": kept,
+                "labels": [[b, labels, weight] for b, labels, weight in self.labels]}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.labels = deque((int(b), labels.to(self.device)) for b, labels in state["labels"])
+        # A checkpoint from before replicas holds no weights: 1, as without replicas.
+        self.labels = deque((int(b), labels.to(self.device), float(rest[0]) if rest else 1.0)
+                            for b, labels, *rest in state["labels"])
         rebuilt = rebuild_stored(self.module, state["stored"], self.device, not self.is_first)
         self.stored = deque(_Stored(int(s["batch"]), *r) for s, r in zip(state["stored"], rebuilt))

@@ -66,7 +66,7 @@ class FeaturesReplay(Stage):
         self.backward(replayed, grad)
         if not self.is_first:
             yield Send(DOWN, stored.grad, (t - self.delay,))
-        self.apply_update()
+        yield from self.apply_update()
         return None
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:

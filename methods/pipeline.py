@@ -92,7 +92,8 @@ class Pipeline(Stage):
                 out = self.module(h)
                 loss = None
                 if self.is_last:
-                    loss = self.loss_fn(out, ys[i]) * (len(ys[i]) / batch)  # the micro-batch's share of the mean
+                    # the micro-batch's share of the mean (of its replica's shard, weighted as every replica loss)
+                    loss = self.weighted(self.loss_fn(out, ys[i]) * (len(ys[i]) / batch))
                     losses.append(loss.detach())
                     logits.append(out.detach())
                 else:
@@ -107,9 +108,9 @@ class Pipeline(Stage):
                     self.backward(out, grad)
                 if not self.is_first:
                     yield Send(DOWN, h.grad, (t, i))
-        self.apply_update()  # one update per batch, with the gradients of all micro-batches accumulated
+        yield from self.apply_update()  # one update per batch, with the gradients of all micro-batches accumulated
         if self.is_last:
-            return StepOutput(loss=torch.stack(losses).sum(), logits=torch.cat(logits))
+            return StepOutput(loss=self.share(torch.stack(losses).sum()), logits=torch.cat(logits))
         return None
 
 

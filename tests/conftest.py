@@ -42,7 +42,7 @@ def record_grads(trainer):
 
         def capture(k=k, stage=stage, original=original):
             seen[(trainer.iteration, k)] = [p.grad.clone() for p in stage.module.parameters()]
-            original()
+            return original()  # the update's program, which the method runs with ``yield from``
 
         stage.apply_update = capture
     return seen

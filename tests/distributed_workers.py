@@ -41,7 +41,9 @@ def text_data():
 
 
 # name: (blocks, (train batches, σ probe batches, test inputs), classes)
-WORKLOADS = {"image": (tiny_blocks, data, 10), "text": (tiny_gpt_blocks, text_data, 256)}
+WORKLOADS = {"image": (tiny_blocks, data, 10), "text": (tiny_gpt_blocks, text_data, 256),
+             # BatchNorm-free: a replica's shard then computes what the full batch computes for those samples
+             "image-nobn": (lambda: tiny_blocks(batchnorm=False), data, 10)}
 
 
 def equivalence_worker(rank: int, world: int, port: int, methods: list[str], path: str,
@@ -112,28 +114,41 @@ def pipelining_worker(rank: int, world: int, port: int, schedule: str, microbatc
     dist.destroy_process_group()
 
 
-def replica_worker(rank: int, world: int, port: int, batch: int, path: str) -> None:
-    """ddp's replica ``rank`` on the BatchNorm-free tiny model (the whole model in each process)."""
+def hybrid_worker(rank: int, world: int, port: int, runs: list[tuple], path: str) -> None:
+    """Process ``rank`` of K modules × D replicas (module rank % K of replica rank // K) for each of ``runs``
+    ``(name, method, ranges, replicas, batch, workload, options)``; the writer saves what it saw."""
     import torch.distributed as dist
-    from torch import nn
 
-    from dbench.engine.distributed import ReplicaTrainer, init
+    from dbench.engine.distributed import RankTrainer, init
     from dbench.optim import OptimConfig
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     init(rank, world, torch.device("cpu"), timeout_s=60)
-    model = nn.Sequential(*tiny_blocks(batchnorm=False))
-    t = ReplicaTrainer(model, "ddp", rank, world, torch.device("cpu"),
-                       optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4), options=None, num_classes=10,
-                       timeout_s=60)
-    losses = []
-    for x, y in batches(STEPS, batch=batch, seed=11):
-        out = t.step_output(x, y)
-        if out is not None:
-            losses.append(out.loss)
-    logits = t.predict(batches(1, batch=batch, seed=13)[0][0])
-    state = t.state_dict()
-    if t.is_writer:
-        torch.save({"losses": losses, "logits": logits, "state": state}, path)
+    results = {}
+    for name, method, ranges, replicas, batch, workload, options in runs:
+        blocks, _, classes = WORKLOADS[workload]
+        train, test_x = hybrid_data(workload, batch)
+        k = len(ranges)
+        t = RankTrainer(group(blocks(), ranges)[rank % k], method, rank, world, torch.device("cpu"),
+                        optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4), options=options,
+                        num_classes=classes, timeout_s=60, replicas=replicas)
+        losses = []
+        for x, y in train:
+            out = t.step_output(x, y)
+            if out is not None:
+                losses.append(out.loss)
+        logits = t.predict(test_x)
+        state = t.state_dict()
+        if t.is_writer:
+            results[name] = {"losses": losses, "logits": logits, "state": state}
+    if rank == world - 1:
+        torch.save(results, path)
     dist.destroy_process_group()
+
+
+def hybrid_data(workload: str, batch: int):
+    """The training batches and the test inputs of the hybrid tests (every process reads the whole batch)."""
+    if workload == "text":
+        return token_batches(STEPS, seed=11, batch=batch), token_batches(1, seed=13, batch=batch)[0][0]
+    return batches(STEPS, batch=batch, seed=11), batches(1, batch=batch, seed=13)[0][0]

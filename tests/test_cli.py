@@ -56,7 +56,8 @@ BAD = [
     (["run", "--gpus", HUGE], f"bad --gpus {HUGE}: must be an integer >= 1 and at most 9223372036854775807"),
     (["run", "--method", "ddp", "--gpus", HUGE], f"bad --gpus {HUGE}: must be an integer >= 1 and at most"),
     (["run", "--method", "ddp", "--gpus", "1000000000"],
-     "bad --batch-size 128 for ddp on 1000000000 devices: every replica needs a shard of at least one sample"),
+     "bad --batch-size 128 for 1000000000 replicas (1000000000 replicas of 1 module(s) on 1000000000 devices): every "
+     "replica needs a shard of at least one sample"),
     (["run", "--seed", HUGE], f"bad --seed {HUGE}: must be an integer >= 0 and at most 4294967295"),
     (["run", "--seed", "4294967296"], "bad --seed 4294967296: must be an integer >= 0 and at most 4294967295"),
     (["run", "--sigma-every", HUGE], f"bad --sigma-every {HUGE}: must be >= 0 and at most 9223372036854775807"),

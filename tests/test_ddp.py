@@ -1,4 +1,4 @@
-"""ddp: K whole-model replicas through torch's DistributedDataParallel; the full batch's gradient."""
+"""ddp: the K = 1 layout of the hybrid (N whole-model replicas, gradients averaged); the full batch's gradient."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import batches, tiny_blocks
-from distributed_workers import STEPS, replica_worker
+from distributed_workers import STEPS, hybrid_worker
 from dbench import Trainer
 from dbench.config import RunConfig
 from dbench.engine.launch import free_port
@@ -22,17 +22,17 @@ from dbench.registry import METHODS
 DBENCH = str(Path(sys.executable).parent / "dbench")
 
 
-@pytest.mark.parametrize("batch", [16, 15, 1])
+@pytest.mark.parametrize("batch", [16, 15])
 def test_ddp_equals_bp_on_the_full_batch(batch, tmp_path):
-    """BatchNorm-free model, K=2 replicas; batch 15 splits 8 + 7, so the shards' losses must be weighted;
-    batch 1 leaves the second replica no sample (an epoch's last batch smaller than K): it adds zeros.
+    """BatchNorm-free model, 2 replicas in 2 processes; batch 15 splits 8 + 7, so the shards' losses must be weighted.
 
-    Tolerance: DDP's all-reduce adds the two replicas' gradients and divides by 2, BP reduces over the
+    Tolerance: the all-reduce adds the two replicas' gradients and divides by 2, BP reduces over the
     16 (or 15) samples at once: the same sum in another float order, a few ulps apart after 5 SGD steps.
     """
     out = tmp_path / "ddp.pt"
-    mp.start_processes(replica_worker, args=(2, free_port(), batch, str(out)), nprocs=2, start_method="spawn")
-    got = torch.load(out, weights_only=True)
+    runs = [("ddp", "ddp", [(0, 5)], 2, batch, "image-nobn", None)]
+    mp.start_processes(hybrid_worker, args=(2, free_port(), runs, str(out)), nprocs=2, start_method="spawn")
+    got = torch.load(out, weights_only=True)["ddp"]
     torch.set_num_threads(1)
     bp = Trainer([nn.Sequential(*tiny_blocks(batchnorm=False))], "bp", lr=0.05, momentum=0.9, weight_decay=5e-4)
     want = [bp.step(x, y) for x, y in batches(STEPS, batch=batch, seed=11)]
@@ -52,7 +52,8 @@ def test_a_ddp_run_records_every_device_and_sigma_near_one(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert summary["status"] == "complete" and config["engine"] == "distributed"
-    assert config["partition"] == [[0, 3], [0, 3]]  # the whole model on each device
+    assert config["partition"] == [[0, 3]]  # one module: the whole model, on each device
+    assert config["layout"]["modules"] == 1 and config["layout"]["replicas"] == 2
     assert [m["device"] for m in summary["modules"]] == ["cpu", "cpu"]
     assert all(m["accounted_peak_bytes"] > 0 and m["compute_s"] > 0 for m in summary["modules"])
     # an exact gradient points downhill: a positive cosine with the true gradient and a positive σ (how close
@@ -62,8 +63,8 @@ def test_a_ddp_run_records_every_device_and_sigma_near_one(tmp_path):
 
 
 @pytest.mark.parametrize("cfg,message", [
-    (RunConfig(method="ddp", model="mlp", gpus=2, engine="local"), "--engine local does not apply to ddp"),
-    (RunConfig(method="ddp", model="mlp", gpus=4, batch_size=3), "bad --batch-size 3 for ddp on 4 devices"),
+    (RunConfig(method="ddp", model="mlp", gpus=4, batch_size=3), "bad --batch-size 3 for 4 replicas"),
+    (RunConfig(method="ddp", model="mlp", gpus=4, replicas=2), "bad --replicas 2 for ddp"),
     (RunConfig(method="ddp", model="mlp", gpus=2, split="time"), "--split time does not apply to ddp"),
     (RunConfig(method="ddp", model="cnn", gpus=2, method_options={"sync_bn": "true"}), "sync_bn=true needs a CUDA"),
 ])
@@ -75,9 +76,13 @@ def test_bad_settings_are_one_line_before_anything_is_written(cfg, message, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_the_python_trainer_refuses_ddp_in_one_line():
-    with pytest.raises(DbenchError, match="keeps a whole replica in each of its own processes"):
-        Trainer([nn.Linear(4, 2)], "ddp")
+def test_the_python_trainer_runs_ddp_as_replicas_of_one_module():
+    with pytest.raises(DbenchError, match="give it the model as one module"):
+        Trainer([nn.Linear(4, 2), nn.Linear(2, 2)], "ddp", replicas=2)
+    t = Trainer([nn.Linear(4, 2)], "ddp", replicas=2)
+    assert t.step(torch.randn(6, 4), torch.randint(0, 2, (6,))) is not None
+    with pytest.raises(DbenchError, match="batch of 1 sample.* 2 replicas"):
+        t.step(torch.randn(1, 4), torch.randint(0, 2, (1,)))
 
 
 def test_ddp_ideal_and_family():

@@ -1,6 +1,11 @@
 """The distributed engine: one process per module, messages over torch.distributed.
 
-Process k (its rank) holds module k and runs that module's ``Stage`` program,
+With D replicas of K modules (N = K·D processes), process d·K + k holds module
+k of replica d: a 2-D DeviceMesh (replica × module) gives each module the
+process group of its copies in every replica, over which the gradients of each
+update are averaged (``Transport.all_reduce``); a replica's activations and
+gradients stay on its own processes. Without replicas, process k (its rank)
+holds module k and runs that module's ``Stage`` program,
 the same generator the local engine drives; a ``Recv`` that its inbox cannot
 answer blocks on the point-to-point stream from the sender (see
 ``transport.py``). Because a stage sees only its ordered message streams, the
@@ -24,7 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torch.distributed.device_mesh import init_device_mesh
+
 from dbench.engine.driver import Driven
+from dbench.engine.local import check_shards, combine, shard_weight
 from dbench.engine.messages import pack, unpack
 from dbench.engine.modes import TrainingMode
 from dbench.engine.transport import Transport
@@ -64,17 +72,30 @@ class RankTrainer:
     """The ``Trainer`` of one module's process."""
 
     def __init__(self, module: nn.Module, method: str, rank: int, world: int, device: torch.device, *,
-                 optim: OptimConfig, options: Any, num_classes: int | None, timeout_s: float):
+                 optim: OptimConfig, options: Any, num_classes: int | None, timeout_s: float, replicas: int = 1):
         stage_cls: type[Stage] = METHODS.get(method)
-        self.rank, self.world = rank, world
-        self.stage = stage_cls(rank, world, module, device, optim, CrossEntropy(), options, num_classes)
+        if world % replicas:
+            raise ValueError(f"{world} processes do not make {replicas} replicas of the same modules")
+        self.rank, self.world, self.replicas = rank, world, replicas
+        K = world // replicas
+        self.k, self.replica = rank % K, rank // K
+        self.stage = stage_cls(self.k, K, module, device, optim, CrossEntropy(), options, num_classes)
+        self.stage.place(self.replica, replicas)
         self.stages = [self.stage]
-        self.transport = Transport(rank, world, self.stage.device)
         # Control messages (gathers of Python objects, barriers) on gloo, whatever the data backend.
         self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self.copies = None  # the process group of this module's copies in every replica
+        if replicas > 1:
+            # Every process builds the whole mesh (each of its groups is a collective of all processes).
+            kind = self.stage.device.type if dist.get_backend() == "nccl" else "cpu"
+            mesh = init_device_mesh(kind, (replicas, K), mesh_dim_names=("replica", "module"))
+            self.copies = mesh.get_group("replica")  # along the replica axis: module k of every replica
+            self.stage.join(self.copies)
+        self.transport = Transport(self.k, K, self.stage.device, base=self.replica * K, group=self.copies)
         self.meters = Meters([StageMeter(self.stage, self.transport.queued)])
         self.mode = TrainingMode(self.stage.module)
         self.iteration = 0
+        self._buffers_stale = False  # the replicas' running statistics drift apart until synchronized
 
     @property
     def writer(self) -> int:
@@ -92,27 +113,48 @@ class RankTrainer:
     def modules(self) -> list[nn.Module]:
         return [self.stage.module]
 
+    @property
+    def K(self) -> int:
+        return self.world // self.replicas
+
     def _run(self, program) -> Any:
         """Drive this stage's program to its end; a message not yet here blocks on the transport."""
-        driven = Driven(self.rank, program, self.transport, self.meters.stages[0])
+        driven = Driven(self.k, program, self.transport, self.meters.stages[0])
         driven.advance()  # the transport blocks, so this returns with the program finished
+        self.stage.check_updates()
         return driven.output
 
     def step_output(self, x: torch.Tensor | None, y: torch.Tensor) -> StepOutput | None:
-        """One iteration of this module; the top module's process gets the StepOutput (None in an iteration
-        where it scored no batch), the others None."""
+        """One iteration of this module; the writer gets the batch's StepOutput (None in an iteration where
+        it scored no batch), the others None. With replicas, this replica trains on its shard of the batch
+        (every process reads the whole batch's labels, a first module its images too)."""
         self.mode.ensure()
         device = self.stage.device
-        # The first module reads the batch; a replica of the whole model is its own first module.
         first = self.stage.is_first
+        if self.replicas > 1:
+            batch = len(y)
+            check_shards(batch, self.replicas)
+            y = y.tensor_split(self.replicas)[self.replica]
+            x = x.tensor_split(self.replicas)[self.replica] if first else None
+            self.stage.shard_weight = shard_weight(len(y), batch, self.replicas)
+            self._buffers_stale = True
         out = self._run(self.stage.train_step(self.iteration, x.to(device) if first else None, y.to(device)))
         self.iteration += 1
-        return out
+        if self.replicas == 1:
+            return out
+        # The batch's output on the writer: every replica's top module sends its share (an object gather).
+        shares = self.gather(_to_device(out, torch.device("cpu")) if self.stage.is_last else None)
+        if not self.is_writer:
+            return None
+        return _to_device(combine([shares[d * self.K + self.K - 1] for d in range(self.replicas)]), device)
 
     def set_lr(self, lr: float) -> None:
         self.stage.set_lr(lr)
 
     def probe_sigma(self, probe: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The true gradient on replica 0's modules (every replica holds the same weights); the others idle."""
+        if self.replica != 0:
+            return
         self.stage.module.train()
         device = self.stage.device
         meter = self.meters.stages[0]
@@ -129,7 +171,7 @@ class RankTrainer:
         taken = self.gather(self.meters.stages[0].sigma.take())
         if not self.is_writer:
             return None
-        return sigma_results(taken)
+        return sigma_results(taken[:self.K])  # replica 0's modules
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -138,13 +180,28 @@ class RankTrainer:
         On PROBE_UP, not UP: a method may leave training activations queued on UP across iterations (FDG's
         forward reaches the next module an iteration later), and those must neither be read here nor mixed in.
         """
+        self.sync_buffers()
+        if self.replica != self.replicas - 1:
+            return None  # the writer's replica predicts, with replica 0's running statistics
         self.stage.module.eval()
-        h = x.to(self.stage.device) if self.rank == 0 else self.transport.wait(PROBE_UP).tensor
+        h = x.to(self.stage.device) if self.stage.is_first else self.transport.wait(PROBE_UP).tensor
         out = self.stage.predict(h)
-        if self.rank < self.world - 1:
+        if not self.stage.is_last:
             self.transport.send(Send(PROBE_UP, out))
             return None
         return out
+
+    def sync_buffers(self) -> None:
+        """Every replica takes replica 0's buffers (BatchNorm's running statistics), before evaluating and
+        saving (ALGORITHMS.md). A collective over this module's copies: every process calls it."""
+        if not self._buffers_stale:
+            return
+        source = dist.get_global_rank(self.copies, 0)  # module k of replica 0
+        for buffer in self.stage.module.buffers():
+            wire = buffer.to(self.transport.wire)
+            dist.broadcast(wire, src=source, group=self.copies)
+            buffer.copy_(wire)
+        self._buffers_stale = False
 
     def gather(self, obj: Any) -> list | None:
         """Every process's ``obj`` in rank order on the writer, None elsewhere."""
@@ -170,6 +227,7 @@ class RankTrainer:
 
     def state_dict(self) -> dict | None:
         """On the writer, the whole trainer's state in the local engine's format; None elsewhere."""
+        self.sync_buffers()  # saved as evaluated: every replica with replica 0's running statistics
         self.flush()
         own = {
             "stage": _to_cpu(self.stage.state_dict()),
@@ -212,45 +270,8 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-class ReplicaTrainer(RankTrainer):
-    """The ``Trainer`` of one replica's process, for methods that put a whole replica on each device.
-
-    Every process reads the whole batch (images and labels) and its method
-    takes its own shard; the gradients are averaged inside the backward (the
-    method wraps its module, e.g. in DistributedDataParallel, once the group
-    is joined). The writer gathers each replica's share of the loss and its
-    logits, so the runner sees the whole batch's, as from the other engines.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.stage.wrap()
-        self._buffers_stale = False  # replicas' running statistics drift apart until synchronized
-
-    def step_output(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput | None:
-        device = self.stage.device
-        out = super().step_output(x, y)  # every process reads the batch: each replica is its own first module
-        self._buffers_stale = True
-        shares = self.gather((out.loss.cpu(), out.logits.cpu()))  # shards in rank order: the batch's order
-        if not self.is_writer:
-            return None
-        return StepOutput(loss=torch.stack([loss for loss, _ in shares]).sum().to(device),
-                          logits=torch.cat([logits for _, logits in shares]).to(device))
-
-    def _sync_buffers(self) -> None:
-        if self._buffers_stale:
-            self.stage.sync_buffers()
-            self._buffers_stale = False
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Logits on the writer, from its replica with replica 0's running statistics; None elsewhere."""
-        self._sync_buffers()
-        if not self.is_writer:
-            return None
-        self.stage.module.eval()
-        return self.stage.predict(x.to(self.stage.device))
-
-    def state_dict(self) -> dict | None:
-        self._sync_buffers()  # saved as evaluated: every replica with replica 0's running statistics
-        return super().state_dict()
+def _to_device(out: StepOutput | None, device: torch.device) -> StepOutput | None:
+    if out is None:
+        return None
+    return StepOutput(loss=out.loss.to(device), logits=out.logits.to(device),
+                      labels=None if out.labels is None else out.labels.to(device))

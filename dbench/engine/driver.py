@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Protocol
 
-from dbench.method import Message, Recv, Send, check_tag
+from dbench.method import AllReduce, Message, Recv, Send, check_tag
 
 
 class Port(Protocol):
@@ -25,6 +25,9 @@ class Port(Protocol):
     def poll(self, channel: str) -> Message | None: ...
     # ``meter``: marked communicating while a message arrives, and blocked again if it was another channel's
     def wait(self, channel: str, meter: Any) -> Message: ...
+    # Average the tensors over the module's copies in every replica; returns something with ``done``: True at
+    # once on a blocking port, else once the last copy has joined (the driver suspends the program until then).
+    def all_reduce(self, op: AllReduce, meter: Any) -> Any: ...
 
 
 class NoMeter:
@@ -49,6 +52,7 @@ class Driven:
         self.k, self.program, self.port, self.meter = k, program, port, meter
         self.reply: Any = None
         self.waiting: Recv | None = None
+        self.joined: Any = None  # an all-reduce this program waits on (a non-blocking port's)
         self.done = False
         self.output: Any = None
 
@@ -57,7 +61,11 @@ class Driven:
 
         With a blocking port this returns only when the program has finished.
         """
-        if self.waiting is not None:
+        if self.joined is not None:
+            if not self.joined.done:
+                return False
+            self.joined = None
+        elif self.waiting is not None:
             message = self.port.poll(self.waiting.channel)
             if message is None:
                 return False
@@ -87,5 +95,12 @@ class Driven:
                         message = self.port.wait(op.channel, meter)
                         meter.resumed()
                     self.reply = check_tag(self.k, op, message)
+                elif isinstance(op, AllReduce):
+                    joined = self.port.all_reduce(op, meter)
+                    if not joined.done:
+                        meter.blocked("all-reduce")  # waiting for the other replicas' copies of this module
+                        self.joined = joined
+                        return True
+                    meter.resumed()
                 else:
-                    raise TypeError(f"stage {self.k} yielded {op!r}; a method yields Send or Recv")
+                    raise TypeError(f"stage {self.k} yielded {op!r}; a method yields Send, Recv or AllReduce")

@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from dbench.method import CHANNELS, ROUTES, Message, Send, route
+from dbench.method import CHANNELS, ROUTES, AllReduce, Message, Send, route
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
           torch.uint8, torch.bool)
@@ -41,8 +41,11 @@ class Transport:
 
     blocking = True  # a Recv with an empty inbox reads the sender's stream until the message is there
 
-    def __init__(self, rank: int, world: int, device: torch.device):
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, device: torch.device, base: int = 0, group=None):
+        """Module ``rank`` of the ``world`` modules of one replica, whose module 0 is process ``base`` (replica d
+        of a run with replicas: d·K); ``group``: the process group of this module's copies in every replica,
+        over which ``all_reduce`` averages (None: no replicas)."""
+        self.rank, self.world, self.base, self.group = rank, world, base, group
         self.device = torch.device(device)  # where the stage wants its messages
         # The wire: NCCL moves CUDA tensors in place; gloo's point-to-point moves host memory only,
         # so under gloo (the CPU, or modules sharing one GPU) a CUDA message is staged through the host.
@@ -72,6 +75,29 @@ class Transport:
             self._post(dst, _header(CHANNELS.index(op.channel), payload, tuple(op.tag), self.wire))
             self._post(dst, payload)
         self._reap()
+
+    def all_reduce(self, op: AllReduce, meter=None) -> "Transport":
+        """Average ``op.tensors`` in place over this module's copies (one all-reduce of them flattened, as
+        DDP's buckets); returns when done (``self.done`` is always True: this port blocks)."""
+        if self.group is None:
+            raise RuntimeError(f"module {self.rank} averaged its {op.what} over replicas, but the run has none")
+        if meter is not None:
+            meter.communicating()  # the collective's time, waiting for the slowest copy included
+        flat = torch.cat([t.detach().reshape(-1) for t in op.tensors]).to(self.wire)
+        try:
+            dist.all_reduce(flat, group=self.group)  # a sum: divided below, as the local engine does
+        except RuntimeError as e:
+            raise RuntimeError(f"module {self.rank}: the all-reduce of its {op.what} with its copies in the other "
+                               f"replicas failed (a replica timed out or stopped): {e}") from e
+        flat /= dist.get_world_size(self.group)
+        offset = 0
+        for t in op.tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+        return self
+
+    done = True  # what the driver asks of an all-reduce's answer
 
     def poll(self, channel: str) -> Message | None:
         queue = self.inbox[channel]
@@ -112,7 +138,7 @@ class Transport:
             yield from (m.tensor for m in q)
 
     def _post(self, dst: int, tensor: torch.Tensor) -> None:
-        self._sends.append((dist.isend(tensor, dst), tensor))
+        self._sends.append((dist.isend(tensor, self.base + dst), tensor))
 
     def _reap(self) -> None:
         while self._sends and self._sends[0][0].is_completed():
@@ -135,7 +161,7 @@ class Transport:
 
     def _recv(self, tensor: torch.Tensor, src: int) -> None:
         try:
-            dist.recv(tensor, src)
+            dist.recv(tensor, self.base + src)
         except RuntimeError as e:
             # Say which peer went silent: the one whose stream broke or timed out,
             # not this module, is usually where the failure started.

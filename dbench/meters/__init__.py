@@ -39,8 +39,12 @@ def merge_records(segments: list[list[dict]]) -> list[dict]:
 
 
 class Meters:
-    def __init__(self, stage_meters: list[StageMeter]):
+    """``sigma_stages``: how many of the meters (the first ones) σ is measured on: replica 0's modules when a
+    run has replicas (every replica holds the same weights and applies the same averaged gradient)."""
+
+    def __init__(self, stage_meters: list[StageMeter], sigma_stages: int | None = None):
         self.stages = stage_meters
+        self.sigma_stages = len(stage_meters) if sigma_stages is None else sigma_stages
 
     @property
     def cuda_devices(self) -> list[torch.device]:
@@ -62,6 +66,8 @@ class Meters:
             seconds = m.clock.stop()
             record = {
                 "module": m.stage.index,
+                # With replicas, one record per device: module k of replica d.
+                **({"replica": m.stage.replica} if m.stage.replicas > 1 else {}),
                 "device": str(m.stage.device),
                 **{f"{state}_s": seconds[state] for state in STATES},
                 "accounted_peak_bytes": m.peak_total,
@@ -91,12 +97,12 @@ class Meters:
             yield batch
 
     def arm_sigma(self, true_grads: list[list[torch.Tensor]]) -> None:
-        for m, grads in zip(self.stages, true_grads, strict=True):
+        for m, grads in zip(self.stages[:self.sigma_stages], true_grads, strict=True):
             m.sigma.arm(grads)
 
     def take_sigma(self) -> tuple[list[SigmaResult], SigmaResult]:
         """Per-module σ of the iteration just run, and the whole network's (host syncs: once per probe)."""
-        taken = [m.sigma.take() for m in self.stages]
+        taken = [m.sigma.take() for m in self.stages[:self.sigma_stages]]
         if any(t is None for t in taken):
             raise RuntimeError("take_sigma without arm_sigma before the step")
         return sigma_results(taken)
