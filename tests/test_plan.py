@@ -114,4 +114,4 @@ def test_the_default_cut_balances_time_only_where_modules_run_at_once(monkeypatc
     assert "equal block counts" in local.split_note and one.split_note is None
     assert RunConfig().split == "auto"
     ddp, _ = planning.make(RunConfig(model="mlp", method="ddp", gpus=2))  # replicas: nothing to cut, nothing said
-    assert ddp.split_note is None and ddp.ranges == [(0, 3), (0, 3)]
+    assert ddp.split_note is None and ddp.ranges == [(0, 3)] and ddp.replicas == 2  # one module, two replicas
