@@ -306,7 +306,7 @@ def test_an_lm_comparison_without_a_reference(lm_root):
     cells = verdict.shown(numbers).iloc[0]
     assert cells["best test bpb"] == "2.114 ± 0.010" and cells["Δ bpb vs the reference"] == "–"
     assert cells["target bpb"] == "–" and cells["time to target (s)"] == "–"
-    assert verdict.notes(numbers, None) == [f"{LM_MODEL} · {LM_DATA} · K=2 has no run of a reference method "
+    assert verdict.notes(numbers, None) == [f"{LM_MODEL} · {LM_DATA} · N=2 devices has no run of a reference method "
                                             "(model-parallel bp): its Δ bpb and time to target are – (give "
                                             "--target-loss for a time)."]
     given = verdict.shown(verdict.table(data, target_loss=2.2)).iloc[0]
@@ -354,11 +354,11 @@ def test_a_mixed_report_shows_each_comparison_with_its_own_metric(mixed_report):
 
 def test_the_lm_figures_say_bits_per_byte(mixed_report):
     items = {i.title: i for s in mixed_report.sections for i in s.items}
-    pareto = items[f"Verdict: {LM_MODEL}, {LM_DATA}, K=2"]
+    pareto = items[f"Verdict: {LM_MODEL}, {LM_DATA}, N=2 devices"]
     assert "time to 2.149 bits per byte test loss" in pareto.caption
     assert "y: its best test loss in bits per byte" in pareto.caption
     assert "Hollow, right of the dotted line: never reached the target (ddg)." in pareto.caption
-    assert "time to 89.10% test accuracy" in items["Verdict: mlp, synthetic, K=2"].caption
+    assert "time to 89.10% test accuracy" in items["Verdict: mlp, synthetic, N=2 devices"].caption
     convergence = items[f"Convergence: {LM_MODEL}, {LM_DATA}, K=2"]
     assert "bits per byte" in convergence.caption
     assert "bits per byte" not in items["Convergence: mlp, synthetic, K=2"].caption
@@ -372,12 +372,12 @@ def test_compare_prints_each_comparison_with_its_metric(mixed_root, monkeypatch,
     assert "target: 2.149 bits per byte test loss (1.01 × bp's mean best test bits per byte)" in out
     assert "target: 89.10% test accuracy (0.99 × bp's mean best test accuracy)" in out
     lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"{LM_MODEL} · {LM_DATA} · K=2"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{LM_MODEL} · {LM_DATA} · N=2 devices"))
     head = lines[start + 2]
     assert "bpb" in head and "Δ bpb vs bp" in head and "error %" not in head
     fr = next(line for line in lines[start:] if line.startswith("fr "))
     assert fr.split()[-5:] == ["2.114", "±", "0.010", "-0.014", "21.00"]  # bpb, Δ bpb vs bp, to target (s)
-    image = next(i for i, line in enumerate(lines) if line.startswith("mlp · synthetic · K=2"))
+    image = next(i for i, line in enumerate(lines) if line.startswith("mlp · synthetic · N=2 devices"))
     assert "error %" in lines[image + 2] and "bpb" not in lines[image + 2]
 
 

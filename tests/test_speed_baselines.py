@@ -39,7 +39,7 @@ def test_every_cell_of_both_speedups():
     assert fr["speedup_epoch_time"] == pytest.approx(40 / 32) and fr["baseline"] == "bp"
     assert fr["ideal_speedup"] == 1.5
     # fastest exact on these devices: bp on one device (24 s) beats gpipe (28) and ddp (30)
-    assert fr["fastest_exact"] == "bp (K=1)"
+    assert fr["fastest_exact"] == "bp (N=1)"
     assert fr["speedup_vs_exact"] == pytest.approx(24 / 32)
     assert fr["ideal_vs_exact"] == pytest.approx(1.5 / 1.0)
     ddg = got.loc[("ddg", 2, "distributed", 128)]
@@ -47,7 +47,7 @@ def test_every_cell_of_both_speedups():
     gpipe = got.loc[("gpipe", 2, "distributed", 128)]
     assert gpipe["speedup_vs_exact"] == pytest.approx(24 / 28) and gpipe["ideal_vs_exact"] == pytest.approx(16 / 9)
     one = got.loc[("bp", 1, "local", 128)]
-    assert one["parallel"] and one["speedup_vs_exact"] == pytest.approx(1.0) and one["fastest_exact"] == "bp (K=1)"
+    assert one["parallel"] and one["speedup_vs_exact"] == pytest.approx(1.0) and one["fastest_exact"] == "bp (N=1)"
     local = got.loc[("ddg", 2, "local", 128)]
     assert not local["parallel"] and math.isnan(local["speedup_epoch_time"]) and math.isnan(local["speedup_vs_exact"])
     other = got.loc[("ddg", 2, "distributed", 64)]
@@ -60,7 +60,7 @@ def test_without_the_one_device_run_the_fastest_on_the_same_k_counts():
     without = without[~((without["label"] == "bp") & (without["k"] == 1))]
     got = summarize(without).set_index(["method", "k", "engine", "batch_size"])
     fr = got.loc[("fr", 2, "distributed", 128)]
-    assert fr["fastest_exact"] == "gpipe (K=2)"  # model-parallel BP (40 s) is never the exact baseline
+    assert fr["fastest_exact"] == "gpipe (N=2)"  # model-parallel BP (40 s) is never the exact baseline
     assert fr["speedup_vs_exact"] == pytest.approx(28 / 32)
     assert fr["ideal_vs_exact"] == pytest.approx(1.5 / (16 / 9))
 

@@ -195,7 +195,7 @@ def expected_row(model, k, label, engine, names, ideal, target_acc=None) -> dict
     return {
         "model": model, "data set": "synthetic", "K": k, "method": label, "engine": engine, "batch": BATCH,
         "seeds": len(names), "s/epoch": f2(seconds), "× bp (ideal)": over_bp,
-        "fastest exact": "bp (K=1)" if has_ref else "–", "× fastest exact (ideal)": over_exact,
+        "fastest exact": "bp (N=1)" if has_ref else "–", "× fastest exact (ideal)": over_exact,
         "peak MiB, largest device": largest, "peak MiB, all devices": total,
         "memory": "CUDA peak allocated" if cuda else "accounted",
         "best test error %": mean_std(err(*names)),
@@ -235,7 +235,7 @@ def test_numbers_hold_the_exact_values(data):
     numbers = verdict.table(data).set_index(["model", "k", "method"])
     fr = numbers.loc[("mlp", 2, "fr")]
     assert fr["speedup_epoch_time"] == pytest.approx(10.5 / 8.5) and fr["ideal_speedup"] == 1.5
-    assert fr["fastest_exact"] == "bp (K=1)" and fr["speedup_vs_exact"] == pytest.approx(7 / 8.5)
+    assert fr["fastest_exact"] == "bp (N=1)" and fr["speedup_vs_exact"] == pytest.approx(7 / 8.5)
     assert fr["ideal_vs_exact"] == pytest.approx(1.5)
     assert fr["best_test_error_mean"] == pytest.approx(10.0) and fr["best_test_error_std"] == pytest.approx(2**0.5)
     assert fr["error_vs_reference"] == pytest.approx(-0.75) and fr["reference"] == "bp"
@@ -302,22 +302,22 @@ def test_the_report_opens_with_the_verdict(report):
 def test_the_pareto_figure_names_its_front(report):
     section = report.sections[0]
     figures = {f.title: f for f in section.items if hasattr(f, "png")}
-    k2 = figures["Verdict: mlp, synthetic, K=2"]
+    k2 = figures["Verdict: mlp, synthetic, N=2 devices"]
     # fr (21 s, 10.00%) beats bp, ddp and dni; ddg (18 s) is the fastest; dfa never reached the target
     assert "joined by the dashed line: fr, ddg." in k2.caption
     assert "never reached the target (dfa)" in k2.caption
     assert set(k2.runs) == {n for n, spec in RUNS.items() if spec[1] == "mlp" and spec[2] == 2}
-    cnn = figures["Verdict: cnn, synthetic, K=2"]
+    cnn = figures["Verdict: cnn, synthetic, N=2 devices"]
     assert "seconds per epoch (no target: no reference run)" in cnn.caption
     table = next(i for i in section.items if hasattr(i, "shown"))
-    assert any("cnn · synthetic · K=2 has no run of a reference method" in n for n in section.notes)
+    assert any("cnn · synthetic · N=2 devices has no run of a reference method" in n for n in section.notes)
     for column in table.shown.columns:  # every column is defined in the caption
         assert column in table.caption, column
 
 
 def test_where_no_method_reaches_the_target_the_figure_uses_seconds_per_epoch(data, tmp_path):
     section = verdict.build(data, tmp_path, target_acc=0.99)  # no run reaches 99%
-    k2 = next(i for i in section.items if i.title == "Verdict: mlp, synthetic, K=2")
+    k2 = next(i for i in section.items if i.title == "Verdict: mlp, synthetic, N=2 devices")
     assert "x: seconds per epoch (no method reached the target)" in k2.caption
     # dfa (5 s per epoch, 55%) and ddg (6.5 s, 13.15%) and fr (8.5 s, 10.00%): each faster or more accurate
     assert "joined by the dashed line: fr, ddg, dfa." in k2.caption
@@ -345,17 +345,17 @@ def test_compare_prints_the_verdict(root):
     done = compare(str(root))
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    header, rows = block(done.stdout, "mlp · synthetic · K=2")
+    header, rows = block(done.stdout, "mlp · synthetic · N=2 devices")
     # one batch size and one fastest exact baseline: said once; two engines and two memory sources: columns
-    assert header == ["mlp · synthetic · K=2 · batch 128 · fastest exact bp (K=1)",
+    assert header == ["mlp · synthetic · N=2 devices · batch 128 · fastest exact bp (N=1)",
                       "target: 88.36% test accuracy (0.99 × bp's mean best test accuracy)"]
     assert list(rows) == ["bp", "ddp", "fr", "ddg", "dni", "dfa"]
     assert rows["fr"].split() == ["fr", "distributed", "2", "8.50", "1.24", "(1.50)", "0.82", "(1.50)", "150.00",
                                   "240.00", "accounted", "10.00", "±", "1.41", "-0.75", "21.00"]
     assert rows["ddg"].endswith("18.00 (1 of 2 seeds)") and rows["dfa"].endswith("not reached")
     assert rows["dni"].count("not parallel") == 2 and " CUDA " in rows["ddp"]
-    header, rows = block(done.stdout, "cnn · synthetic · K=2")
-    assert header == ["cnn · synthetic · K=2 · engine distributed · batch 128 · fastest exact – · memory accounted"]
+    header, rows = block(done.stdout, "cnn · synthetic · N=2 devices")
+    assert header == ["cnn · synthetic · N=2 devices · engine distributed · batch 128 · fastest exact – · memory accounted"]
     assert rows["fr"].split() == ["fr", "1", "4.00", "–", "(1.50)", "–", "(–)", "30.00", "50.00", "40.00", "–", "–"]
     # this worst case (two engines and two memory sources in one block) fits 150 columns
     assert max(len(line) for line in done.stdout.splitlines()) <= 150
@@ -365,12 +365,12 @@ def test_compare_prints_the_verdict(root):
 def test_compare_filters_and_target(root):
     done = compare(str(root), "--model", "mlp", "--k", "2", "--method", "bp,dfa", "--target-acc", "0.4")
     assert done.returncode == 0, done.stderr
-    header, rows = block(done.stdout, "mlp · synthetic · K=2")
+    header, rows = block(done.stdout, "mlp · synthetic · N=2 devices")
     assert header[1] == "target: 40.00% test accuracy (--target-acc 0.4)"
     assert list(rows) == ["bp", "dfa"]
     assert rows["dfa"].endswith("10.00")  # 0.40 at the end of epoch 2: 5 + 5 s
     assert rows["bp"].endswith("10.50")  # 0.5 and 0.6 at the end of epoch 1: 10 and 11 s
-    assert "cnn" not in done.stdout and "K=1" not in done.stdout
+    assert "cnn" not in done.stdout and "N=1 devices" not in done.stdout
 
 
 @pytest.mark.parametrize("args", [["--target-acc", "2"], ["--target-acc", "x"], ["--target-acc", "0"]])

@@ -70,7 +70,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     means["speedup_epoch_time"] = base["seconds_per_epoch"].reindex(at).to_numpy() / means["seconds_per_epoch"]
     means["speedup_samples_per_s"] = means["samples_per_s"] / base["samples_per_s"].reindex(at).to_numpy()
     fastest = [fastest_exact(means, row) for row in means.itertuples()]
-    means["fastest_exact"] = [f"{f.label} (K={f.k})" if f is not None else None for f in fastest]
+    means["fastest_exact"] = [f"{f.label} (N={f.k})" if f is not None else None for f in fastest]
     means["speedup_vs_exact"] = [f.seconds_per_epoch / r.seconds_per_epoch if f is not None else float("nan")
                                  for f, r in zip(fastest, means.itertuples())]
     means["ideal_vs_exact"] = [r.ideal_speedup / f.ideal_speedup

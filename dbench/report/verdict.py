@@ -382,16 +382,19 @@ def _caption_parts(numbers: pd.DataFrame, kind: str, target_acc: float | None,
               "row has them, else summary.json's accounted bytes"
               if (numbers["memory_source"] == CUDA).any() else "from summary.json's accounted bytes")
     common = (
-        "One row per method (the method with its non-default options) in each comparison (model, data set, K), "
+        "One row per method (the method with its non-default options, and its layout K×D where it has D > 1 "
+        "replicas of K modules) in each comparison (model, data set, N devices), "
         "and per engine and batch (size) its runs used. seeds: runs averaged. s/epoch: training seconds per "
         f"epoch, mean over seeds (σ probes included). × {speed_ref} (ideal): {speed_ref}'s seconds per epoch at "
-        "the same model, data set, K, engine and batch size over the method's, with ALGORITHMS.md's ideal in "
-        f"brackets; {speed.NOT_PARALLEL}: the local engine at K > 1, which runs the modules one after another, "
+        "the same model, data set, N devices, engine and batch size over the method's, with ALGORITHMS.md's ideal "
+        f"in brackets (a K×D layout's: the method's at K times D); {speed.NOT_PARALLEL}: the local engine on N > 1 "
+        "devices, which runs the modules one after another, "
         "or modules that shared one GPU. "
         "fastest exact: the exact-gradient baseline with the fewest seconds per epoch measured on the same devices "
-        "(bp on one device, or ddp, gpipe, 1f1b at the same K); × fastest exact (ideal): its seconds per epoch "
+        "(bp on one device, or ddp, gpipe, 1f1b and bp's K×D layouts on the same N devices); × fastest exact "
+        "(ideal): its seconds per epoch "
         "over the method's, with the ratio of the two ideals in brackets. peak MiB, largest device: the largest "
-        "module's peak (module k on device k; MiB = 2^20 bytes); peak MiB, all devices: the sum of every "
+        "device's peak (module k of replica d on device d·K + k; MiB = 2^20 bytes); peak MiB, all devices: the sum of every "
         f"module's peak; both mean over seeds; {memory}. ")
     dashes = (f"{tables.DASH}: no such number (no reference run, no exact baseline, no closed-form ideal).")
     if kind == LANGUAGE_MODEL:
@@ -429,7 +432,7 @@ def notes(numbers: pd.DataFrame, target_acc: float | None, target_loss: float | 
         else:
             what = (f"its Δ error is {tables.DASH}" if target_acc is not None
                     else f"its Δ error and time to target are {tables.DASH} (give --target-acc for a time)")
-        out.append(f"{r.model} · {r.dataset} · K={r.k} has no run of a reference method (model-parallel bp): {what}.")
+        out.append(f"{r.model} · {r.dataset} · N={r.k} devices has no run of a reference method (model-parallel bp): {what}.")
     return out
 
 
@@ -468,7 +471,7 @@ def text(numbers: pd.DataFrame, target_acc: float | None = None, width: int = 11
         group = cells[(part["model"] == model).to_numpy() & (part["dataset"] == dataset).to_numpy()
                       & (part["k"] == k).to_numpy()]
         first = part.loc[group.index[0]]
-        header = [f"{model} · {dataset} · K={k}"]
+        header = [f"{model} · {dataset} · N={k} devices"]
         drop = ["model", "data set", "K", quality_columns(kind, "")[2]]
         # a column with one value for the whole block is said once, in the header
         for column, name in (("engine", "engine"), ("batch", "batch"), ("fastest exact", "fastest exact"),
@@ -622,7 +625,7 @@ def _figure(group: pd.DataFrame, keys, data: ReportData, runs, out: Path) -> fig
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.margins(x=0.2, y=0.15)
-        fig.suptitle(f"What each method buys: {model} · {dataset} · K={k}")
+        fig.suptitle(f"What each method buys: {model} · {dataset} · N={k} devices")
         listed = ", ".join(names[optimal]) or tables.DASH
         never = ", ".join(names[~reached]) if reached.any() and (~reached).any() else ""
         caption = (f"One point per method: x: {xlabel}; y: its {quality}, mean over seeds; marker area and "
@@ -632,4 +635,4 @@ def _figure(group: pd.DataFrame, keys, data: ReportData, runs, out: Path) -> fig
                                    if never else "")
                    + (" " + LOCAL_NOTE if (~group["parallel"]).any() else ""))
         return save(fig, out, "verdict/" + figures.file_stem(model, dataset, f"k{k}"),
-                    title=f"Verdict: {model}, {dataset}, K={k}", caption=caption, runs=runs)
+                    title=f"Verdict: {model}, {dataset}, N={k} devices", caption=caption, runs=runs)
