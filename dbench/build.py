@@ -35,6 +35,7 @@ class Built:
     rank: int | None  # this process's module under the distributed engine, None for the local engine
     schedule: LRSchedule
     probe: list  # the σ probe's fixed batches
+    trace: dict | None = None  # the epoch's trace (--trace), until the loop writes it
 
     @property
     def images(self) -> bool:

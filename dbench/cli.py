@@ -94,6 +94,9 @@ D = RunConfig()  # the defaults, shown in --help
 @click.option("--checkpoint-every", type=int, default=D.checkpoint_every, metavar="STEPS",
               help="Also checkpoint every STEPS steps inside an epoch, so a stop loses at most that much "
                    "(resumed to the same numbers). [default: 0, at the end of each epoch only]")
+@click.option("--trace", is_flag=True,
+              help="Local engine: record the first epoch's trace (each module's compute segments and messages) "
+                   "in trace.json, for `dbench project`.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory [default: results/<method>-<model>-<dataset>-k<K>-s<seed>-<time>].")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, metavar="RUN_DIR",
@@ -235,20 +238,38 @@ def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
+def _projection_options(command):
+    """--link and --device-memory: a PROJECTED section of the runs recorded with --trace (dbench.projection)."""
+    command = click.option("--device-memory", type=float, default=None, metavar="GIB",
+                           help="With --link: memory per device, to say which layouts fit.")(command)
+    return click.option("--link", "link", default=None, metavar="PROFILE",
+                        help="Also show the PROJECTED seconds of runs recorded with --trace on this link (nvlink4, "
+                             "pcie4, pcie5, ib-ndr, 100gbe, 25gbe, or a `dbench probe-link` file), marked as "
+                             "projected.")(command)
+
+
+def _check_memory(device_memory: float | None) -> None:
+    if device_memory is not None and not device_memory > 0:
+        raise DbenchError(f"bad --device-memory {device_memory}: must be a number of GiB > 0")
+
+
 @main.command()
 @_selection_options
+@_projection_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
               help="Folder to write the report into (created if needed; files of the same name are replaced).")
 def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, engines, epochs,
-           include_unfinished: bool, target_acc: float | None, target_loss: float | None) -> None:
+           include_unfinished: bool, target_acc: float | None, target_loss: float | None, link: str | None,
+           device_memory: float | None) -> None:
     """Figures and tables comparing the runs under PATHS [default: results/]: the verdict (which method buys
     what), convergence, memory, generalization, σ and speed, with index.md and a self-contained index.html."""
+    _check_memory(device_memory)
     from dbench.report import build_report  # heavy imports (pandas, matplotlib) only when asked
 
     written = build_report(
         list(paths) or [Path("results")], out, methods=methods, models=models, datasets=datasets, ks=ks,
         engines=engines, epochs=epochs, include_unfinished=include_unfinished, target_acc=target_acc,
-        target_loss=target_loss, warn=_warn,
+        target_loss=target_loss, warn=_warn, link=link, device_memory=device_memory,
     )
     click.echo(f"report of {len(written.runs)} run(s) written to {written.out}: "
                f"open {written.index_html} (or {written.index_md.name})")
@@ -256,8 +277,10 @@ def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, en
 
 @main.command()
 @_selection_options
+@_projection_options
 def compare(paths: tuple[Path, ...], methods, models, datasets, ks, engines, epochs, include_unfinished: bool,
-            target_acc: float | None, target_loss: float | None) -> None:
+            target_acc: float | None, target_loss: float | None, link: str | None,
+            device_memory: float | None) -> None:
     """Which method buys what, per model, data set and K, for the runs under PATHS [default: results/]:
     speedups beside their ideals, peak memory, best test error and time to accuracy (a language model's: best
     test bits per byte and time to a target loss) (the report's verdict)."""
@@ -268,6 +291,54 @@ def compare(paths: tuple[Path, ...], methods, models, datasets, ks, engines, epo
                                include_unfinished=include_unfinished, warn=_warn)
     numbers = verdict.table(chosen.data, target_acc, target_loss)
     click.echo(verdict.text(numbers, target_acc, target_loss=target_loss), nl=False)
+    if link is not None:  # after the measured verdict, in a block of its own that says PROJECTED
+        from dbench import projection
+
+        profile = projection.link(link)
+        traced = [run.path for run in chosen.data.runs if (run.path / "trace.json").is_file()]
+        click.echo("\n" + (projection.text([projection.load(p, profile) for p in traced], profile, device_memory)
+                           if traced else "PROJECTED: no run here holds a trace (record one with --trace)."))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--link", "link_name", default="nvlink4", show_default=True, metavar="PROFILE",
+              help="Link between devices: nvlink4, pcie4, pcie5, ib-ndr, 100gbe, 25gbe, or a file from "
+                   "`dbench probe-link`.")
+@click.option("--device-memory", type=float, default=None, metavar="GIB",
+              help="Memory per device: say which layouts fit (each device's peak against it).")
+def project(paths: tuple[Path, ...], link_name: str, device_memory: float | None) -> None:
+    """PROJECTED seconds per epoch of runs recorded with --trace on the local engine, on their N devices: each
+    trace replayed on a virtual clock per device over a link profile (docs/ALGORITHMS.md, "Projection")."""
+    from dbench import projection
+
+    _check_memory(device_memory)
+    profile = projection.link(link_name)
+    runs = [projection.load(p, profile) for p in paths]
+    click.echo(projection.text(runs, profile, device_memory))
+
+
+@main.command("probe-link")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cpu: two processes over gloo; cuda: two GPUs over NCCL (needs two).")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to store the profile [default: results/links/probe-<backend>-<device>.json].")
+def probe_link(device: str, repeats: int, out: Path | None) -> None:
+    """Measure latency, bandwidth and posting cost between two processes here, through dbench's transport,
+    and store them as a link profile for `dbench project --link FILE`."""
+    import torch
+
+    from dbench import probe
+
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        raise DbenchError(f"--device cuda needs two GPUs (NCCL between them); {torch.cuda.device_count()} visible")
+    profile = probe.probe(device, repeats=repeats)
+    out = out or Path("results") / "links" / f"{profile['name']}.json"
+    probe.save(profile, out)
+    from dbench.projection import link
+
+    click.echo(f"{link(str(out)).describe()}\nsaved in {out}")
 
 
 def _suite_options(command):

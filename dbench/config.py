@@ -58,6 +58,9 @@ class RunConfig:
     sigma_every: int | None = None  # None: PROBES_PER_EPOCH probes an epoch; 0: no σ probe
     sigma_batches: int = 2
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
+    # Record the first epoch's trace (every stage's compute segments and messages, dbench.engine.trace) for
+    # `dbench project`: the local engine only.
+    trace: bool = False
 
     def resolved_engine(self, devices: list, modules: int | None = None) -> str:
         """``auto``: one process per device when the N > 1 devices are distinct CUDA devices, or when every

@@ -20,6 +20,7 @@ from dbench.devices import synchronize
 from dbench.errors import DbenchError, RunInterrupted
 from dbench.meters import SigmaResult, merge_records
 from dbench.progress import Progress
+from dbench.engine.trace import TRACE
 from dbench.record import CONFIG, SUMMARY, RunDir
 from dbench.cpus import run_cpus
 from dbench import interrupts
@@ -59,6 +60,9 @@ def train(built: Built, run: RunDir, rows: list[dict], first_epoch: int, quiet: 
             if writer:
                 rows.extend(probes)
                 rows.append(row)
+                if built.trace is not None:
+                    run.write(TRACE, built.trace)  # before the metrics: an epoch on record has its trace
+                    built.trace = None
                 run.write_metrics(rows)
                 run.save_checkpoint({"epochs_done": epoch + 1, "trainer": state})
                 saved, saved_steps = epoch + 1, 0
@@ -150,9 +154,15 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
     progress.advance(first)
     synchronize(*trainer.devices)  # start the clocks on idle devices
     trainer.barrier()  # distributed: every module's clock starts together
+    tracing = built.plan.config.trace and epoch == 0 and first == 0  # the first epoch, whole (--trace)
+    if tracing:
+        trainer.start_trace()
     start = time.perf_counter()
     meters.start_epoch()
-    for i, (x, y) in enumerate(meters.loading(loader.epoch(epoch, images=images, start=first)), start=first):
+    batches = meters.loading(loader.epoch(epoch, images=images, start=first))
+    if tracing:
+        batches = _timed(batches, trainer.trace_data)
+    for i, (x, y) in enumerate(batches, start=first):
         if i == first + warmup:
             synchronize(*trainer.devices)  # throughput counts from here: the warm-up's work must be done
             warm_start, warm_seen = time.perf_counter(), seen
@@ -214,6 +224,10 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
     end = time.perf_counter()
     parts = trainer.gather(meters.stop_epoch())  # every module's record, on the writer
     modules = [record for part in parts for record in part] if parts is not None else []
+    if tracing:
+        trace = trainer.take_trace()
+        trace["epoch"], trace["train_seconds"] = epoch + 1, end - start
+        built.trace = trace  # written with the epoch's files (dbench.loop.train)
     if modules and segments:
         modules = merge_records([*segments, modules])
     train_seconds = before["train_s"] + end - start - stopped
@@ -250,6 +264,19 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
         "modules": modules,
     }
     return row, probes
+
+
+def _timed(batches, tell: Callable[[float], None]):
+    """``batches``, telling ``tell`` how long each took to come out of the loader."""
+    batches = iter(batches)
+    while True:
+        began = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        tell(time.perf_counter() - began)
+        yield batch
 
 
 def _probe_row(epoch: int, i: int, iteration: int, modules: list[SigmaResult], network: SigmaResult) -> dict:

@@ -292,6 +292,14 @@ class Stage:
         return 3.0 / period
 
     @classmethod
+    def graph_lifetime(cls, num_stages: int) -> int:
+        """The most iterations one of this method's autograd graphs lives (built at iteration t, freed by
+        t + this), what the memory meter's accounting window counts on (dbench.meters.StageMeter). K + 1 covers
+        every method that keeps a graph until its delayed gradient arrives one iteration per module above
+        (DDG's module k keeps K − k + 1); a method that keeps them longer says so here."""
+        return num_stages + 1
+
+    @classmethod
     def check_run(cls, options: Any, num_stages: int, batch_size: int, devices: list) -> None:
         """Raise a one-line DbenchError if the method cannot run with these options, K, batch size and devices.
 

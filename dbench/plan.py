@@ -193,6 +193,9 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
     if devices is None:
         devices, note = resolve_devices(cfg.gpus, cfg.devices)
     engine = cfg.resolved_engine(devices, k)
+    if cfg.trace and engine != "local":
+        raise DbenchError(f"--trace records the local engine's run (one module at a time, each segment timed "
+                          f"alone), not the {engine} engine's: add --engine local")
     # The smallest shard of a full batch: what each replica's method splits (micro-batches, say).
     stage_cls.check_run(options, facts_k(stage_cls, k, replicas), cfg.batch_size // replicas, devices)
     stage_cls.check_model(options, described)

@@ -46,7 +46,7 @@ UNKNOWN_FACTS = {"family": "", "table_order": 100.0, "reference": False, "lockin
 # RunConfig fields that do not change what a run computes or measures; runs that
 # differ only in these (and the seed) are repetitions of one experiment.
 NOT_SETTINGS = {"seed", "data_dir", "download", "devices", "comm_timeout", "sigma_every", "sigma_batches", "method_options",
-                "checkpoint_every",
+                "checkpoint_every", "trace",
                 "replicas"}  # the layout is part of every label instead (Run.label)
 
 

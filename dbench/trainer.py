@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dbench.engine import LocalEngine
+from dbench.engine.trace import Recorder
 from dbench.errors import DbenchError
 from dbench.meters import Meters, SigmaResult, StageMeter
 from dbench.method import DATA_PARALLEL, Stage, StepOutput, parse_options
@@ -162,6 +163,19 @@ class Trainer:
 
     def set_lr(self, lr: float) -> None:
         self.engine.set_lr(lr)
+
+    def start_trace(self) -> None:
+        """Record a trace of the training steps from here on (dbench.engine.trace; ``take_trace`` ends it)."""
+        self.engine.recorder = Recorder(self.devices, self.engine.num_stages, self.engine.replicas)
+
+    def trace_data(self, seconds: float) -> None:
+        """The loader took ``seconds`` for the next step's batch (recorded in the trace, if one is on)."""
+        if self.engine.recorder is not None:
+            self.engine.recorder.data(seconds)
+
+    def take_trace(self) -> dict | None:
+        recorder, self.engine.recorder = self.engine.recorder, None
+        return recorder.record() if recorder is not None else None
 
     # What the runner asks of every engine's trainer; one process holds everything here.
     is_writer = True

@@ -90,6 +90,11 @@ class FullyDecoupled(Stage):
     table_order = 2.5  # after DDG (2), before DNI (3)
     locking = UNLOCKED
 
+    @classmethod
+    def graph_lifetime(cls, num_stages: int) -> int:
+        # Module 0's forward of a batch waits 2(K-1) iterations for its gradient: longer than K + 1 from K = 4.
+        return max(num_stages + 1, 2 * (num_stages - 1))
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.options.validate()  # also when the Options come built, not parsed

@@ -15,6 +15,7 @@ TINY = {
     "contention.py": ["--model", "resnet8", "--batch-size", "8", "--k", "2", "--rounds", "1", "--steps", "1",
                       "--warmup", "1"],
     "overhead.py": ["--model", "resnet8", "--batch-size", "8", "--rounds", "1", "--steps", "1"],
+    "ddp_overlap.py": ["--model", "resnet8", "--batch-size", "8", "--rounds", "1", "--steps", "1", "--warmup", "0"],
     "partition_balance.py": ["--models", "resnet8", "--k", "2", "--batch-size", "4", "--repeats", "1"],
     "data_path.py": ["--model", "resnet8", "--samples", "256", "--batch-size", "32", "--steps", "1", "--rounds", "1",
                      "--workers", "0"],
@@ -23,6 +24,8 @@ TINY = {
                    "--split", "blocks",
                    "--root", "{tmp}/speed"],
     "learning.py": ["--model", "mlp", "--epochs", "1", "--ks", "2", "--methods", "bp", "--root", "{tmp}/learning"],
+    "projection.py": ["--model", "mlp", "--k", "2", "--methods", "bp", "--rounds", "1", "--batch-size", "512",
+                      "--link", "pcie4", "--root", "{tmp}/projection"],
     "breakdown.py": ["--model", "mlp", "--k", "2", "--batch-size", "512", "--methods", "ddg", "--split", "blocks",
                      "--device", "cpu", "--root", "{tmp}/breakdown"],
 }
@@ -56,6 +59,9 @@ def test_benchmark_prints_its_table(script, tmp_path):
 @pytest.mark.parametrize("script,args", [
     ("overhead.py", ["--steps", "0"]),
     ("contention.py", ["--k", "1"]),
+    ("ddp_overlap.py", ["--replicas", "1"]),
+    ("projection.py", ["--methods", "ddp", "--root", "{tmp}/projection"]),
+    ("ddp_overlap.py", ["--model", "nope"]),
     ("contention.py", ["--model", "nope"]),
     ("overhead.py", ["--model", "nope"]),
     ("breakdown.py", ["--methods", "fr,nope", "--root", "{tmp}/breakdown"]),

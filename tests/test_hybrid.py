@@ -24,11 +24,10 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import group
-from distributed_workers import STEPS, WORKLOADS, hybrid_data, hybrid_worker
+from distributed_workers import WORKLOADS, hybrid_data, hybrid_worker
 from dbench import Trainer
 from dbench.config import RunConfig
 from dbench.engine.launch import free_port
-from dbench.errors import DbenchError
 from dbench.registry import METHODS
 
 DBENCH = str(Path(sys.executable).parent / "dbench")
@@ -270,3 +269,46 @@ def test_bad_layouts_are_one_line_and_write_nothing(tmp_path, args, message):
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_torchrun_runs_replicas_as_the_local_engine_does(tmp_path):
+    """4 processes under torchrun (module k of replica d = rank d·K + k): the local engine's checkpoint."""
+    import os
+
+    from test_distributed import assert_same
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["run", "--gpus", "4", "--replicas", "2", "--model", "mlp", "--epochs", "1", "--quiet", "--method",
+              "fr", "--split", "blocks", "--batch-size", "512"]
+    commands = {"torchrun": [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "4",
+                             DBENCH, *common, "--engine", "distributed"],
+                "local": [DBENCH, *common, "--engine", "local"]}
+    for name, command in commands.items():
+        done = subprocess.run([*command, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert_same(torch.load(tmp_path / "local" / "checkpoint.pt", weights_only=True),
+                torch.load(tmp_path / "torchrun" / "checkpoint.pt", weights_only=True))
+    config = json.loads((tmp_path / "torchrun" / "config.json").read_text())
+    assert config["layout"]["replicas"] == 2 and config["layout"]["modules"] == 2
+
+
+def test_a_killed_replica_ends_the_run_cleanly(tmp_path):
+    """SIGKILL replica 0's first module (of K = 2 × D = 2): every process stops, the run is marked failed."""
+    import signal
+
+    from conftest import alive
+    from test_distributed import signal_a_worker
+
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", "4", "--replicas", "2", "--model",
+         "mlp", "--batch-size", "512", "--epochs", "50", "--quiet", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    workers, stderr, elapsed = signal_a_worker(launcher, out, signal.SIGKILL, pick=0)
+    assert len(workers) == 4 and launcher.returncode != 0 and elapsed < 30
+    assert "killed by signal 9" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert not any(alive(pid) for pid in workers)

@@ -360,3 +360,18 @@ def test_no_graph_outlives_a_step_of_a_method_without_delay(method):
     for x, y in batches(4):
         t.step(x, y)
         assert [m.saved.live for m in t.meters.stages] == [{}, {}, {}]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_the_window_holds_every_method_at_four_modules(method):
+    """At K=4 FDG's module 0 keeps a graph 2(K-1) = 6 iterations, longer than K + 1: the method says so
+    (graph_lifetime) and the windowed meter accounts it without error, with the peak of every-iteration accounting."""
+    def four():
+        return Trainer(group(tiny_blocks(), [(0, 1), (1, 2), (2, 3), (3, 5)]), method, num_classes=10, measure=True)
+
+    data = batches(20)
+    every, windowed = four(), four()
+    for m in every.meters.stages:
+        m.window = EVERY_ITERATION
+    for a, b in zip(_epochs(every, data, 1)[0], _epochs(windowed, data, 1)[0]):
+        assert b["accounted_peak_bytes"] == a["accounted_peak_bytes"] > 0

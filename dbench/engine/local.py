@@ -10,6 +10,7 @@ import torch
 from dbench.engine.driver import Driven, NoMeter
 from dbench.errors import DbenchError
 from dbench.engine.messages import pack, unpack
+from dbench.engine.trace import Recorder, Traced
 from dbench.engine.modes import TrainingMode
 from dbench.meters.sigma import true_gradient
 from dbench.method import CHANNELS, AllReduce, Message, Send, Stage, StepOutput, route
@@ -107,6 +108,7 @@ class LocalEngine:
         self.joins: dict[int, _Joined] = {}  # module -> the all-reduce its copies are joining
         self.meters: list = [NoMeter() for _ in stages]
         self.modes = [TrainingMode(stage.module) for stage in stages]
+        self.recorder: Recorder | None = None  # set to record the training steps' trace (dbench.engine.trace)
 
     @property
     def num_stages(self) -> int:
@@ -151,7 +153,7 @@ class LocalEngine:
             stage.train_step(t, xs[p // K].to(stage.device) if p % K == 0 else None, ys[p // K].to(stage.device))
             for p, stage in enumerate(self.stages)
         ]
-        outputs = self._run(programs, f"method {self.stages[0].name!r} at iteration {t}")
+        outputs = self._run(programs, f"method {self.stages[0].name!r} at iteration {t}", traced=True)
         tops = outputs[K - 1::K]
         for top in tops:
             if top is not None and not isinstance(top, StepOutput):
@@ -177,8 +179,11 @@ class LocalEngine:
             for m in meters:
                 m.probing = False
 
-    def _run(self, programs: list, what: str) -> list:
-        running = [Driven(p, program, self.ports[p], self.meters[p]) for p, program in enumerate(programs)]
+    def _run(self, programs: list, what: str, traced: bool = False) -> list:
+        meters = self.meters
+        if traced and self.recorder is not None:
+            meters = [Traced(m, s) for m, s in zip(self.meters, self.recorder.stages, strict=True)]
+        running = [Driven(p, program, self.ports[p], meters[p]) for p, program in enumerate(programs)]
         for m in self.meters[:len(programs)]:
             m.handed_step()
         while not all(r.done for r in running):
@@ -192,6 +197,8 @@ class LocalEngine:
                 raise RuntimeError(f"deadlock in {what}: {waits}")
         for stage in self.stages[:len(programs)]:
             stage.check_updates()
+        if traced and self.recorder is not None:
+            self.recorder.step_done()
         return [r.output for r in running]
 
     def sync_buffers(self) -> None:

@@ -76,8 +76,14 @@ class StageClock:
         return dict(self.totals)
 
     def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(self.device))
-            return event
-        return time.perf_counter()
+        return now(self.device)
+
+
+def now(device: torch.device) -> "float | torch.cuda.Event":
+    """A mark of the present on ``device``: an event recorded on its current stream on CUDA (what a kernel
+    queued before it must finish to pass), the host clock elsewhere."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+    return time.perf_counter()

@@ -31,8 +31,9 @@ class StageMeter:
     steady state holds what every other one does, and a window that reaches steady
     state finds the epoch's peak (tested against accounting at every iteration, for
     every method: tests/test_meters.py). The window's samples count only once every
-    live graph was built with the hooks on: no graph outlives ``lifetime`` = K + 1
-    iterations (DDG's module k keeps K-k+1), which the meter checks on every graph
+    live graph was built with the hooks on: no graph outlives ``lifetime`` iterations (the
+    method's ``graph_lifetime``: K + 1 for most, DDG's module k keeping K-k+1; 2(K-1) for FDG from K = 4),
+    which the meter checks on every graph
     it tracks, so samples from ``lifetime`` iterations after the hooks were last off
     see everything. ``window=EVERY_ITERATION`` accounts at every iteration.
     """
@@ -41,7 +42,7 @@ class StageMeter:
         self.stage = stage
         self.queued = queued
         self.clock = StageClock(stage.device)
-        self.lifetime = stage.num_stages + 1
+        self.lifetime = stage.graph_lifetime(stage.num_stages)
         # Twice the lifetime and two more: the samples of lifetime + 2 iterations count in each window.
         self.window = 2 * self.lifetime + 2 if window is None else window
         self.iteration = 0  # this module's training iterations so far (probes do not count)
@@ -84,6 +85,9 @@ class StageMeter:
         self.sample()
         if not self.probing:
             self.clock.mark(WAIT_INPUT if channel in INPUT_CHANNELS else WAIT_GRAD)
+
+    def op(self, op) -> None:
+        """The program yielded ``op`` (a trace records it; the meters read the transitions that follow)."""
 
     def communicating(self) -> None:
         """The stage hands a message to its transport, or receives one that has started to arrive."""

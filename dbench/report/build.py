@@ -8,10 +8,10 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
-from dbench import results
+from dbench import projection, results
 from dbench.errors import DbenchError
 from dbench.record import writable_folder
-from dbench.report import convergence, generalization, index, memory, sigma, speed, verdict
+from dbench.report import convergence, generalization, index, memory, projected, sigma, speed, verdict
 from dbench.report.section import ReportData, Section
 
 # The order of the index: the verdict first, as it answers the question the other sections detail.
@@ -32,7 +32,8 @@ def build_report(paths: Iterable[Path | str], out: Path | str, *, methods: Itera
                  models: Iterable[str] = (), datasets: Iterable[str] = (), ks: Iterable[int] = (),
                  engines: Iterable[str] = (), epochs: Iterable[int] = (),
                  include_unfinished: bool = False, target_acc: float | None = None,
-                 target_loss: float | None = None, warn: Callable[[str], None] | None = None) -> Report:
+                 target_loss: float | None = None, warn: Callable[[str], None] | None = None,
+                 link: str | None = None, device_memory: float | None = None) -> Report:
     """Write the report of the runs under ``paths`` into ``out``.
 
     ``target_acc`` is the test accuracy the verdict's time to accuracy is measured to (default: 99% of
@@ -43,6 +44,7 @@ def build_report(paths: Iterable[Path | str], out: Path | str, *, methods: Itera
     """
     verdict.check_target(target_acc)  # before anything is read or written
     verdict.check_target_loss(target_loss)
+    profile = projection.link(link) if link is not None else None
     out = Path(out)
     chosen = select_runs(paths, methods=methods, models=models, datasets=datasets, ks=ks, engines=engines,
                          epochs=epochs, include_unfinished=include_unfinished, warn=warn)
@@ -50,6 +52,8 @@ def build_report(paths: Iterable[Path | str], out: Path | str, *, methods: Itera
     # the verdict alone takes an option; every other section is built from the runs alone
     options = {verdict: {"target_acc": target_acc, "target_loss": target_loss}}
     sections = [module.build(chosen.data, out, **options.get(module, {})) for module in SECTIONS]
+    if profile is not None:  # asked for: the projected section, after every measured one
+        sections.append(projected.build(chosen.data, out, profile, device_memory))
     sources = (f"{len(chosen.data.runs)} run(s) from {', '.join(str(p) for p in chosen.paths)}"
                + (f", selected by {chosen.filters}" if chosen.filters else "")
                + f"; written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
