@@ -261,9 +261,10 @@ def combine(tops: list[StepOutput | None]) -> StepOutput | None:
         return None
     if any(top is None for top in tops):
         raise RuntimeError("some replicas scored a batch in this iteration and others none: their programs differ")
+    # On the last replica's top device: where the runner keeps the epoch's sums (the engine's last device).
+    device = tops[-1].loss.device
     labels = None
     if tops[0].labels is not None:
-        labels = torch.cat([top.labels.to(tops[0].labels.device) for top in tops])
-    device = tops[0].loss.device
+        labels = torch.cat([top.labels.to(device) for top in tops])
     return StepOutput(loss=torch.stack([top.loss.to(device) for top in tops]).sum(),
-                      logits=torch.cat([top.logits.to(tops[0].logits.device) for top in tops]), labels=labels)
+                      logits=torch.cat([top.logits.to(device) for top in tops]), labels=labels)
