@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbench.errors import DbenchError
-from dbench.method import route
+from dbench.routes import route
 
 
 @dataclass(frozen=True)
