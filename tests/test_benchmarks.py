@@ -24,7 +24,7 @@ TINY = {
                    "--split", "blocks",
                    "--root", "{tmp}/speed"],
     "learning.py": ["--model", "mlp", "--epochs", "1", "--ks", "2", "--methods", "bp", "--root", "{tmp}/learning"],
-    "projection.py": ["--model", "mlp", "--k", "2", "--methods", "bp", "--rounds", "1", "--batch-size", "512",
+    "projection.py": ["--model", "mlp", "--k", "2", "--methods", "bp", "--rounds", "1", "--batch-size", "2048",
                       "--link", "pcie4", "--root", "{tmp}/projection"],
     "breakdown.py": ["--model", "mlp", "--k", "2", "--batch-size", "512", "--methods", "ddg", "--split", "blocks",
                      "--device", "cpu", "--root", "{tmp}/breakdown"],

@@ -197,7 +197,7 @@ def run(tmp_path, name, *args, ok=True):
 
 
 def test_a_run_records_its_layout_and_every_device(tmp_path):
-    run(tmp_path, "r", "--method", "fr", "--gpus", "4", "--replicas", "2", "--engine", "local")
+    run(tmp_path, "r", "--method", "fr", "--gpus", "4", "--replicas", "2", "--engine", "local", "--batch-size", "1024")
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert config["layout"]["devices"] == 4 and config["layout"]["modules"] == 2 and config["layout"]["replicas"] == 2
@@ -208,17 +208,8 @@ def test_a_run_records_its_layout_and_every_device(tmp_path):
     assert summary["modules"][0]["mean_sigma"] == summary["modules"][2]["mean_sigma"]
 
 
-def test_replicas_one_is_the_default_run(tmp_path):
-    run(tmp_path, "a", "--method", "ddg", "--gpus", "2")
-    run(tmp_path, "b", "--method", "ddg", "--gpus", "2", "--replicas", "1")
-    rows = [[json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in "ab"]
-    strip = [[{k: v for k, v in r.items() if k in ("train_loss", "test_loss", "test_acc", "sigma")} for r in rs]
-             for rs in rows]
-    assert strip[0] == strip[1]
-
-
 def test_the_engines_agree_on_a_run_with_replicas_and_it_resumes_exactly(tmp_path):
-    common = ["--method", "ddg", "--gpus", "4", "--replicas", "2", "--split", "blocks", "--batch-size", "256"]
+    common = ["--method", "ddg", "--gpus", "4", "--replicas", "2", "--split", "blocks", "--batch-size", "1024"]
     env_one_thread = {"OMP_NUM_THREADS": "1"}
     import os
 
@@ -239,7 +230,7 @@ def test_the_engines_agree_on_a_run_with_replicas_and_it_resumes_exactly(tmp_pat
         if epoch == 1:
             raise KeyboardInterrupt
 
-    cfg = RunConfig(method="ddg", model="mlp", gpus=4, replicas=2, split="blocks", batch_size=256, epochs=2,
+    cfg = RunConfig(method="ddg", model="mlp", gpus=4, replicas=2, split="blocks", batch_size=1024, epochs=2,
                     engine="local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the runs above (OMP_NUM_THREADS=1): the same float sums

@@ -120,7 +120,7 @@ def test_recording_changes_no_number():
 
 def test_a_traced_run_equals_an_untraced_one_and_projects(tmp_path):
     common = ["run", "--method", "ddg", "--model", "mlp", "--gpus", "2", "--epochs", "1", "--engine", "local",
-              "--quiet", "--sigma-every", "0"]
+              "--quiet", "--sigma-every", "0", "--batch-size", "1024"]
     for name, extra in (("plain", []), ("traced", ["--trace"])):
         done = subprocess.run([DBENCH, *common, *extra, "--out", str(tmp_path / name)], capture_output=True,
                               text=True, timeout=300)
