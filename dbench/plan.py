@@ -66,13 +66,13 @@ class Plan:
         return len(self.ranges)
 
     def facts(self) -> dict:
-        """The method's facts for this layout. With D replicas of K modules (a method other than ddp, whose
-        facts are already stated for its N replicas): the ideal speedup over model-parallel BP on the same N
-        devices is the method's at K times D (each replica runs the method at K on B/D samples; BP's K or N
-        locked modules take the same time per batch), and even BP's hybrid is an exact layout among the
-        others, not the papers' reference (model-parallel BP, D = 1)."""
-        facts = self.method.facts(facts_k(self.method, self.modules, self.replicas), self.options)
-        if self.replicas > 1 and self.method.parallelism != DATA_PARALLEL:
+        """The method's facts for this layout. With D replicas of K modules the ideal speedup over
+        model-parallel BP on the same N devices is the method's at K times D (each replica runs the method at K
+        on B/D samples; BP's K or N locked modules take the same time per batch: ddp, at K = 1, gets N), and
+        even BP's hybrid is an exact layout among the others, not the papers' reference (model-parallel BP,
+        D = 1)."""
+        facts = self.method.facts(self.modules, self.options)
+        if self.replicas > 1:
             ideal = facts["ideal_speedup"]
             facts = {**facts, "reference": False, "ideal_speedup": None if ideal is None else ideal * self.replicas}
         return facts
@@ -197,7 +197,7 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
         raise DbenchError(f"--trace records the local engine's run (one module at a time, each segment timed "
                           f"alone), not the {engine} engine's: add --engine local")
     # The smallest shard of a full batch: what each replica's method splits (micro-batches, say).
-    stage_cls.check_run(options, facts_k(stage_cls, k, replicas), cfg.batch_size // replicas, devices)
+    stage_cls.check_run(options, k, cfg.batch_size // replicas, devices)
     stage_cls.check_model(options, described)
     if not spec.needs_data_dir and (cfg.data_dir or cfg.download):
         raise DbenchError(f"--data-dir/--download do not apply to data set {cfg.dataset!r} (it is generated)")
@@ -220,11 +220,6 @@ def layout_replicas(cfg: RunConfig, stage_cls: type[Stage]) -> int:
         return cfg.gpus
     return cfg.replicas or 1
 
-
-def facts_k(stage_cls: type[Stage], modules: int, replicas: int) -> int:
-    """The K a method's facts and checks are stated for: its modules, or for whole-model replicas (ddp, whose
-    ideal is over model-parallel BP on the same devices) its replicas."""
-    return replicas if stage_cls.parallelism == DATA_PARALLEL else modules
 
 
 @functools.lru_cache(maxsize=None)

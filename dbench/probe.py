@@ -28,17 +28,18 @@ SIZES = (8, 1 << 10, 1 << 16, 1 << 20, 1 << 23)
 
 
 def _worker(rank: int, port: int, device: str, sizes: list[int], repeats: int, cpus, queue) -> None:
+    from dbench.cpus import pin
     from dbench.engine.distributed import data_backend, init
     from dbench.engine.transport import Transport
     from dbench.method import DOWN, UP, Send
 
     if cpus is not None:
-        os.sched_setaffinity(0, set(cpus[rank]))
+        pin(cpus[rank])  # before any thread starts, as the launcher pins a module's process
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dev = torch.device(device if device == "cpu" else f"cuda:{rank}")
-    init(rank, 2, dev, 120, data_backend([device if device == "cpu" else "cuda:0",
-                                          device if device == "cpu" else "cuda:1"]))
+    devices = ["cpu", "cpu"] if device == "cpu" else ["cuda:0", "cuda:1"]
+    dev = torch.device(devices[rank])
+    init(rank, 2, dev, 120, data_backend(devices))
     transport = Transport(rank, 2, dev)
     one_way, posting = {}, []
     for size in sizes:

@@ -32,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dbench import summary as summary_of
 from dbench.errors import DbenchError
 from dbench.routes import route
 
@@ -234,7 +235,7 @@ def load(path: Path, profile: Link) -> Projected:
     layout = config.get("layout") or {"modules": trace["modules"], "replicas": trace["replicas"]}
     k, d = int(layout["modules"]), int(layout["replicas"])
     facts = config.get("method_facts") or {}
-    label = run["method"] + (f" {k}×{d}" if d > 1 and facts.get("parallelism") != "data" else "")
+    label = summary_of.method_label(config) + summary_of.layout_label(k, d, facts.get("parallelism"))
     modules = summary.get("modules") or []
     key = "cuda_peak_allocated_bytes" if modules and "cuda_peak_allocated_bytes" in modules[0] else "accounted_peak_bytes"
     return Projected(path=path, label=label, group=(run["model"], run["dataset"], int(run["gpus"]), run["batch_size"]),
@@ -254,8 +255,8 @@ def text(runs: list[Projected], profile: Link, device_memory_gib: float | None =
     for r in runs:
         groups.setdefault(r.group, []).append(r)
     for (model, dataset, n, batch), members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        fits = [m for m in members if _fits(m, device_memory_gib)]
-        exact = [m for m in fits if m.exact]
+        fitting = [m for m in members if fits(m, device_memory_gib)]
+        exact = [m for m in fitting if m.exact]
         fastest = min(exact, key=lambda m: m.projection.seconds) if exact else None
         lines.append(f"{model} · {dataset} · N={n} devices · batch {batch}"
                      + (f" · fastest exact (projected): {fastest.label}" if fastest else " · no exact layout fits"
@@ -265,13 +266,13 @@ def text(runs: list[Projected], profile: Link, device_memory_gib: float | None =
         for m in sorted(members, key=lambda m: m.projection.seconds):
             over = f"{fastest.projection.seconds / m.projection.seconds:.2f}" if fastest else "–"
             largest = max(m.peak_bytes) / 2**20 if m.peak_bytes else math.nan
-            fit = "–" if device_memory_gib is None else ("yes" if _fits(m, device_memory_gib) else "NO")
+            fit = "–" if device_memory_gib is None else ("yes" if fits(m, device_memory_gib) else "NO")
             local = f"{m.local_seconds:.2f}" if m.local_seconds is not None else "–"
             lines.append(f"{m.label:<14} {m.projection.seconds:>17.3f} {over:>15} {largest:>11.2f} {fit:>5} {local:>14}")
-        unfit = [m.label for m in members if not _fits(m, device_memory_gib)]
+        unfit = [m.label for m in members if not fits(m, device_memory_gib)]
         if unfit:
             lines.append(f"{', '.join(unfit)} do(es) not fit {device_memory_gib:g} GiB per device here; of the "
-                         f"layouts that fit, {min(fits, key=lambda m: m.projection.seconds).label if fits else 'none'} "
+                         f"layouts that fit, {min(fitting, key=lambda m: m.projection.seconds).label if fitting else 'none'} "
                          f"is fastest (projected).")
         lines.append("")
         lines.append("per device (projected shares of the epoch): compute · data · comm · wait · idle")
@@ -285,5 +286,6 @@ def text(runs: list[Projected], profile: Link, device_memory_gib: float | None =
     return "\n".join(lines)
 
 
-def _fits(m: Projected, device_memory_gib: float | None) -> bool:
+def fits(m: Projected, device_memory_gib: float | None) -> bool:
+    """Whether every device of the run holds its peak within ``device_memory_gib`` (None: no limit given)."""
     return device_memory_gib is None or not m.peak_bytes or max(m.peak_bytes) <= device_memory_gib * GIB

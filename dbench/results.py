@@ -96,10 +96,8 @@ class Run:
 
     @property
     def layout_label(self) -> str:
-        """`` 2×2`` (K modules × D replicas) for a hybrid; nothing for the method on N devices as it comes (D = 1,
-        or ddp, whose layout is always 1×N)."""
-        k, d = self.layout
-        return f" {k}×{d}" if d > 1 and self.facts.get("parallelism") != "data" else ""
+        """`` 2×2`` for a hybrid (dbench.summary.layout_label)."""
+        return summaries.layout_label(*self.layout, self.facts.get("parallelism"))
 
     @property
     def label(self) -> str:

@@ -60,6 +60,12 @@ def method_label(config: dict) -> str:
     return method + "[" + ",".join(f"{k}={v}" for k, v in sorted(variant.items())) + "]"
 
 
+def layout_label(modules: int, replicas: int, parallelism: str | None) -> str:
+    """`` 2×2`` (K modules × D replicas) after a hybrid's method label; nothing for a method on its N devices as
+    it comes (D = 1, or a method whose layout is always whole-model replicas, ddp: parallelism "data")."""
+    return f" {modules}×{replicas}" if replicas > 1 and parallelism != "data" else ""
+
+
 class SummaryUnreadable(DbenchError):
     """A run's JSON file (summary.json, or another read with ``read_object``) is missing or not a JSON object;
     ``reason`` says which, without the path."""

@@ -154,3 +154,13 @@ def test_a_stored_profile_reads_back(tmp_path):
     path.write_text(json.dumps({"name": "mine", "latency_s": 1e-5, "bandwidth_Bps": 1e9, "post_s": 2e-6}))
     profile = link(str(path))
     assert profile.latency_s == 1e-5 and profile.posting == 2e-6 and "mine" in profile.describe()
+
+
+def test_probe_link_stores_a_profile_that_projects(tmp_path):
+    out = tmp_path / "links" / "here.json"
+    done = subprocess.run([DBENCH, "probe-link", "--repeats", "1", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    profile = link(str(out))
+    assert profile.latency_s > 0 and profile.bandwidth_Bps > 0 and profile.posting > 0
+    assert profile.name == "probe-gloo-cpu" and f"saved in {out}" in done.stdout

@@ -39,22 +39,19 @@ class StageTrace:
         self._start: Any = None
         self._pending: list[tuple[dict, Any, Any]] = []  # CUDA: (event record, start, end) to read after a sync
 
-    def _now(self):
-        return now(self.device)
-
     def begin(self) -> None:
-        self._start = self._now()
+        self._start = now(self.device)
 
     def end_segment(self) -> None:
         """The running segment ends here (nothing runs: a blocked or finished stage has none)."""
         if self._start is None:
             return
-        now = self._now()
+        end = now(self.device)
         record = {"op": "compute", "s": 0.0}
         if self.cuda:
-            self._pending.append((record, self._start, now))
+            self._pending.append((record, self._start, end))
         else:
-            record["s"] = now - self._start
+            record["s"] = end - self._start
         self.events.append(record)
         self._start = None
 
@@ -89,7 +86,7 @@ class Traced:
     def __init__(self, meter: Any, trace: StageTrace):
         self.meter, self.trace = meter, trace
 
-    def __getattr__(self, name: str) -> Any:  # probing, tracking, ...: the meter's
+    def __getattr__(self, name: str) -> Any:  # probing, tracking, communicating, handed_step: the meter's
         return getattr(self.meter, name)
 
     def resumed(self) -> None:
@@ -107,12 +104,6 @@ class Traced:
     def blocked(self, channel: str) -> None:
         self.meter.blocked(channel)
         self.trace._start = None  # until it resumes, the other stages run: not this stage's time
-
-    def communicating(self) -> None:
-        self.meter.communicating()
-
-    def handed_step(self) -> None:
-        self.meter.handed_step()
 
     def finished(self) -> None:
         self.meter.finished()

@@ -28,7 +28,7 @@ def build(data: ReportData, out: Path, link: projection.Link, device_memory_gib:
     labels = {run.path: run.label for run in traced}
     rows = []
     for p in projected:
-        same = [q for q in projected if q.group == p.group and q.exact and projection._fits(q, device_memory_gib)]
+        same = [q for q in projected if q.group == p.group and q.exact and projection.fits(q, device_memory_gib)]
         fastest = min(same, key=lambda q: q.projection.seconds) if same else None
         rows.append({"model": p.group[0], "data set": p.group[1], "N": p.group[2], "batch": p.group[3],
                      "method": labels[p.path], "projected s/epoch": p.projection.seconds,
@@ -36,7 +36,7 @@ def build(data: ReportData, out: Path, link: projection.Link, device_memory_gib:
                                                      if fastest else None),
                      "fastest exact (projected)": labels[fastest.path] if fastest else None,
                      "peak MiB, largest device": max(p.peak_bytes) / 2**20 if p.peak_bytes else None,
-                     "fits": None if device_memory_gib is None else projection._fits(p, device_memory_gib),
+                     "fits": None if device_memory_gib is None else projection.fits(p, device_memory_gib),
                      "link": link.name})
     numbers = pd.DataFrame(rows).sort_values(["model", "data set", "N", "batch", "projected s/epoch"])
     shown = numbers.assign(**{
