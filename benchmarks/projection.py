@@ -13,6 +13,11 @@ fixed seed):
   now with ``dbench probe-link``, dbench's own transport between two pinned
   processes of this machine).
 
+With ``--relayout`` (the default), one more contender per round checks a
+projection laid out anew (``dbench project --devices``): ``ddp`` traced on
+one device at batch B/K, projected on K replicas (global batch B), against
+``ddp --gpus K`` measured on the distributed engine at batch B.
+
 The error is projected over measured training seconds of the epoch, minus 1,
 per round; the table gives min / median / max over rounds, and the local
 engine's own (serial) seconds for scale. The trace's own cost: the same
@@ -44,6 +49,7 @@ from dbench.errors import DbenchError
 from dbench.registry import METHODS, MODELS
 
 DBENCH = str(Path(sys.executable).parent / "dbench")
+RELAID = "ddp (1 device laid out on K)"
 DEFAULT_METHODS = ",".join(sorted(n for n, c in METHODS.items() if c.parallelism == "model"))
 
 
@@ -62,8 +68,11 @@ def _run(args: list[str], out: Path, env: dict, prefix: list[str] | None = None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--link", "link_name", default=None, help="A link profile [default: probe this machine now].")
+@click.option("--relayout/--no-relayout", default=True, show_default=True,
+              help="Also check ddp traced on one device laid out on K replicas against ddp on K processes.")
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/projection-check"), show_default=True)
-def main(model: str, k: int, methods: str, batch_size: int, rounds: int, link_name: str | None, root: Path) -> None:
+def main(model: str, k: int, methods: str, batch_size: int, rounds: int, link_name: str | None, relayout: bool,
+         root: Path) -> None:
     from dbench import probe, projection
 
     MODELS.get(model)
@@ -82,16 +91,32 @@ def main(model: str, k: int, methods: str, batch_size: int, rounds: int, link_na
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--model", model, "--gpus", str(k), "--epochs", "1", "--batch-size", str(batch_size), "--split",
               "blocks", "--sigma-every", "0"]
-    results: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in names}
+    contenders = [*names, *([RELAID] if relayout else [])]
+    if relayout and batch_size % k:
+        raise click.BadParameter(f"{batch_size}: --relayout traces ddp at batch B/K; B must be a multiple of K",
+                                 param_hint="--batch-size")
+    results: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in contenders}
     order = random.Random(0)
     for r in range(rounds):
-        shuffled = list(names)
+        shuffled = list(contenders)
         order.shuffle(shuffled)
         for name in shuffled:
-            traced, untraced, measured = (root / f"r{r}-{name}-{kind}" for kind in ("local", "untraced", "distributed"))
+            slug = "ddp-relaid" if name == RELAID else name
+            traced, untraced, measured = (root / f"r{r}-{slug}-{kind}" for kind in ("local", "untraced", "distributed"))
             for path in (traced, untraced, measured):
                 shutil.rmtree(path, ignore_errors=True)
             pin = ["taskset", "-c", str(cpus[0])]
+            if name == RELAID:  # ddp on one device at B/K, laid out on K replicas; measured: ddp on K processes
+                one = ["--model", model, "--method", "ddp", "--gpus", "1", "--epochs", "1", "--batch-size",
+                       str(batch_size // k), "--sigma-every", "0", "--engine", "local"]
+                local = _run([*one, "--trace"], traced, env, prefix=pin)
+                plain = _run(one, untraced, env, prefix=pin)
+                dist = _run(["--model", model, "--method", "ddp", "--gpus", str(k), "--epochs", "1", "--batch-size",
+                             str(batch_size), "--sigma-every", "0", "--engine", "distributed"], measured, env)
+                projected = projection.load(traced, profile, devices=k).projection.seconds
+                results[name].append((projected, dist["train_seconds"], local["train_seconds"],
+                                      plain["train_seconds"]))
+                continue
             local = _run([*common, "--method", name, "--engine", "local", "--trace"], traced, env, prefix=pin)
             plain = _run([*common, "--method", name, "--engine", "local"], untraced, env, prefix=pin)
             dist = _run([*common, "--method", name, "--engine", "distributed"], measured, env)
@@ -106,7 +131,7 @@ def main(model: str, k: int, methods: str, batch_size: int, rounds: int, link_na
                "| local engine s/epoch (serial, traced) | trace's cost (traced/untraced − 1) |")
     click.echo("|---|---|---|---|---|---|")
     errors = []
-    for name in names:
+    for name in contenders:
         rows = results[name]
         err = [p / m - 1 for p, m, _, _ in rows]
         errors += err

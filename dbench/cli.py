@@ -307,14 +307,21 @@ def compare(paths: tuple[Path, ...], methods, models, datasets, ks, engines, epo
                    "`dbench probe-link`.")
 @click.option("--device-memory", type=float, default=None, metavar="GIB",
               help="Memory per device: say which layouts fit (each device's peak against it).")
-def project(paths: tuple[Path, ...], link_name: str, device_memory: float | None) -> None:
-    """PROJECTED seconds per epoch of runs recorded with --trace on the local engine, on their N devices: each
-    trace replayed on a virtual clock per device over a link profile (docs/ALGORITHMS.md, "Projection")."""
+@click.option("--devices", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Lay each run out on N devices: N/K replicas of its traced K modules, each replica keeping the "
+                   "traced per-device batch. [default: the traced layout]")
+@click.option("--replicas", type=click.IntRange(min=1), default=None, metavar="D",
+              help="Lay each run out on D replicas of its traced K modules (with --devices: N must be K × D).")
+def project(paths: tuple[Path, ...], link_name: str, device_memory: float | None, devices: int | None,
+            replicas: int | None) -> None:
+    """PROJECTED seconds per epoch of runs recorded with --trace on the local engine, on their N devices (or
+    laid out anew: --devices, --replicas): each trace replayed on a virtual clock per device over a link profile
+    (docs/ALGORITHMS.md, "Projection")."""
     from dbench import projection
 
     _check_memory(device_memory)
     profile = projection.link(link_name)
-    runs = [projection.load(p, profile) for p in paths]
+    runs = [projection.load(p, profile, devices=devices, replicas=replicas) for p in paths]
     click.echo(projection.text(runs, profile, device_memory))
 
 

@@ -310,6 +310,9 @@ class Stage:
         # this replica's losses are multiplied by, so that the mean over replicas of every gradient derived
         # from them is the full batch's mean gradient. Set by the engine before every step; 1 without replicas.
         self.shard_weight = 1.0
+        # Set by a trace (dbench.engine.trace) on a run without replicas: told where the replicas would average
+        # (``average``) with the tensors they would, so that the projection can lay the run out on replicas.
+        self.on_average: Any = None
         self._updates_open = 0  # apply_update()/side_update() called but not yet run through (see check_updates)
 
     def place(self, replica: int, replicas: int) -> None:
@@ -456,11 +459,15 @@ class Stage:
 
     def average(self, optimizer: torch.optim.Optimizer, what: str = "gradients") -> StepProgram:
         """Average the gradients ``optimizer`` is about to apply over the replicas (nothing without replicas)."""
-        if self.replicas == 1:
+        if self.replicas == 1 and self.on_average is None:
             return
         grads = tuple(p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
-        if grads:
+        if not grads:
+            return
+        if self.replicas > 1:
             yield AllReduce(grads, what)
+        elif self.on_average is not None:
+            self.on_average(AllReduce(grads, what))
 
     def join(self, group: Any) -> None:
         """The distributed engine made ``group``, the process group of this module's copies in every replica.

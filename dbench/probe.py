@@ -8,7 +8,9 @@ ping-pong a message up and back down, for sizes from 8 bytes to ``max_bytes``,
 message is the latency; the bandwidth is the slope of the one-way time over
 the bytes between the smallest and the largest message; the posting cost is
 the sender's median time to hand a message of the largest size to the
-transport. gloo between CPU processes (each pinned to its own CPU, one torch
+transport; the receiving cost is the receiver's median time per message to
+take a burst of small messages that have already arrived (what a stage pays
+per message even when it never waits). gloo between CPU processes (each pinned to its own CPU, one torch
 thread, as the distributed engine pins modules); NCCL between two GPUs where
 there are two.
 """
@@ -25,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 SIZES = (8, 1 << 10, 1 << 16, 1 << 20, 1 << 23)
+BURST = 20  # small messages per burst in the receiving cost's measurement
 
 
 def _worker(rank: int, port: int, device: str, sizes: list[int], repeats: int, cpus, queue) -> None:
@@ -63,9 +66,25 @@ def _worker(rank: int, port: int, device: str, sizes: list[int], repeats: int, c
                 got = transport.wait(UP).tensor
                 transport.send(Send(DOWN, got))
         one_way[size] = statistics.median(times) if rank == 0 else None
+    # The receiver's cost of a message already there: module 0 posts a burst of small messages, module 1
+    # takes them once they have surely arrived (after a pause), timing each take.
+    taking = []
+    for _ in range(5):
+        dist.barrier()
+        if rank == 0:
+            for _ in range(BURST):
+                transport.send(Send(UP, torch.zeros(2, device=dev)))
+        else:
+            time.sleep(0.2)
+            began = time.perf_counter()
+            for _ in range(BURST):
+                transport.wait(UP)
+            taking.append((time.perf_counter() - began) / BURST)
+    receive = torch.tensor([statistics.median(taking) if rank == 1 else 0.0], dtype=torch.float64)
+    dist.broadcast(receive, src=1)
     transport.flush()
     if rank == 0:
-        queue.put((one_way, statistics.median(posting)))
+        queue.put((one_way, statistics.median(posting), float(receive.item())))
     dist.destroy_process_group()
 
 
@@ -79,7 +98,7 @@ def probe(device: str = "cpu", max_bytes: int = SIZES[-1], repeats: int = 20) ->
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_worker, args=(free_port(), device, sizes, repeats, cpus, queue), nprocs=2,
                        start_method="spawn")
-    one_way, posting = queue.get()
+    one_way, posting, receiving = queue.get()
     small, large = sizes[0], sizes[-1]
     latency = one_way[small]
     bandwidth = (large - small) / max(one_way[large] - latency, 1e-12)
@@ -89,6 +108,7 @@ def probe(device: str = "cpu", max_bytes: int = SIZES[-1], repeats: int = 20) ->
         "latency_s": latency,
         "bandwidth_Bps": bandwidth,
         "post_s": posting,
+        "recv_s": receiving,
         "source": (f"dbench probe-link on {platform.node()} ({platform.processor() or platform.machine()}), torch "
                    f"{torch.__version__}, {backend} through dbench's transport, CPUs {cpus}, {repeats} round trips "
                    f"per size"),

@@ -10,17 +10,27 @@ ALGORITHMS.md ("Projection") is the model, and only it:
   previous message (one FIFO link per ordered pair, as the distributed engine
   has one stream per pair); the sender's clock advances by its posting cost
   (the profile's, which is α unless a probe measured it);
-- a Recv of a message arriving at a sets c_q = max(c_q, a): the difference is
-  waiting;
+- a Recv of a message arriving at a sets c_q = max(c_q + r, a), r being the
+  receiver's cost of taking a message that has already arrived (the
+  profile's: measured by a probe, 0 for a published profile, whose latency
+  covers it): the difference is waiting;
 - an all-reduce of b bytes over the D copies of a module (ring) starts when the
   last copy reaches it and takes 2(D−1)·(α + b/(D·β));
 - the epoch's projected training time is the largest clock at its end.
 
+Laid out anew (``relayout``): a run traced at K modules × D replicas
+projected on D' ≥ D replicas of the same K modules, each replica keeping the
+traced per-device batch B/D (so the global batch is D'·B/D and an epoch has
+⌈S·D/D'⌉ steps of the S traced): every replica replays replica 0's events,
+and each update's all-reduce (recorded where replicas would average even on a
+run without them) spans the D' copies. Another K is another cut, with other
+segments: it needs a trace of its own.
+
 What it leaves out, and says so wherever it prints: contention between
 devices for memory bandwidth or a shared host (each segment was timed alone),
-a transport's per-message overheads beyond α (headers, host staging), the
-engine's per-step host work outside the stages' programs (the loop, the loss
-accumulated on the writer), and compute/communication overlap inside a
+a transport's per-message overheads beyond α and r (headers, host staging),
+the engine's per-step host work outside the stages' programs (the loop, the
+loss accumulated on the writer), and compute/communication overlap inside a
 segment. ``benchmarks/projection.py`` measures the error this leaves against
 the distributed engine wherever both can run.
 """
@@ -39,13 +49,15 @@ from dbench.routes import route
 
 @dataclass(frozen=True)
 class Link:
-    """A link between two devices: latency (s), bandwidth (bytes/s) and the sender's posting cost (s)."""
+    """A link between two devices: latency (s), bandwidth (bytes/s), the sender's posting cost (s) and the
+    receiver's cost of taking a message that has already arrived (s)."""
 
     name: str
     latency_s: float
     bandwidth_Bps: float
     post_s: float | None = None  # None: the latency
     source: str = ""
+    recv_s: float = 0.0
 
     @property
     def posting(self) -> float:
@@ -53,7 +65,8 @@ class Link:
 
     def describe(self) -> str:
         return (f"{self.name}: latency {self.latency_s * 1e6:.1f} µs, bandwidth {self.bandwidth_Bps / 1e9:.2f} GB/s, "
-                f"posting {self.posting * 1e6:.1f} µs" + (f" ({self.source})" if self.source else ""))
+                f"posting {self.posting * 1e6:.1f} µs, receiving {self.recv_s * 1e6:.1f} µs"
+                + (f" ({self.source})" if self.source else ""))
 
 
 GB = 1e9
@@ -87,7 +100,8 @@ def link(name_or_path: str) -> Link:
     try:
         data = json.loads(path.read_text())
         return Link(data["name"], float(data["latency_s"]), float(data["bandwidth_Bps"]),
-                    None if data.get("post_s") is None else float(data["post_s"]), data.get("source", str(path)))
+                    None if data.get("post_s") is None else float(data["post_s"]), data.get("source", str(path)),
+                    float(data.get("recv_s") or 0.0))
     except (ValueError, KeyError, TypeError) as e:
         raise DbenchError(f"{path} is not a link profile (name, latency_s, bandwidth_Bps): {e}") from None
 
@@ -129,7 +143,7 @@ def replay(trace: dict, profile: Link) -> Projection:
     queues: dict[tuple[int, int, str], deque] = {}  # (sender, receiver, channel) -> arrival times
     free: dict[tuple[int, int], float] = {}  # (sender, receiver) -> when the link is free
     joins: dict[int, dict[int, int]] = {}  # module -> {stage: bytes} that reached its all-reduce
-    alpha, beta, post = profile.latency_s, profile.bandwidth_Bps, profile.posting
+    alpha, beta, post, receive = profile.latency_s, profile.bandwidth_Bps, profile.posting, profile.recv_s
 
     def advance(p: int) -> bool:
         """Run stage p's events until it must wait; True if it moved."""
@@ -162,6 +176,8 @@ def replay(trace: dict, profile: Link) -> Projection:
                 if not queue:
                     return moved  # not sent yet: another stage must run first
                 arrive = queue.popleft()
+                clock.c += receive
+                clock.comm += receive
                 if arrive > clock.c:
                     clock.wait += arrive - clock.c
                     clock.c = arrive
@@ -201,6 +217,50 @@ def replay(trace: dict, profile: Link) -> Projection:
     return Projection(seconds=seconds, devices=devices, steps=int(trace.get("steps", 0)))
 
 
+def relayout(trace: dict, replicas: int) -> dict:
+    """The trace laid out on ``replicas`` copies of its K modules (the module docstring): every copy replays
+    replica 0's events over the first ⌈S·D/D'⌉ steps, each replica keeping the traced per-device batch."""
+    K, D, S = int(trace["modules"]), int(trace["replicas"]), int(trace.get("steps", 0))
+    if replicas == D:
+        return trace
+    if replicas < D:
+        raise DbenchError(f"cannot project {replicas} replica(s) from a trace of {D}: each replica keeps the traced "
+                          f"per-device batch, so an epoch on fewer would take more steps than the trace holds; "
+                          f"trace the run with --replicas {replicas}")
+    if not any(e["op"] == "allreduce" for events in trace["stages"] for e in events):
+        raise DbenchError("the trace marks no update (it was recorded before traces marked where replicas would "
+                          "average): record the run again with --trace to lay it out on replicas")
+    steps = math.ceil(S * D / replicas)
+    first = [_first_steps(events, steps) for events in trace["stages"][:K]]
+    return {**trace, "replicas": replicas, "steps": steps, "stages": [list(e) for _ in range(replicas) for e in first]}
+
+
+def _first_steps(events: list[dict], steps: int) -> list[dict]:
+    """A stage's events up to the end of its ``steps``-th step."""
+    ends = 0
+    for i, e in enumerate(events):
+        if e["op"] == "end":
+            ends += 1
+            if ends == steps:
+                return events[:i + 1]
+    return events
+
+
+def replicas_for(modules: int, replicas: int, devices: int | None, asked: int | None, path: Path) -> int:
+    """D' for a run traced at ``modules`` × ``replicas``: ``asked`` (--replicas), or ``devices`` / K (--devices);
+    the traced D if neither. A layout that is not K × D' for the traced K is an error naming both."""
+    if devices is None and asked is None:
+        return replicas
+    if devices is not None and devices % modules:
+        raise DbenchError(f"{path}: traced at K={modules} modules, so --devices {devices} is not K × D' for any D' "
+                          f"(another K is another cut: trace a run at --gpus {devices} for it)")
+    want = asked if asked is not None else devices // modules
+    if devices is not None and asked is not None and modules * asked != devices:
+        raise DbenchError(f"{path}: traced at K={modules} modules; --devices {devices} --replicas {asked} would be "
+                          f"K={devices // asked} (another cut: trace a run at --gpus {devices // asked} for it)")
+    return want
+
+
 # --- projecting runs -------------------------------------------------------------------------------------------
 
 EXACT = "exact gradient"
@@ -217,11 +277,15 @@ class Projected:
     exact: bool
     projection: Projection
     peak_bytes: list[int]  # per device, accounted (or CUDA allocated where the run has it)
-    local_seconds: float | None  # the traced epoch's own (serial) seconds on the local engine
+    local_seconds: float | None  # the traced epoch's own (serial) seconds on the local engine; None if laid out anew
+    relaid: str = ""  # the traced layout ("K×D") where the projection lays the run out anew, else ""
 
 
-def load(path: Path, profile: Link) -> Projected:
-    """The projection of the run at ``path`` (its trace.json) on ``profile``; DbenchError if it has none."""
+def load(path: Path, profile: Link, devices: int | None = None, replicas: int | None = None) -> Projected:
+    """The projection of the run at ``path`` (its trace.json) on ``profile``; DbenchError if it has none.
+
+    ``devices`` (N) or ``replicas`` (D'): lay the run out on D' replicas of its traced K modules (``relayout``).
+    """
     trace_path = path / "trace.json"
     if not trace_path.is_file():
         raise DbenchError(f"{path} holds no trace.json: record one with `dbench run --engine local --trace ...`")
@@ -232,15 +296,24 @@ def load(path: Path, profile: Link) -> Projected:
     except (OSError, ValueError) as e:
         raise DbenchError(f"{path}: cannot read its trace, config or summary: {e}") from None
     run = config["run"]
-    layout = config.get("layout") or {"modules": trace["modules"], "replicas": trace["replicas"]}
-    k, d = int(layout["modules"]), int(layout["replicas"])
+    k, d = int(trace["modules"]), int(trace["replicas"])
+    want = replicas_for(k, d, devices, replicas, path)
+    batch = int(run["batch_size"])
+    if want != d and batch % d:
+        raise DbenchError(f"{path}: batch {batch} does not split evenly over its {d} traced replicas, so no per-device "
+                          f"batch carries over to {want}: trace it with a batch divisible by {d}")
     facts = config.get("method_facts") or {}
-    label = summary_of.method_label(config) + summary_of.layout_label(k, d, facts.get("parallelism"))
+    label = summary_of.method_label(config) + summary_of.layout_label(k, want, facts.get("parallelism"))
     modules = summary.get("modules") or []
     key = "cuda_peak_allocated_bytes" if modules and "cuda_peak_allocated_bytes" in modules[0] else "accounted_peak_bytes"
-    return Projected(path=path, label=label, group=(run["model"], run["dataset"], int(run["gpus"]), run["batch_size"]),
-                     exact=facts.get("family") == EXACT, projection=replay(trace, profile),
-                     peak_bytes=[int(m.get(key) or 0) for m in modules], local_seconds=trace.get("train_seconds"))
+    peaks = [int(m.get(key) or 0) for m in modules]
+    if want != d:
+        peaks = peaks[:k] * want  # each copy holds what replica 0 held: the per-device batch is the traced one
+    return Projected(path=path, label=label + ("*" if want != d else ""),
+                     group=(run["model"], run["dataset"], k * want, batch * want // d),
+                     exact=facts.get("family") == EXACT, projection=replay(relayout(trace, want), profile),
+                     peak_bytes=peaks, local_seconds=trace.get("train_seconds") if want == d else None,
+                     relaid=f"{k}×{d}" if want != d else "")
 
 
 def text(runs: list[Projected], profile: Link, device_memory_gib: float | None = None) -> str:
@@ -249,8 +322,15 @@ def text(runs: list[Projected], profile: Link, device_memory_gib: float | None =
     (and whether it fits), and each device's compute / communication / wait / data shares."""
     lines = [f"PROJECTED (not measured): every figure below replays a local-engine trace on a virtual clock "
              f"(ALGORITHMS.md, \"Projection\"). Link: {profile.describe()}.",
-             "Left out: contention between devices, transport overheads beyond the link's latency, the engine's "
-             "per-step host work outside the modules' programs; benchmarks/RESULTS.md states the measured error.", ""]
+             "Left out: contention between devices, transport overheads beyond the link's latency and taking "
+             "cost, the engine's per-step host work outside the modules' programs; benchmarks/RESULTS.md states the measured error."]
+    relaid = [r for r in runs if r.relaid]
+    if relaid:
+        lines.append("* laid out anew from a trace at another layout (traced K×D: "
+                     + ", ".join(sorted({f"{r.label} from {r.relaid}" for r in relaid})) + "): each replica keeps the "
+                     "traced per-device batch, so the global batch is the one shown; the training at that batch "
+                     "is not the traced one, and only its time is projected.")
+    lines.append("")
     groups: dict[tuple, list[Projected]] = {}
     for r in runs:
         groups.setdefault(r.group, []).append(r)

@@ -12,7 +12,7 @@ import pytest
 from conftest import batches, group, tiny_blocks
 from dbench import Trainer
 from dbench.errors import DbenchError
-from dbench.projection import PROFILES, Link, link, replay
+from dbench.projection import PROFILES, Link, link, relayout, replay
 from dbench.registry import METHODS
 
 DBENCH = str(Path(sys.executable).parent / "dbench")
@@ -79,6 +79,52 @@ def test_an_all_reduce_waits_for_its_last_participant():
     assert p.devices[0]["comm_s"] == p.devices[1]["comm_s"] == 12
 
 
+def test_a_receiver_pays_its_taking_cost_even_when_it_never_waits():
+    """r = 1 s per message taken, α = 0: module 1 computes 5 s, then takes the message that arrived at 1 s
+    (5 + 1 = 6), then waits for the one sent at 7 s: max(6 + 1, 7) = 7, the second take hidden by its wait."""
+    taking = Link("taking", 0.0, float("inf"), 0.0, recv_s=1.0)
+    p = replay(trace([[compute(1), send("up"), compute(6), send("up"), END],
+                      [compute(5), recv("up"), recv("up"), END]], 2), taking)
+    assert p.seconds == 7
+    assert p.devices[1]["comm_s"] == 2 and p.devices[1]["wait_s"] == 0
+
+
+def test_laid_out_on_replicas_by_hand():
+    """A K = 1 trace of 4 steps (1 s compute, an update of 10 bytes) on D' = 2: each copy replays the first
+    ⌈4/2⌉ = 2 steps; every all-reduce takes 2(D'−1)(α + b/(D'β)) = 2·(1 + 10/2) = 12 s: 2·(1 + 12) = 26 s."""
+    allreduce = {"op": "allreduce", "bytes": 10}
+    one = trace([[compute(1), allreduce, END] * 4], 1, steps=4)
+    laid = relayout(one, 2)
+    assert laid["replicas"] == 2 and laid["steps"] == 2 and laid["stages"] == [[compute(1), allreduce, END] * 2] * 2
+    assert replay(one, Link("l", 1.0, 1.0)).seconds == 4  # on one device the update averages nothing
+    assert replay(laid, Link("l", 1.0, 1.0)).seconds == 26
+    with pytest.raises(DbenchError, match="cannot project 1 replica"):
+        relayout(laid, 1)
+    with pytest.raises(DbenchError, match="marks no update"):
+        relayout(trace([[compute(1), END]], 1), 2)
+
+
+@pytest.mark.parametrize("method", ["bp", "ddg", "dni", "dfa"])
+def test_a_run_laid_out_on_replicas_has_the_events_of_one_traced_there(method):
+    """Independent of the re-layout: the trace of the same method really run on 2 replicas (batch 32, shards
+    of 16) holds, per replica, the very events (op, channel, bytes) of the trace at batch 16 without replicas
+    laid out on 2 replicas, only the durations differ."""
+    def shape(events):
+        return [(e["op"], e.get("channel"), e.get("bytes")) for e in events]
+
+    def run(replicas, batch, steps):
+        t = Trainer(group(tiny_blocks(), [(0, 2), (2, 3), (3, 5)]), method, num_classes=10, replicas=replicas)
+        t.start_trace()
+        for x, y in batches(steps, batch=batch, seed=3):
+            t.step(x, y)
+        return t.take_trace()
+
+    laid, real = relayout(run(1, 16, 6), 2), run(2, 32, 3)
+    assert laid["steps"] == real["steps"] == 3
+    assert [shape(s) for s in laid["stages"]] == [shape(s) for s in real["stages"]]
+    assert any(e["op"] == "allreduce" for e in laid["stages"][0])
+
+
 def test_a_trace_that_cannot_be_replayed_says_where():
     with pytest.raises(DbenchError, match="every stage waits"):
         replay(trace([[recv("down"), END], [recv("up"), END]], 2), FREE)
@@ -141,12 +187,40 @@ def test_a_traced_run_equals_an_untraced_one_and_projects(tmp_path):
     (["project", "{tmp}", "--link", "carrier-pigeon"], "unknown link profile 'carrier-pigeon'"),
     (["project", "{tmp}", "--device-memory", "0"], "bad --device-memory 0"),
     (["run", "--trace", "--engine", "distributed", "--gpus", "2", "--model", "mlp"], "--trace records the local"),
+    (["project", "{run}", "--devices", "3"], "traced at K=2 modules, so --devices 3 is not K × D'"),
+    (["project", "{run}", "--devices", "8", "--replicas", "2"], "would be K=4 (another cut"),
+    (["project", "{run}", "--replicas", "0"], "--replicas"),
 ])
-def test_bad_projection_input_is_one_line(args, message, tmp_path):
-    done = subprocess.run([DBENCH, *[a.replace("{tmp}", str(tmp_path)) for a in args]], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+def test_bad_projection_input_is_one_line(args, message, tmp_path, traced_run):
+    done = subprocess.run([DBENCH, *[a.replace("{tmp}", str(tmp_path)).replace("{run}", str(traced_run))
+                                     for a in args]], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def traced_run(tmp_path_factory):
+    """A DDG run at K = 2 recorded with --trace (batch 512: an MLP's few steps)."""
+    out = tmp_path_factory.mktemp("traced") / "ddg"
+    done = subprocess.run([DBENCH, "run", "--method", "ddg", "--model", "mlp", "--gpus", "2", "--epochs", "1",
+                           "--engine", "local", "--quiet", "--sigma-every", "0", "--batch-size", "512", "--trace",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_project_lays_runs_out_on_n_devices(traced_run, tmp_path):
+    """--devices 4 from a K = 2 trace: DDG 2×2 at the global batch 2·512, marked as laid out anew, its peak
+    memory per device the traced module's; the traced layout is unchanged without the option."""
+    done = subprocess.run([DBENCH, "project", str(traced_run), "--devices", "4", "--link", "nvlink4"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "N=4 devices · batch 1024" in done.stdout and "ddg 2×2*" in done.stdout
+    assert "laid out anew" in done.stdout and "ddg 2×2* from 2×1" in done.stdout
+    assert done.stdout.count("module 1 replica 1") == 1
+    same = subprocess.run([DBENCH, "project", str(traced_run), "--devices", "2"], capture_output=True, text=True,
+                          timeout=300)
+    assert same.returncode == 0 and "N=2 devices · batch 512" in same.stdout and "*" not in same.stdout
 
 
 def test_a_stored_profile_reads_back(tmp_path):

@@ -183,6 +183,16 @@ class LocalEngine:
         meters = self.meters
         if traced and self.recorder is not None:
             meters = [Traced(m, s) for m, s in zip(self.meters, self.recorder.stages, strict=True)]
+            if self.replicas == 1:
+                for stage, meter in zip(self.stages, meters):
+                    stage.on_average = meter.averaged  # where replicas would average: the trace marks it
+        try:
+            return self._drive(programs, what, meters, traced)
+        finally:
+            for stage in self.stages:
+                stage.on_average = None
+
+    def _drive(self, programs: list, what: str, meters: list, traced: bool) -> list:
         running = [Driven(p, program, self.ports[p], meters[p]) for p, program in enumerate(programs)]
         for m in self.meters[:len(programs)]:
             m.handed_step()

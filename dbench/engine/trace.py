@@ -9,7 +9,9 @@ device. A trace records, per stage and in program order:
 - ``data``: the loader's seconds for this step's batch (every stage's process
   loads its batch on the distributed engine, so every stage pays it);
 - ``send`` (channel, tag, bytes), ``recv`` (channel, tag), ``allreduce``
-  (bytes: the module's gradients averaged over its copies in the replicas);
+  (bytes: the module's gradients averaged over its copies in the replicas;
+  on a run without replicas, where they would be: ``Stage.on_average``, so
+  that the projection can lay the run out on D replicas);
 - ``end``: the step is over.
 
 Time a stage spends suspended (waiting for a message that another stage has
@@ -97,6 +99,13 @@ class Traced:
     def op(self, op) -> None:
         """The program yielded ``op``: its segment ends, the op is recorded, and what follows is a new segment."""
         self.meter.op(op)
+        self.trace.end_segment()
+        self.trace.add(describe(op))
+        self.trace.begin()
+
+    def averaged(self, op: AllReduce) -> None:
+        """Without replicas: the stage's program reached an update, where replicas would average ``op``'s tensors
+        (``Stage.on_average``). Recorded as the all-reduce it would be, at its place between segments."""
         self.trace.end_segment()
         self.trace.add(describe(op))
         self.trace.begin()
