@@ -26,6 +26,8 @@ TINY = {
     "learning.py": ["--model", "mlp", "--epochs", "1", "--ks", "2", "--methods", "bp", "--root", "{tmp}/learning"],
     "projection.py": ["--model", "mlp", "--k", "2", "--methods", "bp", "--rounds", "1", "--batch-size", "2048",
                       "--link", "pcie4", "--root", "{tmp}/projection"],
+    "baselines_parity.py": ["--model", "resnet8", "--k", "2", "--microbatches", "2", "--batch-size", "8", "--rounds",
+                            "1", "--steps", "1", "--warmup", "0"],
     "breakdown.py": ["--model", "mlp", "--k", "2", "--batch-size", "512", "--methods", "ddg", "--split", "blocks",
                      "--device", "cpu", "--root", "{tmp}/breakdown"],
 }
@@ -59,6 +61,8 @@ def test_benchmark_prints_its_table(script, tmp_path):
 @pytest.mark.parametrize("script,args", [
     ("overhead.py", ["--steps", "0"]),
     ("contention.py", ["--k", "1"]),
+    ("baselines_parity.py", ["--pairs", "ddp,nope"]),
+    ("baselines_parity.py", ["--batch-size", "100", "--microbatches", "8"]),
     ("ddp_overlap.py", ["--replicas", "1"]),
     ("projection.py", ["--methods", "ddp", "--root", "{tmp}/projection"]),
     ("ddp_overlap.py", ["--model", "nope"]),
