@@ -7,7 +7,10 @@
 # and the K=2 speedup on the CPU with one core per module (each run confined to
 # two physical cores with taskset, CPU_RUNS runs side by side).
 # STEPS picks the steps (default: all of them, in this order):
-#   contention speedup tests overhead breakdown data
+#   contention speedup tests overhead breakdown data projection
+# projection (issue 28): traces on the GPU (local engine, every module on cuda:0, CUDA events) of
+# ResNet-110 and gpt-small at K = 1, 2, 4, 8; the projected K = 1 seconds against the same run untraced
+# (the one check one GPU allows); K = 2/4/8 projected on NVLink 4.
 # Output goes to ${OUT:-gpu-check}/. Each step has its own time limit so that
 # one hang cannot eat the lease.
 set -u
@@ -15,7 +18,7 @@ OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log") 2>&1
 export PYTHONUNBUFFERED=1
-STEPS=${STEPS:-contention speedup tests overhead breakdown data}
+STEPS=${STEPS:-contention speedup tests overhead breakdown data projection}
 step() { echo; echo "=== $* ($(date +%T))"; }
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -96,5 +99,38 @@ if wanted data; then
 step "data path's share of a GPU step"
 timeout ${DATA_S:-90} taskset -c "$GPU_SET" python3 benchmarks/data_path.py --device cuda --workers 0,4 \
   --samples 20000 --rounds 2 --steps 40 | tee "$OUT/data-path-gpu.md"
+fi
+if wanted projection; then
+step "projection: traces on the GPU, K = 1 projected against measured, K = 2/4/8 on NVLink"
+P=/tmp/gpu-projection; rm -rf "$P"
+for spec in "resnet110 synthetic 128" "gpt-small synthetic-text 16 --context 256"; do
+  read -r model data batch extra <<<"$spec"
+  common=(--model "$model" --dataset "$data" --batch-size "$batch" --epochs 1 --sigma-every 0 --engine local --quiet
+          --split blocks $extra)
+  timeout ${PROJ_S:-100} taskset -c "$GPU_SET" dbench run --method bp --gpus 1 --devices cuda:0 "${common[@]}" \
+    --out "$P/$model-k1-untraced"
+  timeout ${PROJ_S:-100} taskset -c "$GPU_SET" dbench run --method bp --gpus 1 --devices cuda:0 "${common[@]}" \
+    --trace --out "$P/$model-k1"
+  for k in 2 4 8; do
+    devs=$(python3 -c "print(','.join(['cuda:0'] * $k))")
+    for method in ${PROJ_METHODS:-bp ddg}; do
+      timeout ${PROJ_S:-100} taskset -c "$GPU_SET" dbench run --method $method --gpus $k --devices "$devs" \
+        "${common[@]}" --trace --out "$P/$model-k$k-$method"
+    done
+  done
+  python3 - "$P" "$model" <<'EOF2' | tee -a "$OUT/projection-gpu.md"
+import json, sys
+from pathlib import Path
+from dbench import projection
+root, model = Path(sys.argv[1]), sys.argv[2]
+nv = projection.link("nvlink4")
+measured = json.loads((root / f"{model}-k1-untraced" / "summary.json").read_text())["train_seconds"]
+one = projection.load(root / f"{model}-k1", nv).projection.seconds
+print(f"{model}: K=1 projected {one:.2f} s against measured {measured:.2f} s untraced ({one / measured - 1:+.1%})")
+EOF2
+done
+for k in 2 4 8; do dbench project "$P"/*-k$k-* --link nvlink4 --device-memory 80 | tee -a "$OUT/projection-gpu.md"; done
+# The one-device traces laid out on 8 replicas (ddp x8 at 8 times the batch).
+dbench project "$P"/resnet110-k1 "$P"/gpt-small-k1 --devices 8 --link nvlink4 | tee -a "$OUT/projection-gpu.md"
 fi
 step done
