@@ -7,7 +7,11 @@ device). Three cuts into K modules are then compared:
 - ``blocks``: equal block counts (the FR/DDG code's rule; ``--split auto`` on the local engine);
 - ``time`` for BP (and DDG, DFA): balances forward + backward per module;
 - ``time`` for FR: balances FR's step, where modules below the top pay a
-  second forward (play, then replay).
+  second forward (play, then replay);
+- ``flops`` for BP and for FR (``--split auto``, the default): the same two
+  step costs balanced over each block's counted FLOPs instead of its
+  profiled time, the cut the same on every machine; its period against the
+  ``time`` cut's is what the deterministic default costs in speed here.
 
 Each module of each cut is then *timed again as a whole* (forward, backward,
 median of ``--repeats``, the cuts interleaved so drifts of the machine hit all
@@ -36,8 +40,8 @@ import methods  # noqa: F401  (registers the methods, whose step costs the `time
 from dbench.cli import run_command
 from dbench.devices import parse_device
 from dbench.models.base import describe
-from dbench.partition import (BlockTime, Ranges, balance_time, by_count, check_k, step_costs, time_costs,
-                              time_forward_backward)
+from dbench.partition import (BlockTime, Ranges, balance_time, by_count, check_k, flop_costs, step_costs,
+                              time_costs, time_forward_backward)
 from dbench.registry import METHODS, MODELS
 
 
@@ -87,13 +91,14 @@ def main(models: str, k: int, batch_size: int, repeats: int, device: str) -> Non
     click.echo(f"### Partition balance, K={k}, batch {batch_size}, {device.type} ({date.today().isoformat()})\n")
     click.echo(f"Machine: {where}; {platform.platform()}; torch {torch.__version__}. Modules timed as wholes, "
                f"median of {repeats} interleaved rounds after one warm-up; one process, one device.\n")
-    click.echo("| model | cut | blocks per module | step ms per module | slowest / mean | predicted by the profile | period vs equal blocks |")
-    click.echo("|---|---|---|---|---|---|---|")
+    click.echo("| model | cut | blocks per module | step ms per module | slowest / mean | predicted by the profile | period vs equal blocks | period vs time's cut |")
+    click.echo("|---|---|---|---|---|---|---|---|")
     for model in models.split(","):
         torch.manual_seed(0)
         blocks = MODELS.get(model)(num_classes=10).blocks
         sample = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
         profile = time_costs(blocks, sample, device)  # what --split time sees
+        counted = flop_costs(blocks, sample)  # what --split flops (auto) sees
         equal = by_count(len(blocks), k)
         # name: (cut, the step cost it is judged by, the row it is compared with)
         cuts = {
@@ -101,20 +106,27 @@ def main(models: str, k: int, batch_size: int, repeats: int, device: str) -> Non
             "time, BP's step": (balance_time(profile, k, bp), bp, "blocks"),
             "blocks, FR's step": (equal, fr, "blocks, FR's step"),
             "time, FR's step": (balance_time(profile, k, fr), fr, "blocks, FR's step"),
+            "flops, BP's step": (balance_time(counted, k, bp), bp, "blocks"),
+            "flops, FR's step": (balance_time(counted, k, fr), fr, "blocks, FR's step"),
         }
-        # The two "blocks" rows share one cut, measured once.
-        distinct = {name: ranges for name, (ranges, _, _) in cuts.items() if name != "blocks, FR's step"}
-        measured = measure(blocks, distinct, sample, device, repeats)
-        measured["blocks, FR's step"] = measured["blocks"]
-        periods: dict[str, float] = {}
+        # Rows with the same cut share one measurement.
+        distinct: dict[str, Ranges] = {}
+        for name, (ranges, _, _) in cuts.items():
+            if ranges not in distinct.values():
+                distinct[name] = ranges
+        timed = measure(blocks, distinct, sample, device, repeats)
+        measured = {name: next(timed[n] for n, r in distinct.items() if r == ranges)
+                    for name, (ranges, _, _) in cuts.items()}
+        periods = {name: max(cost(t.forward, t.backward, j, k) for j, t in enumerate(measured[name]))
+                   for name, (_, cost, _) in cuts.items()}
         for name, (ranges, cost, baseline) in cuts.items():
             steps = [cost(t.forward, t.backward, j, k) for j, t in enumerate(measured[name])]
-            periods[name] = max(steps)
+            timed_cut = "time, FR's step" if cost is fr else "time, BP's step"
             predicted = step_costs(profile, ranges, cost)  # the block profile's sums, what the `time` cut minimised
             sizes = "/".join(str(b - a) for a, b in ranges)
             click.echo(f"| {model} | {name} | {sizes} | {' / '.join(f'{1e3 * s:.0f}' for s in steps)} "
                        f"| {max(steps) / statistics.mean(steps):.2f} | {max(predicted) / statistics.mean(predicted):.2f} "
-                       f"| {periods[name] / periods[baseline]:.2f} |")
+                       f"| {periods[name] / periods[baseline]:.2f} | {periods[name] / periods[timed_cut]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,12 @@ def read_golden(path: Path, suite: str) -> dict:
     """The golden figures at ``path``, their shape checked: a DbenchError names the file and what is wrong."""
     fix = f"restore this golden file from version control, or record it again with `dbench check {suite} --update`"
     golden = _read_json(path, fix)
+    # A golden file copied under another suite's folder would compare this suite's runs with figures of
+    # other settings (and pass wherever the names happen to match): it must name the suite it was made for.
+    if golden.get("suite") != suite:
+        recorded = golden.get("suite")
+        raise DbenchError(f"{path} holds the golden figures of " + (f"suite {recorded!r}" if isinstance(recorded, str)
+                          else "no named suite (no \"suite\" key)") + f", not of {suite!r}: {fix}")
     tolerance = golden.get("tolerance")
     if not isinstance(tolerance, dict) or not all(_number(tolerance.get(k)) for k in ("accuracy", "memory")):
         raise DbenchError(f"{path} has no \"tolerance\" with numbers \"accuracy\" and \"memory\": {fix}")

@@ -1,6 +1,7 @@
 """The command line: thin wrappers that parse flags and call dbench's functions."""
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -72,8 +73,9 @@ D = RunConfig()  # the defaults, shown in --help
 @click.option("--comm-timeout", type=float, default=D.comm_timeout, show_default=True, metavar="SECONDS",
               help="Distributed engine: how long a module process waits on a message before it fails.")
 @click.option("--split", default=D.split, show_default=True,
-              help="How to cut the model: blocks, params, time, or cut points like 4,8; auto: time on the "
-                   "distributed engine (modules run at once), blocks on the local one.")
+              help="How to cut the model: blocks, params, flops, time (balanced by this machine's measured time: "
+                   "an explicit, recorded choice), from:RUN_DIR (a recorded run's cut), or cut points like 4,8; "
+                   "auto: flops, counted from the model alone (the same cut on every machine and engine).")
 @click.option("--epochs", type=int, default=D.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
 @click.option("--lr", type=float, default=D.lr, show_default=True, help="Initial learning rate.")
@@ -406,6 +408,10 @@ def check(name: str, file: Path, results: Path, golden: Path, update: bool) -> N
     click.echo(f"check {name}: all {len(findings)} figures within tolerance of {path}")
 
 
+# The OS's refusals of a path's shape (not of its content): only a path the user gave can cause them.
+PATH_REFUSALS = (errno.ENAMETOOLONG, errno.ELOOP)
+
+
 def entry() -> None:
     """Console entry point: user errors are one line on stderr and exit code 2."""
     # `kill` (SIGTERM) stops a run the way Ctrl-C does: the run directory is
@@ -439,3 +445,10 @@ def run_command(command: click.Command) -> None:
     except RunInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
+    except OSError as e:
+        # A path the user gave that the system cannot even look up (a name too long for the file system, a
+        # loop of symbolic links): a user error wherever it is first touched. Every other OSError is a fault.
+        if e.errno not in PATH_REFUSALS:
+            raise
+        click.echo(f"error: cannot use the path {e.filename}: {e.strerror}", err=True)
+        sys.exit(2)

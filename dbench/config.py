@@ -43,7 +43,7 @@ class RunConfig:
     devices: list[str] | None = None
     engine: str = "auto"
     comm_timeout: float = 300.0  # seconds a module process waits on a message before it gives up
-    split: str = "auto"  # dbench.partition.resolve_auto: by time on the distributed engine, else by blocks
+    split: str = "auto"  # dbench.partition.resolve_auto: by FLOPs (from the model alone, the same everywhere)
     epochs: int = 8
     batch_size: int = 128
     lr: float = 0.05

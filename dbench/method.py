@@ -210,10 +210,11 @@ class Stage:
     # One forward and one backward, unless a method overrides it.
     step_cost = staticmethod(forward_backward)
     # None, or a classmethod ``(output_shape, device, options, num_classes) ->
-    # seconds`` that a module below the top spends per step at its output
-    # beyond forward and backward (DNI's synthesizer). It depends on where a
-    # cut falls, so the ``time`` partition profiles it at each candidate cut.
-    boundary_cost: ClassVar[Any] = None
+    # step`` giving one step (a callable) of the work a module below the top
+    # does per training step at its output beyond forward and backward (DNI's
+    # synthesizer, DGL's head). It depends on where a cut falls, so the
+    # ``flops`` and ``time`` partitions count or time it at each candidate cut.
+    boundary_step: ClassVar[Any] = None
 
     @classmethod
     def ideal_speedup(cls, num_stages: int, options: Any = None) -> float | None:
@@ -225,13 +226,13 @@ class Stage:
         the sum of the modules' costs when locked (BP: 3), the whole forward
         plus the slowest module's backward when only the forward is locked,
         the slowest module's cost when unlocked. None where the cost model has
-        no closed form: a cost at the module boundary (``boundary_cost``) is
-        known only by profiling. At K=1 every method is BP.
+        no closed form: a cost at the module boundary (``boundary_step``) is
+        known only by counting or profiling it. At K=1 every method is BP.
         """
         k = num_stages
         if k == 1:
             return 1.0
-        if cls.boundary_cost is not None:
+        if cls.boundary_step is not None:
             return None
         costs = [cls.step_cost(1 / k, 2 / k, j, k) for j in range(k)]
         if cls.locking == LOCKED:

@@ -6,6 +6,13 @@ every block once, in order. It is saved with the run.
 - ``blocks``: equal block count per module (the original FR/DDG code's rule);
   when the count does not divide, the first modules get one block more.
 - ``params``: minimise the largest parameter count of a module.
+- ``flops`` (the default, ``auto``): minimise the slowest module's cost per
+  training step of the method being run, as ``time`` does, with each block's
+  forward and backward counted in FLOPs (``torch.utils.flop_counter``: the
+  matrix products and convolutions, on the meta device, from the sample
+  batch's shape) instead of timed: computed from the model alone, so the cut
+  is the same on every machine, device and engine, and a decoupled method's
+  numbers (for which the cut is part of the algorithm) with it.
 - ``time``: profile the forward and the backward of every block on the target
   device and minimise the slowest module's cost *per training step of the
   method being run* (torchgpipe's balance-by-time idea, made method-aware):
@@ -17,7 +24,8 @@ every block once, in order. It is saved with the run.
   synthesizer, whose cost depends on the shape at the cut (a full-resolution
   cut costs many times a low-resolution one), so it is profiled once per
   candidate output shape and added at each candidate cut.
-- explicit cut points, e.g. ``4,8`` for K=3: modules [0,4), [4,8), [8,n).
+- explicit cut points, e.g. ``4,8`` for K=3: modules [0,4), [4,8), [8,n);
+  or ``from:RUN_DIR``, the cut a recorded run trained with (dbench.plan).
 """
 from __future__ import annotations
 
@@ -32,8 +40,9 @@ from dbench.devices import synchronize
 from dbench.errors import DbenchError
 from dbench import interrupts
 
-RULES = ("blocks", "params", "time")
-AUTO = "auto"  # the default: "time" where modules run at once (the distributed engine), else "blocks"
+RULES = ("blocks", "params", "flops", "time")
+AUTO = "auto"  # the default: "flops", a cut from the model alone (the same on every machine and engine)
+FROM = "from:"  # --split from:RUN_DIR, the cut of a recorded run
 Ranges = list[tuple[int, int]]
 # step_cost(forward_s, backward_s, index, num_modules) -> seconds of one training step of that module
 StepCost = Callable[[float, float, int, int], float]
@@ -45,8 +54,9 @@ class BlockTime(NamedTuple):
     output_shape: tuple[int, ...] = ()  # of the block's output, batch first: where a cut after it would send
 
 
-# boundary_cost(output_shape) -> seconds per step a module below the top spends at its output, beyond its
-# forward and backward (DNI's synthesizer); it depends on where the cut falls, not on the blocks inside
+# boundary_cost(output_shape) -> the cost per step (seconds or FLOPs, as the blocks') a module below the top
+# spends at its output, beyond its forward and backward (DNI's synthesizer); it depends on where the cut
+# falls, not on the blocks inside
 BoundaryCost = Callable[[tuple[int, ...]], float]
 
 
@@ -56,14 +66,19 @@ def forward_backward(forward: float, backward: float, index: int, num_modules: i
 
 
 def parse_split(spec: str) -> str | list[int]:
-    """``auto``/``blocks``/``params``/``time``, or comma-separated cut points."""
+    """``auto``/``blocks``/``params``/``flops``/``time``, ``from:RUN_DIR``, or comma-separated cut points."""
     if spec in (AUTO, *RULES):
+        return spec
+    if spec.startswith(FROM):
+        if not spec[len(FROM):]:
+            raise DbenchError(f"bad --split {spec!r}: name the run whose cut to reuse, as from:RUN_DIR")
         return spec
     try:
         cuts = [int(part) for part in spec.split(",")]
     except ValueError:
         raise DbenchError(
-            f"bad --split {spec!r}: expected one of {', '.join((AUTO, *RULES))} or increasing cut points like 4,8"
+            f"bad --split {spec!r}: expected one of {', '.join((AUTO, *RULES))}, from:RUN_DIR, or increasing cut "
+            f"points like 4,8"
         ) from None
     return cuts
 
@@ -71,18 +86,16 @@ def parse_split(spec: str) -> str | list[int]:
 def resolve_auto(split: str | list[int], engine: str, k: int) -> tuple[str | list[int], str | None]:
     """``--split auto`` as a rule, and the line that tells the user which and why (None: nothing to say).
 
-    Only where the modules run at the same time (the distributed engine) does balance buy speed; the
-    local engine runs them one after another, so there the cut keeps equal block counts, which are
-    also the same on every machine (a profiled cut is not).
+    The default must not depend on the machine, its load or the engine: for a decoupled method the cut is
+    part of the algorithm, so a cut chosen by the clock would change a run's numbers from one machine (or
+    one try) to the next. FLOPs are counted from the model alone; ``time`` stays an explicit choice.
     """
     if split != AUTO:
         return split, None
     if k == 1:
         return "blocks", None
-    if engine == "distributed":
-        return "time", "--split auto: modules run at once, so the cut balances their profiled time per step"
-    return "blocks", ("--split auto: equal block counts (the local engine runs one module at a time, so a "
-                      "balanced cut would not change its speed)")
+    return "flops", ("--split auto: balanced by the blocks' FLOPs, counted from the model alone (the same cut on "
+                     "every machine and engine); --split time balances this machine's measured time instead")
 
 
 def check_k(k: int, num_blocks: int, model: str = "the model") -> None:
@@ -217,6 +230,36 @@ def time_costs(
     return costs
 
 
+def flop_costs(blocks: Sequence[nn.Module], sample: torch.Tensor) -> list[BlockTime]:
+    """Forward and backward FLOPs of each block at ``sample``'s shape and dtype (``BlockTime`` in FLOPs).
+
+    Counted by ``torch.utils.flop_counter`` (matrix products, convolutions, attention: the operations it
+    has formulas for; element-wise work counts nothing) on copies of the blocks on the meta device, which
+    computes shapes only: no data, no clock, the same count on every machine. The backward is counted with
+    the gradient of the block's input, as between modules.
+    """
+    costs = []
+    h = torch.empty(sample.shape, dtype=sample.dtype, device="meta")
+    for block in blocks:
+        probe = copy.deepcopy(block).to("meta").train()
+        x = h.detach().requires_grad_() if h.is_floating_point() else h
+        out: list[torch.Tensor] = []
+        forward = count_flops(lambda: out.append(probe(x)))
+        backward = count_flops(lambda: out[0].backward(torch.ones_like(out[0]))) if out[0].requires_grad else 0.0
+        h = out[0].detach()
+        costs.append(BlockTime(forward, backward, tuple(h.shape)))
+    return costs
+
+
+def count_flops(run: Callable[[], object]) -> float:
+    """FLOPs that ``run()`` performs, as ``torch.utils.flop_counter.FlopCounterMode`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return float(counter.get_total_flops())
+
+
 def time_forward_backward(module: nn.Module, x: torch.Tensor, device: torch.device) -> BlockTime:
     """Seconds of one forward and one backward (of a gradient of ones) of ``module`` on ``x``."""
     # Synchronize around each phase so the host clock measures finished GPU work, not launches.
@@ -262,7 +305,8 @@ def partition(
 ) -> Ranges:
     """Cut ``blocks`` into k modules by ``split``.
 
-    For ``time``, ``step_cost`` and ``boundary_cost`` are the method's cost model.
+    For ``flops`` and ``time``, ``step_cost`` and ``boundary_cost`` (in the same unit) are the method's
+    cost model, and ``sample`` a batch (``flops`` reads its shape and dtype only).
     """
     check_k(k, len(blocks), model)
     if isinstance(split, list):
@@ -271,6 +315,12 @@ def partition(
         return by_count(len(blocks), k)
     if split == "params":
         return min_max(param_costs(blocks), k)
+    if split == "flops":
+        if sample is None:
+            raise ValueError("split by FLOPs needs a sample batch")
+        counted = flop_costs(blocks, sample)
+        boundaries = boundary_costs(counted, boundary_cost) if boundary_cost is not None else None
+        return balance_time(counted, k, step_cost, boundaries)
     if split == "time":
         if sample is None or device is None:
             raise ValueError("split by time needs a sample batch and a device")

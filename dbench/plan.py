@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,8 @@ from dbench.errors import DbenchError
 from dbench.method import DATA_PARALLEL, Stage, parse_options
 from dbench.models.base import describe
 from dbench.balance import Balance, balance_measured, imbalance, method_step_seconds
-from dbench.partition import (AUTO, Ranges, boundary_costs, check_k, parse_split, partition, resolve_auto,
-                              time_costs)
+from dbench.partition import (AUTO, FROM, Ranges, boundary_costs, check_k, count_flops, median_seconds, parse_split,
+                              partition, resolve_auto, time_costs)
 from dbench.registry import DATASETS, METHODS, MODELS
 
 # Steps at the start of each epoch left out of samples/s: first calls allocate,
@@ -176,6 +177,8 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
     split = parse_split(cfg.split)
     replicas = layout_replicas(cfg, stage_cls)
     k = cfg.gpus // replicas
+    if isinstance(split, str) and split.startswith(FROM):
+        split = recorded_cut(Path(split[len(FROM):]).expanduser(), cfg.model, k)
     where = f" ({replicas} replicas of {k} module(s) on {cfg.gpus} devices)" if replicas > 1 else ""
     if k == 1 and replicas > 1 and split != AUTO:
         raise DbenchError(f"--split {cfg.split} does not apply to {cfg.method} with --gpus {cfg.gpus} and "
@@ -201,6 +204,15 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
     stage_cls.check_model(options, described)
     if not spec.needs_data_dir and (cfg.data_dir or cfg.download):
         raise DbenchError(f"--data-dir/--download do not apply to data set {cfg.dataset!r} (it is generated)")
+    # Cheap checks of what the loader will read, so that a suite refuses a missing folder before its first
+    # run writes anything (the files inside are read, and checked, when the plan loads the data set).
+    if spec.needs_data_dir and not cfg.download:
+        if not cfg.data_dir:
+            raise DbenchError(f"data set {cfg.dataset!r} needs --data-dir (the folder or file that holds it)"
+                              + (" or --download" if spec.can_download else ""))
+        if not Path(cfg.data_dir).expanduser().exists():
+            raise DbenchError(f"missing data directory {cfg.data_dir}: pass --data-dir naming the folder (or file) "
+                              f"that holds {cfg.dataset}" + (", or --download" if spec.can_download else ""))
     if cfg.download and not spec.can_download:
         raise DbenchError(f"--download does not apply to data set {cfg.dataset!r}: it reads your own files from "
                           f"--data-dir")
@@ -220,6 +232,34 @@ def layout_replicas(cfg: RunConfig, stage_cls: type[Stage]) -> int:
         return cfg.gpus
     return cfg.replicas or 1
 
+
+
+def recorded_cut(run_dir: Path, model: str, k: int) -> list[int]:
+    """The cut points of the run recorded in ``run_dir`` (``--split from:RUN_DIR``), for ``model`` at K = ``k``.
+
+    The run must be of the same model (the same blocks) and K; its cut is reused as it was recorded,
+    whatever rule chose it, so that a study can fix one cut for every method and machine.
+    """
+    path = run_dir / "config.json"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DbenchError(f"bad --split from:{run_dir}: {path} does not exist (name a run folder dbench wrote)") from None
+    except (OSError, ValueError) as e:
+        raise DbenchError(f"bad --split from:{run_dir}: cannot read {path}: {e}") from None
+    run = record.get("run") if isinstance(record, dict) else None
+    ranges = record.get("partition") if isinstance(record, dict) else None
+    if not isinstance(run, dict) or not isinstance(ranges, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) for r in ranges):
+        raise DbenchError(f"bad --split from:{run_dir}: {path} holds no run settings and partition (not a run "
+                          f"folder dbench wrote)")
+    if run.get("model") != model:
+        raise DbenchError(f"bad --split from:{run_dir}: that run cut model {run.get('model')!r}, not {model!r} "
+                          f"(a cut is a list of block indices of one model)")
+    if len(ranges) != k:
+        raise DbenchError(f"bad --split from:{run_dir}: that run cut {model} into {len(ranges)} modules, but this run "
+                          f"has K = {k}")
+    return [b for _, b in ranges[:-1]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -299,6 +339,12 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
                  f"timed on {balance.candidates} candidate cut(s); profiling took {time.perf_counter() - began:.1f} s"
                  + ("; --split blocks for equal block counts)" if split_note else ")"))
         split_note = f"{split_note}; {timed}" if split_note else timed
+    elif split == "flops":
+        # Replica 0's shard of a batch (its shape only): what each replica's modules compute on.
+        x, _ = next(iter(train.epoch(0)))
+        ranges = partition(model.blocks, k, split, sample=x.tensor_split(replicas)[0], model=cfg.model,
+                           step_cost=stage_cls.step_cost, boundary_cost=boundary_flops(stage_cls, options,
+                                                                                       splits.num_classes))
     else:
         ranges = partition(model.blocks, k, split, model=cfg.model)
     sigma_every = cfg.sigma_interval(len(train))
@@ -331,8 +377,9 @@ def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list,
     times = time_costs(blocks, batch[0], devices[0])
     say(f"set-up: {len(blocks)} blocks profiled in {time.perf_counter() - began:.1f} s")
     boundaries = None
-    if stage_cls.boundary_cost is not None:
-        cost = functools.partial(stage_cls.boundary_cost, device=devices[0], options=options, num_classes=num_classes)
+    if stage_cls.boundary_step is not None:
+        def cost(shape: tuple[int, ...]) -> float:
+            return median_seconds(stage_cls.boundary_step(shape, devices[0], options, num_classes), devices[0])
         boundaries = boundary_costs(times, cost)
     optim = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                  optimizer=cfg.optimizer)
@@ -346,6 +393,15 @@ def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list,
         return seconds
 
     return balance_measured(times, modules or cfg.gpus, stage_cls.step_cost, boundaries, measure)
+
+
+def boundary_flops(stage_cls: type[Stage], options: Any, num_classes: int) -> Callable | None:
+    """The method's work at a module's output (``Stage.boundary_step``) in FLOPs, counted on the meta device
+    (shapes only: the same count on every machine); None for a method with none."""
+    if stage_cls.boundary_step is None:
+        return None
+    meta = torch.device("meta")
+    return lambda shape: count_flops(stage_cls.boundary_step(shape, meta, options, num_classes))
 
 
 def loader(cfg: RunConfig, splits: DataSplits, device: torch.device, *, train: bool,

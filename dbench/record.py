@@ -38,6 +38,27 @@ def cannot_write(path: Path, e: OSError) -> DbenchError:
     return DbenchError(f"cannot write {path}: {e.strerror or e}")
 
 
+def _checkpoint_problem(state) -> str | None:
+    """What is wrong with a checkpoint's shape (None: nothing): every key a resume reads, with its type."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a dict"
+    if not isinstance(state.get("epochs_done"), int) or state["epochs_done"] < 0:
+        return "no whole number epochs_done"
+    trainer = state.get("trainer")
+    if not isinstance(trainer, dict):
+        return "no trainer state"
+    if not isinstance(trainer.get("iteration"), int):
+        return "the trainer state has no whole number iteration"
+    engine = trainer.get("engine")
+    if not isinstance(engine, dict) or not isinstance(engine.get("stages"), list) or not all(
+            isinstance(s, dict) for s in engine["stages"]):
+        return "the trainer state has no list of module states"
+    partial = state.get("partial")
+    if partial is not None and not (isinstance(partial, dict) and isinstance(partial.get("step"), int)):
+        return "a mid-epoch part without a whole number step"
+    return None
+
+
 def writable_folder(path: Path, what: str) -> None:
     """Make folder ``path`` (and its parents) if missing and check that a file can be written in it.
 
@@ -45,12 +66,15 @@ def writable_folder(path: Path, what: str) -> None:
     once, not after hours of training. ``what`` names the folder for the message ("--out", say).
     """
     path = Path(path)
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise DbenchError(f"cannot write {what} {path}: {folder} is a file, not a folder")
-            break
     try:
+        for folder in (path, *path.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    raise DbenchError(f"cannot write {what} {path}: {folder} is a file, not a folder")
+                break
+            if folder.is_symlink():  # a link to nothing, or into a loop of links: mkdir would say "File exists"
+                raise DbenchError(f"cannot write {what} {path}: {folder} is a symbolic link that leads nowhere "
+                                  f"(a loop of links, or a link to a missing place)")
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
@@ -146,10 +170,10 @@ class RunDir:
         file is removed when the claim ends.
         """
         path = Path(path)
+        writable_folder(path.parent, "the run directory's folder")  # first: it refuses a path it cannot look up
         made = [p for p in reversed(path.parents) if not p.exists()]  # folders this claim creates
         marker = path.parent / f".{path.name}.claim"
         try:
-            writable_folder(path.parent, "the run directory's folder")
             with open(marker, "a+b") as f:
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -252,9 +276,10 @@ class RunDir:
         except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
             raise DbenchError(f"{path} is damaged and cannot be read ({type(e).__name__}): restore it from a "
                               "backup, or delete it to train the run again from its first epoch") from None
-        if not isinstance(state, dict) or not isinstance(state.get("epochs_done"), int) or "trainer" not in state:
-            raise DbenchError(f"{path} is not a dbench checkpoint: restore it from a backup, or delete it to "
-                              "train the run again from its first epoch")
+        problem = _checkpoint_problem(state)
+        if problem:
+            raise DbenchError(f"{path} is not a dbench checkpoint ({problem}): restore it from a backup, or delete "
+                              "it to train the run again from its first epoch")
         return state
 
     def checkpointed(self) -> tuple[int, int]:

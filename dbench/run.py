@@ -110,9 +110,15 @@ def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], Non
     run = RunDir.open(path)
     run.check_writable()
     with run.exclusive():
-        cfg = RunConfig.from_dict(run.read(CONFIG)["run"], source=str(path / CONFIG))
-        if summary.read(path).get("status") == "complete":
+        cfg = read_plan(run).config  # the whole plan's shape checked before any work
+        status = summary.read(path).get("status")
+        if status == "complete":
             raise DbenchError(f"run {path} is already complete ({cfg.epochs} epochs); nothing to resume")
+        if status == "diverged":
+            # A result, not an interruption: training it again would overwrite the record of the divergence
+            # (and, from the same checkpoint, the same seed, diverge again).
+            raise DbenchError(f"run {path} diverged (its train loss became non-finite): that is its result, so it "
+                              f"is not resumed; start a new run (a lower --lr, say) with another --out")
         # A damaged checkpoint or metrics file fails here, in one line, before any set-up.
         epochs, steps = run.checkpointed()
         _checkpointed_rows(run, epochs)
@@ -123,7 +129,33 @@ def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], Non
 
 
 def read_plan(run: RunDir) -> Plan:
-    return Plan.from_record(run.read(CONFIG), source=str(run.path / CONFIG))
+    return plan_of(run.read(CONFIG), run.path / CONFIG)
+
+
+def plan_of(record, path: Path) -> Plan:
+    """The plan config.json holds; a file of the wrong shape is one line naming it and what is wrong."""
+    fix = "restore it from a backup (a run cannot be resumed without the plan it was started with)"
+    if not isinstance(record, dict):
+        raise DbenchError(f"{path} holds a {type(record).__name__}, not the run's plan (a JSON object): {fix}")
+    for key, kind in PLAN_SHAPE.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            raise DbenchError(f"{path}: {key!r} is " + ("missing" if key not in record else
+                              f"a {type(record[key]).__name__}, not a {kind.__name__}") + f": {fix}")
+    defaults = RunConfig()
+    for key, value in record["run"].items():
+        default = getattr(defaults, key, None)
+        if default is None or value is None:
+            continue  # an unknown key is RunConfig.from_dict's to name; an optional setting may be null
+        want = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, want):
+            raise DbenchError(f"{path}: run setting {key!r} is {value!r}, not a {type(default).__name__}: {fix}")
+    return Plan.from_record(record, source=str(path))
+
+
+# What Plan.from_record reads of config.json, with its type (the run settings are checked by RunConfig).
+PLAN_SHAPE = {"run": dict, "method_options": dict, "partition": list, "devices": list, "engine": str,
+              "num_params": int, "num_classes": int, "steps_per_epoch": int, "sigma_every": int,
+              "sigma_probe_samples": int, "train_samples": int, "test_samples": int}
 
 
 def interrupted(run: RunDir) -> RunInterrupted:

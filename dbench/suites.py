@@ -77,17 +77,30 @@ def load(path: Path, name: str) -> Suite:
 
 def load_all(path: Path) -> dict[str, Suite]:
     try:
-        data = tomllib.loads(Path(path).read_text())
+        text = Path(path).read_text()
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise DbenchError(f"{path} not found: suites live in bench.toml (give another with --file)") from None
     except tomllib.TOMLDecodeError as e:
-        raise DbenchError(f"{path} is not valid TOML: {e}") from None
+        raise DbenchError(f"{path} is not valid TOML: {_toml_problem(text, e)}") from None
     unknown = sorted(set(data) - {"suite"})
     if unknown:
         raise DbenchError(f"{path}: unknown top-level key {unknown[0]!r}; suites are [suite.NAME] tables")
     suites = data.get("suite", {})
     _expect(path, "suite", suites, dict, "a table of suites")
     return {name: _suite(path, name, body) for name, body in suites.items()}
+
+
+def _toml_problem(text: str, error: Exception) -> str:
+    """The parser's message, and for a key given twice the key's name (the parser says only where)."""
+    message = str(error)
+    found = re.search(r"at line (\d+), column \d+", message)
+    if found is None:
+        return message
+    line = text.splitlines()[int(found[1]) - 1].strip() if int(found[1]) <= len(text.splitlines()) else ""
+    if "overwrite" in message and "=" in line:
+        return f"key {line.split('=', 1)[0].strip()!r} is set twice in one table ({message})"
+    return f"{message}: {line!r}" if line else message
 
 
 def _suite(path: Path, name: str, body: Any) -> Suite:

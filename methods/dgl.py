@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -12,7 +13,6 @@ from dbench.errors import DbenchError
 from dbench.method import LOCAL_LOSS, UNLOCKED, UP, Send, SideModel, Stage, StepProgram
 from dbench.objective import SEQUENCE_RANK, cross_entropy, label_shape
 from dbench.optim import OptimConfig
-from dbench.partition import median_seconds
 from dbench.registry import METHODS
 # BatchNorm that normalizes a batch of one value per channel with its running statistics (a batch of one
 # sample reaching the head's MLP); any larger batch exactly as nn.BatchNorm. See methods/dni.py.
@@ -163,11 +163,11 @@ class DecoupledGreedy(Stage):
     Options = HeadOptions
 
     @classmethod
-    def boundary_cost(cls, output_shape: tuple[int, ...], device: torch.device, options: HeadOptions,
-                      num_classes: int | None) -> float:
-        """Seconds of one head step (forward, backward to the head's input, SGD update) at an output of this shape.
+    def boundary_step(cls, output_shape: tuple[int, ...], device: torch.device, options: HeadOptions,
+                      num_classes: int | None) -> Callable[[], None]:
+        """One head step (forward, backward to the head's input, SGD update) at an output of this shape.
 
-        The SGD update is timed with momentum and weight decay (dbench's defaults): the most a head step costs.
+        The SGD update has momentum and weight decay (dbench's defaults): the most a head step costs.
         """
         if not num_classes:
             raise DbenchError("method 'dgl' trains a classifier head per module: it needs the number of classes")
@@ -186,7 +186,7 @@ class DecoupledGreedy(Stage):
             loss.backward()  # also the gradient at the head's input, which the module's backward then takes
             optimizer.step()
 
-        return median_seconds(head_step, torch.device(device))
+        return head_step
 
     @classmethod
     def check_model(cls, options: HeadOptions, model: dict) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,6 @@ from dbench.config import MAX_SEED
 from dbench.errors import DbenchError
 from dbench.method import DOWN, SYNTHETIC_GRADIENT, UNLOCKED, UP, Recv, Send, SideModel, Stage, StepProgram
 from dbench.objective import SEQUENCE_RANK, label_shape
-from dbench.partition import median_seconds
 from dbench.registry import METHODS
 
 SYNTH = "synthesizer"  # the side model's name
@@ -159,9 +159,9 @@ class SyntheticGradients(Stage):
     conditioned = False
 
     @classmethod
-    def boundary_cost(cls, output_shape: tuple[int, ...], device: torch.device, options: SynthOptions,
-                      num_classes: int | None) -> float:
-        """Seconds of one synthesizer step (forward, regression backward, Adam) at a module output of this shape."""
+    def boundary_step(cls, output_shape: tuple[int, ...], device: torch.device, options: SynthOptions,
+                      num_classes: int | None) -> Callable[[], None]:
+        """One synthesizer step (forward, regression backward, Adam) at a module output of this shape."""
         classes = num_classes if cls.conditioned else 0
         # Profiling must not move the global generator: a run's numbers may not depend on its --split.
         with torch.random.fork_rng(devices=[]):
@@ -177,7 +177,7 @@ class SyntheticGradients(Stage):
             loss.backward()
             optimizer.step()
 
-        return median_seconds(synth_step, torch.device(device))
+        return synth_step
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

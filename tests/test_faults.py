@@ -114,6 +114,34 @@ def test_workers_stop_by_themselves_when_the_launcher_dies(tmp_path):
 
 
 
+def test_workers_under_torchrun_stop_by_themselves_when_its_agent_dies(tmp_path):
+    """SIGKILL torchrun's agent mid-epoch: its workers (dbench's module processes) end within seconds and
+    the run is marked interrupted, as under dbench's own launcher."""
+    out = tmp_path / "run"
+    agent = subprocess.Popen(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", DBENCH, "run",
+         "--engine", "distributed", "--split", "blocks", "--gpus", "2", "--model", "mlp", "--batch-size", "512",
+         "--epochs", "50", "--quiet", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    summary = out / "summary.json"
+    deadline = time.monotonic() + 180
+    while not (summary.exists() and json.loads(summary.read_text())["epochs_done"] >= 1):
+        assert agent.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = [int(line.split()[0]) for line in subprocess.run(
+        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(agent.pid)], capture_output=True, text=True
+    ).stdout.splitlines() if "dbench" in line]
+    assert len(workers) == 2
+    agent.kill()
+    agent.communicate()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "module processes outlived torchrun's agent"
+        time.sleep(0.1)
+    assert json.loads(summary.read_text())["status"] == "interrupted"
+
+
 # --------------------------------------------------------------------------- mid-epoch checkpoints
 
 
@@ -286,3 +314,42 @@ def test_binary_run_files_are_named_not_crashed_on(tmp_path, monkeypatch, capsys
     assert code == 2 and "summary.json is not text (not UTF-8)" in err and "Traceback" not in err
     code, _, err = run_cli(["report", str(out), "--out", str(tmp_path / "report")], monkeypatch, capsys)
     assert "summary.json is not text (not UTF-8)" in err and "Traceback" not in err
+
+
+PATH_CASES = {
+    "run --out": ["run", "--model", "mlp", "--epochs", "1", "--out", "{p}/run"],
+    "run --resume": ["run", "--resume", "{p}"],
+    "run --data-dir": ["run", "--model", "resnet8", "--dataset", "cifar10", "--data-dir", "{p}", "--out", "{tmp}/r"],
+    "run --split from:": ["run", "--model", "mlp", "--gpus", "2", "--split", "from:{p}", "--out", "{tmp}/r"],
+    "report": ["report", "{p}", "--out", "{tmp}/report"],
+    "compare": ["compare", "{p}"],
+    "project": ["project", "{p}"],
+    "suite --file": ["suite", "smoke", "--file", "{p}"],
+}
+
+
+@pytest.mark.parametrize("refusal", ["too-long", "link-loop"])
+@pytest.mark.parametrize("case", sorted(PATH_CASES))
+def test_every_user_path_the_os_refuses_is_one_line_exit_2(tmp_path, case, refusal):
+    """Every path a user gives, × every way the OS refuses to look one up (a name longer than the file
+    system takes; a loop of symbolic links): one line, exit 2, no traceback, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    if refusal == "too-long":
+        bad = work / ("x" * 300)
+    else:
+        os.symlink(work / "b", work / "a")
+        os.symlink(work / "a", work / "b")
+        bad = work / "a" / "inside"
+    before = sorted(p.name for p in work.iterdir())
+    args = [a.replace("{p}", str(bad)).replace("{tmp}", str(tmp_path)) for a in PATH_CASES[case]]
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dbench"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=work)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert sorted(p.name for p in work.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]

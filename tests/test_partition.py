@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from dbench.errors import DbenchError
-from dbench.partition import (BlockTime, balance_time, boundary_costs, by_count, from_cuts, min_max, min_max_by,
-                              parse_split, partition, step_costs)
+from dbench.partition import (BlockTime, balance_time, boundary_costs, by_count, count_flops, flop_costs, from_cuts,
+                              median_seconds, min_max, min_max_by, parse_split, partition, step_costs)
 from dbench.registry import METHODS
 
 
@@ -258,11 +258,12 @@ def test_dni_balances_its_synthesizer_too(monkeypatch, timing_confirms_profile):
     dni = METHODS.get("dni")
     seen = []
 
-    def synthesizer_seconds(cls, shape, device, options, num_classes):
+    def synthesizer_step(cls, shape, device, options, num_classes):
         seen.append((shape, options.hidden, num_classes))
-        return 100.0 if shape[2] == 32 else 0.5
+        return lambda: shape[2] == 32  # "dear" at full resolution, timed by the median_seconds below
 
-    monkeypatch.setattr(dni, "boundary_cost", classmethod(synthesizer_seconds))
+    monkeypatch.setattr(dni, "boundary_step", classmethod(synthesizer_step))
+    monkeypatch.setattr(run, "median_seconds", lambda step, device: 100.0 if step() else 0.5)
     setup, _ = run.make(RunConfig(method="dni", model="resnet20", gpus=2, split="time", epochs=1))
     assert setup.ranges == [(0, 7), (7, 11)]  # BP's cost model would cut at 5
     assert seen == [((128, 16, 32, 32), 64, 10), ((128, 64, 8, 8), 64, 10)]
@@ -275,6 +276,105 @@ def test_dni_synthesizer_profile_leaves_the_random_generator_alone(name):
     cls = METHODS.get(name)
     state = torch.get_rng_state()
     for shape in [(4, 8, 4, 4), (4, 16)]:
-        assert cls.boundary_cost(shape, torch.device("cpu"), parse_options(cls, {}), 10) > 0
+        step = cls.boundary_step(shape, torch.device("cpu"), parse_options(cls, {}), 10)
+        assert median_seconds(step, torch.device("cpu")) > 0
+        assert count_flops(cls.boundary_step(shape, torch.device("meta"), parse_options(cls, {}), 10)) > 0
     assert torch.equal(torch.get_rng_state(), state)
-    assert METHODS.get("fr").boundary_cost is None and METHODS.get("bp").boundary_cost is None
+    assert METHODS.get("fr").boundary_step is None and METHODS.get("bp").boundary_step is None
+
+
+def test_flops_of_a_block_are_counted_as_by_hand():
+    """A linear map 12 → 10 on a batch of 4: 2·4·12·10 = 960 FLOPs forward; backward, the input's gradient
+    and the weight's, 960 each; a ReLU counts nothing (element-wise); a convolution 3 → 8, 3×3, padding 1,
+    on 2×3×5×5: 2·(2·8·5·5)·(3·3·3) = 21600 forward, twice that backward."""
+    blocks = [nn.Sequential(nn.Linear(12, 10), nn.ReLU())]
+    assert flop_costs(blocks, torch.zeros(4, 12)) == [BlockTime(960.0, 1920.0, (4, 10))]
+    conv = [nn.Conv2d(3, 8, 3, padding=1, bias=False)]
+    assert flop_costs(conv, torch.zeros(2, 3, 5, 5)) == [BlockTime(21600.0, 43200.0, (2, 8, 5, 5))]
+
+
+def test_the_default_cut_is_the_models_own_on_every_engine_clock_and_device(monkeypatch):
+    """--split auto is by FLOPs: the same cut on the local and the distributed engine, with the clock
+    returning anything at all, and for a sample on the CPU or on another device (meta stands in for one)."""
+    from dbench import plan as run
+    from dbench.config import RunConfig
+
+    first = {e: run.make(RunConfig(method="fr", model="resnet20", gpus=3, engine=e, epochs=1))[0].ranges
+             for e in ("local", "distributed")}
+    noise = random.Random(0)
+    monkeypatch.setattr(time, "perf_counter", lambda: noise.uniform(0, 1e6))
+    again = {e: run.make(RunConfig(method="fr", model="resnet20", gpus=3, engine=e, epochs=1))[0].ranges
+             for e in ("local", "distributed")}
+    assert first["local"] == first["distributed"] == again["local"] == again["distributed"]
+    from dbench.registry import MODELS
+
+    blocks = MODELS.get("resnet20")(num_classes=10).blocks
+    assert flop_costs(blocks, torch.zeros(8, 3, 32, 32)) == flop_costs(blocks, torch.empty(8, 3, 32, 32,
+                                                                                            device="meta"))
+    # Not equal blocks: a FLOPs balance of FR's step (its modules below the top forward twice).
+    assert first["local"] == balance_time(flop_costs(blocks, torch.zeros(128, 3, 32, 32)), 3,
+                                          METHODS.get("fr").step_cost)
+
+
+DBENCH_CLI = os.path.join(os.path.dirname(sys.executable), "dbench")
+
+
+def _dbench(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([DBENCH_CLI, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_split_from_a_run_reuses_its_cut_bit_for_bit(tmp_path):
+    """A DGL run cut by hand after block 1 (not the default cut), then a run with --split from: it: the same
+    partition recorded, and the very same losses and accuracies, epoch by epoch."""
+    common = ["run", "--method", "dgl", "--model", "cnn", "--gpus", "2", "--epochs", "1", "--batch-size", "1024",
+              "--engine", "local", "--sigma-every", "0", "--quiet"]
+    first, again = tmp_path / "first", tmp_path / "again"
+    done = _dbench(*common, "--split", "1", "--out", str(first))
+    assert done.returncode == 0, done.stderr
+    done = _dbench(*common, "--split", f"from:{first}", "--out", str(again))
+    assert done.returncode == 0, done.stderr
+    import json
+
+    configs = [json.loads((p / "config.json").read_text()) for p in (first, again)]
+    assert configs[0]["partition"] == configs[1]["partition"] == [[0, 1], [1, 5]]
+    rows = [[json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()] for p in (first, again)]
+    keys = ("train_loss", "train_acc", "test_loss", "test_acc")
+    assert [[r.get(k) for k in keys] for r in rows[0]] == [[r.get(k) for k in keys] for r in rows[1]]
+
+
+@pytest.mark.parametrize("make_source,extra,message", [
+    (None, [], "does not exist"),
+    ("not-json", [], "cannot read"),
+    ("other-model", [], "that run cut model 'cnn', not 'resnet8'"),
+    ("other-k", ["--gpus", "3"], "that run cut resnet8 into 2 modules, but this run has K = 3"),
+    ("empty-name", [], "name the run whose cut to reuse"),
+])
+def test_split_from_refuses_in_one_line_and_writes_nothing(tmp_path, make_source, extra, message):
+    import json
+
+    source = tmp_path / "source"
+    if make_source == "not-json":
+        source.mkdir()
+        (source / "config.json").write_text("{not json")
+    elif make_source in ("other-model", "other-k"):
+        source.mkdir()
+        model = "cnn" if make_source == "other-model" else "resnet8"
+        (source / "config.json").write_text(json.dumps({"run": {"model": model}, "partition": [[0, 2], [2, 5]]}))
+    spec = "from:" if make_source == "empty-name" else f"from:{source}"
+    out = tmp_path / "out"
+    done = _dbench("run", "--method", "fr", "--model", "resnet8", "--gpus", "2", *extra, "--split", spec,
+                   "--out", str(out), "--quiet")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_row_that_averages_runs_cut_differently_is_warned_of():
+    import pandas as pd
+
+    from dbench.report.build import mixed_settings
+
+    table = pd.DataFrame({"model": ["resnet20"] * 3, "dataset": ["cifar10"] * 3, "k": [2] * 3, "label": ["fr"] * 3,
+                          "seed": [0, 1, 2], "partition": ["[0,4) [4,11)", "[0,3) [3,11)", "[0,4) [4,11)"]})
+    warned = mixed_settings(table)
+    assert len(warned) == 1 and "cut differently: [0,4) [4,11) (2 runs); [0,3) [3,11) (1 run)" in warned[0]
+    assert mixed_settings(table.assign(partition="[0,4) [4,11)")) == []

@@ -87,9 +87,9 @@ def test_bad_settings_fail_in_the_plan_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_default_cut_balances_time_only_where_modules_run_at_once(monkeypatch):
-    """--split auto (the default): profiled time on the distributed engine, equal blocks on the local one
-    (one module at a time: balance buys nothing there), and the user is told which, with the profiling cost."""
+def test_the_default_cut_counts_flops_and_time_is_an_explicit_choice(monkeypatch):
+    """--split auto (the default): FLOPs on both engines, said in one line; --split time profiles, and says
+    so step by step with the profiling's cost."""
     from dbench import plan as planning
 
     rules = []
@@ -97,7 +97,7 @@ def test_the_default_cut_balances_time_only_where_modules_run_at_once(monkeypatc
     monkeypatch.setattr(planning, "partition", lambda blocks, k, split, **kw: rules.append(split) or real(blocks, k, split, **kw))
     monkeypatch.setattr(planning, "time_cut", lambda *a: rules.append("time") or real_time(*a))
     said = []
-    distributed, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="distributed"), say=said.append)
+    timed_plan, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="distributed", split="time"), say=said.append)
     # the long set-up steps say what they do, before doing it
     assert said[:2] == ["set-up: loading synthetic", "set-up: profiling the 3 blocks of mlp, then timing bp on the "
                         "candidate cuts, for a cut balanced by time"]
@@ -107,11 +107,13 @@ def test_the_default_cut_balances_time_only_where_modules_run_at_once(monkeypatc
     assert 1 <= len(timed) <= MAX_CANDIDATES and all(
         re.fullmatch(r"set-up: bp timed on the cut after block\(s\) \d: slowest module \d+\.\d{3} s per step "
                      r"\(\d+\.\d s\)", line) for line in timed), timed
+    distributed, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="distributed"))
     local, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="local"))
     one, _ = planning.make(RunConfig(model="mlp", gpus=1))
-    assert rules == ["time", "blocks", "blocks"]
-    assert "balances their profiled time" in distributed.split_note and "profiling took" in distributed.split_note
-    assert "equal block counts" in local.split_note and one.split_note is None
+    assert rules == ["time", "flops", "flops", "blocks"]
+    assert "profiling took" in timed_plan.split_note
+    assert distributed.ranges == local.ranges
+    assert "balanced by the blocks' FLOPs" in distributed.split_note == local.split_note and one.split_note is None
     assert RunConfig().split == "auto"
     ddp, _ = planning.make(RunConfig(model="mlp", method="ddp", gpus=2))  # replicas: nothing to cut, nothing said
     assert ddp.split_note is None and ddp.ranges == [(0, 3)] and ddp.replicas == 2  # one module, two replicas

@@ -120,3 +120,80 @@ def test_a_run_stopped_after_its_last_checkpoint_is_complete(tmp_path):
     runner.resume(path, quiet=True)
     assert json.loads((path / "summary.json").read_text())["status"] == "complete"
     assert (path / "metrics.jsonl").read_text() == metrics and (path / "checkpoint.pt").read_bytes() == checkpoint
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run that finished 1 of its 2 epochs (marked interrupted, as a stop leaves it): resumable."""
+    path = tmp_path_factory.mktemp("stopped") / "run"
+    runner.start(RunConfig(method="ddg", model="mlp", gpus=2, epochs=1, batch_size=512, sigma_every=0), path,
+                 quiet=True)
+    config = json.loads((path / "config.json").read_text())
+    config["run"]["epochs"] = 2
+    (path / "config.json").write_text(json.dumps(config))
+    summary = json.loads((path / "summary.json").read_text())
+    (path / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    return path
+
+
+def _config(change):
+    def damage(path):
+        record = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(change(record)))
+    return damage
+
+
+def _checkpoint(change):
+    def damage(path):
+        import torch
+
+        state = torch.load(path / "checkpoint.pt", weights_only=True)
+        torch.save(change(state), path / "checkpoint.pt")
+    return damage
+
+
+# Every file a resume reads × a wrong shape of it (valid JSON or a loadable checkpoint, of the wrong shape).
+WRONG_SHAPES = {
+    "config.json a list": (_config(lambda r: [r]), "config.json holds a list, not the run's plan"),
+    "config.json run not an object": (_config(lambda r: {**r, "run": "ddg"}), "'run' is a str, not a dict"),
+    "config.json partition missing": (_config(lambda r: {k: v for k, v in r.items() if k != "partition"}),
+                                      "'partition' is missing"),
+    "config.json a setting of the wrong type": (_config(lambda r: {**r, "run": {**r["run"], "gpus": "two"}}),
+                                                "run setting 'gpus' is 'two', not a int"),
+    "checkpoint.pt without trainer state": (_checkpoint(lambda s: {"epochs_done": 1}), "no trainer state"),
+    "checkpoint.pt trainer without iteration": (
+        _checkpoint(lambda s: {**s, "trainer": {k: v for k, v in s["trainer"].items() if k != "iteration"}}),
+        "no whole number iteration"),
+    "checkpoint.pt a list": (_checkpoint(lambda s: [s["epochs_done"]]), "it holds a list, not a dict"),
+    "checkpoint.pt stages not a list": (
+        _checkpoint(lambda s: {**s, "trainer": {**s["trainer"], "engine": {"stages": 3}}}),
+        "no list of module states"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_SHAPES))
+def test_resuming_a_run_file_of_the_wrong_shape_is_one_line_and_changes_nothing(stopped_run, tmp_path, case):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    damage, message = WRONG_SHAPES[case]
+    damage(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dbench"), "run", "--resume", str(run)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_the_stopped_run_itself_resumes(stopped_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    runner.resume(run, quiet=True)
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"

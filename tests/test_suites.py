@@ -87,6 +87,8 @@ def test_the_repository_suites_are_valid(tmp_path):
      "bad --gpus 0"),
     ("[suites.a]\n", "unknown top-level key 'suites'"),
     ("[suite.a\n", "is not valid TOML"),
+    ("[suite.a]\nepochs = 1\nlr = 0.1\nepochs = 2\n", "key 'epochs' is set twice in one table"),
+    ("[suite.a]\n[suite.b]\n[[suite.a.grid]]\nmodels = ['mlp']\nmodels = ['cnn']\n", "key 'models' is set twice"),
 ])
 def test_bad_suites_name_the_file_and_the_key(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -200,13 +202,17 @@ def test_missing_runs_and_golden_are_reported(golden_suite, tmp_path):
 
 @pytest.mark.parametrize("damage,message", [
     (lambda good: good[: len(good) // 2], "is not valid JSON ("),
-    (lambda good: "{}", 'has no "tolerance" with numbers "accuracy" and "memory"'),
+    (lambda good: '{"suite": "tiny"}', 'has no "tolerance" with numbers "accuracy" and "memory"'),
+    (lambda good: json.dumps({**json.loads(good), "suite": "smoke"}),
+     "holds the golden figures of suite 'smoke', not of 'tiny'"),
+    (lambda good: json.dumps({k: v for k, v in json.loads(good).items() if k != "suite"}),
+     "holds the golden figures of no named suite"),
     (lambda good: "[1, 2]", "is not a JSON object (it holds a list)"),
     (lambda good: json.dumps({**json.loads(good), "runs": []}), 'has no "runs" object'),
     (lambda good: good.replace('"peak_bytes"', '"peak"'), ": run bp-mlp-synthetic-k2-s0 lacks a number best_test_acc, "
                                                          "a memory_kind or a list of numbers peak_bytes"),
     (lambda good: "\udcff", "is not text (not UTF-8)"),
-], ids=["truncated", "empty-object", "list", "runs-list", "run-entry", "binary"])
+], ids=["truncated", "empty-object", "other-suite", "no-suite", "list", "runs-list", "run-entry", "binary"])
 def test_a_damaged_golden_file_is_one_line_exit_2(golden_suite, tmp_path, damage, message, monkeypatch, capsys):
     good = (golden_suite / "golden" / "tiny" / "cpu.json").read_text()
     bad = tmp_path / "golden" / "tiny" / "cpu.json"
@@ -247,3 +253,39 @@ def test_variants_of_a_method_get_folders_of_their_own(tmp_path):
     same = write(tmp_path, "[suite.a]\n" + grid + grid, "same.toml")
     with pytest.raises(DbenchError, match="appears in two grids"):
         suites.load(same, "a")
+
+
+def test_resuming_a_diverged_run_is_refused_and_leaves_it_untouched(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dbench = str(Path(sys.executable).parent / "dbench")
+    out = tmp_path / "run"
+    done = subprocess.run([dbench, "run", "--method", "fr", "--model", "mlp", "--gpus", "2", "--epochs", "2",
+                           "--lr", "1e30", "--quiet", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and json.loads((out / "summary.json").read_text())["status"] == "diverged"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    again = subprocess.run([dbench, "run", "--resume", str(out)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "diverged" in again.stderr and "not resumed" in again.stderr, again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("grid", [
+    'datasets = ["cifar10"]\ndata_dir = "{tmp}/no-such-folder"',  # a folder that does not exist
+    'datasets = ["cifar10"]',  # a data set that needs a folder, given none
+    'datasets = ["text"]\ndata_dir = "{tmp}/no-such-file.txt"',
+])
+def test_a_suite_refused_for_a_later_grid_writes_nothing(tmp_path, grid):
+    """The first grid is fine; the second names data the loader could not find: the suite is refused in one
+    line before its first run starts, and nothing is written under results/."""
+    text = TINY.format(lr=0.05) + "\n[[suite.tiny.grid]]\nmethods = [\"bp\"]\nmodels = [\"resnet8\"]\n" \
+        f"{grid.replace('{tmp}', str(tmp_path))}\ngpus = [2]\nseeds = [0]\n"
+    if '"text"' in grid:
+        text = text.replace('models = ["resnet8"]', 'models = ["gpt-nano"]')
+    write(tmp_path, text)
+    done = subprocess.run([DBENCH, "suite", "tiny"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "data" in done.stderr and "run bp-" in done.stderr
+    assert not (tmp_path / "results").exists()

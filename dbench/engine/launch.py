@@ -189,7 +189,7 @@ def _interrupt(signum, frame) -> None:
     interrupts.request()  # noted too, in case it lands where Python drops exceptions (dbench/interrupts.py)
 
 
-def _watch_launcher(launcher: int, rank: int, world: int, run_path: str) -> None:
+def _watch_launcher(launcher: int, rank: int, world: int, run_path: str | list) -> None:
     """End this worker soon after its launcher dies (say, SIGKILLed): nobody would supervise or stop the run.
 
     The worker is first stopped as if interrupted (SIGTERM: the run is marked
@@ -202,8 +202,9 @@ def _watch_launcher(launcher: int, rank: int, world: int, run_path: str) -> None
         time.sleep(WATCH_S)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(GRACE_S)
-    if rank == world - 1:  # the writer: the run must not stay "running" with nothing running it
-        _mark_launcher_died(run_path)
+    path = run_path[0] if isinstance(run_path, list) else run_path  # torchrun: known once the run is planned
+    if rank == world - 1 and path is not None:  # the writer: the run must not stay "running" with nothing running it
+        _mark_launcher_died(str(path))
     os._exit(130)
 
 
@@ -248,7 +249,8 @@ def torchrun_process(cfg, out: Path | None, resume: Path | None, quiet: bool) ->
     Device: ``cuda:LOCAL_RANK`` where CUDA is present, else the CPU. The top
     module's process creates the run directory (from its node) and writes it;
     the others learn its path from it. torchrun itself stops every process
-    when one fails; a run whose writer was killed stays marked "running".
+    when one fails; if torchrun's agent dies, the workers stop by themselves
+    (``_watch_launcher``) and the run is marked interrupted.
     """
     import torch.distributed as dist
 
@@ -258,6 +260,11 @@ def torchrun_process(cfg, out: Path | None, resume: Path | None, quiet: bool) ->
     from dbench.record import CONFIG, RunDir
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # torchrun's agent is this process's parent: if it dies (SIGKILL), nobody supervises the run any more,
+    # so the workers stop as they do when dbench's own launcher dies (the same watchdog).
+    run_path: list = [resume]
+    threading.Thread(target=_watch_launcher, args=(os.getppid(), rank, world, run_path), daemon=True,
+                     name="torchrun-agent-watchdog").start()
     if resume is None and cfg.gpus != world:
         raise DbenchError(f"--gpus {cfg.gpus} does not match torchrun's {world} processes: one process per module")
     if resume is None and cfg.engine == "local":
@@ -289,6 +296,7 @@ def torchrun_process(cfg, out: Path | None, resume: Path | None, quiet: bool) ->
             if kind == "error":
                 raise DbenchError(value)
             path = Path(value)
+        run_path[0] = path
         runner.train_here(RunDir(path), quiet, rank=rank)
     finally:
         dist.destroy_process_group()

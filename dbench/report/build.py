@@ -124,7 +124,7 @@ def _filters_text(filters: dict) -> str:
 
 
 def mixed_settings(table: pd.DataFrame) -> list[str]:
-    """A warning for each method label/model/data set/K whose runs repeat a seed.
+    """A warning for each method label/model/data set/K whose runs repeat a seed, or were cut differently.
 
     (Runs that differ in more than the seed never share a label: results.distinguish
     labels them by what differs, so only repeated seeds can be averaged unawares.)
@@ -135,4 +135,11 @@ def mixed_settings(table: pd.DataFrame) -> list[str]:
         if repeated:
             out.append(f"{len(group)} runs of {label} · {model} · {dataset} · K={k} share seed(s) "
                        f"{', '.join(map(str, repeated))}: each is counted as one more sample")
+        # A cut chosen by the clock (--split time) can differ between runs of the same settings; for a
+        # decoupled method it changes what is computed, so a row that averages them says so.
+        cuts = group["partition"].value_counts(sort=False)
+        if len(cuts) > 1:
+            out.append(f"runs of {label} · {model} · {dataset} · K={k} compared as one row were cut differently: "
+                       + "; ".join(f"{cut} ({n} run{'s' if n > 1 else ''})" for cut, n in cuts.items())
+                       + " (fix one cut for all with --split from:RUN_DIR)")
     return out

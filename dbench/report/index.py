@@ -42,6 +42,8 @@ def runs_table(data: ReportData, kind: str | None = None) -> pd.DataFrame:
         "seed": t["seed"], "status": t["status"],
         "epochs": [f"{d}/{e}" for d, e in zip(t["epochs_done"], t["epochs"])],
         "engine": t["engine"], "batch": t["batch_size"], "lr": t["lr"], "schedule": t["lr_schedule"],
+        # the blocks of each module: for a decoupled method the cut is part of the algorithm
+        "cut": t["partition"],
     })
     if kind == LANGUAGE_MODEL:
         frame["best test bpb"] = t["best_test_bpb"].astype(float).map(lambda v: tables.num(v, 3))
