@@ -8,10 +8,11 @@ device). Three cuts into K modules are then compared:
 - ``time`` for BP (and DDG, DFA): balances forward + backward per module;
 - ``time`` for FR: balances FR's step, where modules below the top pay a
   second forward (play, then replay);
-- ``flops`` for BP and for FR (``--split auto``, the default): the same two
-  step costs balanced over each block's counted FLOPs instead of its
-  profiled time, the cut the same on every machine; its period against the
-  ``time`` cut's is what the deterministic default costs in speed here.
+- ``counted`` for BP and for FR (``--split auto``, the default): the same two
+  step costs balanced over each block's counted cost (FLOPs and elements
+  written) instead of its profiled time, the cut the same on every machine;
+  its period against the ``time`` cut's is what the deterministic default
+  costs in speed here.
 
 Each module of each cut is then *timed again as a whole* (forward, backward,
 median of ``--repeats``, the cuts interleaved so drifts of the machine hit all
@@ -40,7 +41,7 @@ import methods  # noqa: F401  (registers the methods, whose step costs the `time
 from dbench.cli import run_command
 from dbench.devices import parse_device
 from dbench.models.base import describe
-from dbench.partition import (BlockTime, Ranges, balance_time, by_count, check_k, flop_costs, step_costs,
+from dbench.partition import (BlockTime, Ranges, balance_time, by_count, check_k, counted_costs, step_costs,
                               time_costs, time_forward_backward)
 from dbench.registry import METHODS, MODELS
 
@@ -98,7 +99,7 @@ def main(models: str, k: int, batch_size: int, repeats: int, device: str) -> Non
         blocks = MODELS.get(model)(num_classes=10).blocks
         sample = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
         profile = time_costs(blocks, sample, device)  # what --split time sees
-        counted = flop_costs(blocks, sample)  # what --split flops (auto) sees
+        counted = counted_costs(blocks, sample)  # what --split counted (auto) sees
         equal = by_count(len(blocks), k)
         # name: (cut, the step cost it is judged by, the row it is compared with)
         cuts = {
@@ -106,8 +107,8 @@ def main(models: str, k: int, batch_size: int, repeats: int, device: str) -> Non
             "time, BP's step": (balance_time(profile, k, bp), bp, "blocks"),
             "blocks, FR's step": (equal, fr, "blocks, FR's step"),
             "time, FR's step": (balance_time(profile, k, fr), fr, "blocks, FR's step"),
-            "flops, BP's step": (balance_time(counted, k, bp), bp, "blocks"),
-            "flops, FR's step": (balance_time(counted, k, fr), fr, "blocks, FR's step"),
+            "counted, BP's step": (balance_time(counted, k, bp), bp, "blocks"),
+            "counted, FR's step": (balance_time(counted, k, fr), fr, "blocks, FR's step"),
         }
         # Rows with the same cut share one measurement.
         distinct: dict[str, Ranges] = {}

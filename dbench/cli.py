@@ -73,9 +73,10 @@ D = RunConfig()  # the defaults, shown in --help
 @click.option("--comm-timeout", type=float, default=D.comm_timeout, show_default=True, metavar="SECONDS",
               help="Distributed engine: how long a module process waits on a message before it fails.")
 @click.option("--split", default=D.split, show_default=True,
-              help="How to cut the model: blocks, params, flops, time (balanced by this machine's measured time: "
+              help="How to cut the model: blocks, params, counted, time (balanced by this machine's measured time: "
                    "an explicit, recorded choice), from:RUN_DIR (a recorded run's cut), or cut points like 4,8; "
-                   "auto: flops, counted from the model alone (the same cut on every machine and engine).")
+                   "auto: counted (FLOPs and elements written, from the model alone: the same cut on every machine and "
+                   "engine).")
 @click.option("--epochs", type=int, default=D.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
 @click.option("--lr", type=float, default=D.lr, show_default=True, help="Initial learning rate.")

@@ -213,7 +213,7 @@ class Stage:
     # step`` giving one step (a callable) of the work a module below the top
     # does per training step at its output beyond forward and backward (DNI's
     # synthesizer, DGL's head). It depends on where a cut falls, so the
-    # ``flops`` and ``time`` partitions count or time it at each candidate cut.
+    # ``counted`` and ``time`` partitions count or time it at each candidate cut.
     boundary_step: ClassVar[Any] = None
 
     @classmethod

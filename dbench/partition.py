@@ -6,13 +6,15 @@ every block once, in order. It is saved with the run.
 - ``blocks``: equal block count per module (the original FR/DDG code's rule);
   when the count does not divide, the first modules get one block more.
 - ``params``: minimise the largest parameter count of a module.
-- ``flops`` (the default, ``auto``): minimise the slowest module's cost per
+- ``counted`` (the default, ``auto``): minimise the slowest module's cost per
   training step of the method being run, as ``time`` does, with each block's
-  forward and backward counted in FLOPs (``torch.utils.flop_counter``: the
-  matrix products and convolutions, on the meta device, from the sample
-  batch's shape) instead of timed: computed from the model alone, so the cut
-  is the same on every machine, device and engine, and a decoupled method's
-  numbers (for which the cut is part of the algorithm) with it.
+  forward and backward counted instead of timed: its FLOPs
+  (``torch.utils.flop_counter``: matrix products, convolutions, attention)
+  plus ``ELEMENT_FLOPS`` per element its operations write (the memory-bound
+  work FLOPs miss), on the meta device from the sample batch's shape.
+  Computed from the model alone, so the cut is the same on every machine,
+  device and engine, and a decoupled method's numbers (for which the cut is
+  part of the algorithm) with it.
 - ``time``: profile the forward and the backward of every block on the target
   device and minimise the slowest module's cost *per training step of the
   method being run* (torchgpipe's balance-by-time idea, made method-aware):
@@ -35,13 +37,15 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dbench.devices import synchronize
 from dbench.errors import DbenchError
 from dbench import interrupts
 
-RULES = ("blocks", "params", "flops", "time")
-AUTO = "auto"  # the default: "flops", a cut from the model alone (the same on every machine and engine)
+RULES = ("blocks", "params", "counted", "time")
+AUTO = "auto"  # the default: "counted", a cut from the model alone (the same on every machine and engine)
 FROM = "from:"  # --split from:RUN_DIR, the cut of a recorded run
 Ranges = list[tuple[int, int]]
 # step_cost(forward_s, backward_s, index, num_modules) -> seconds of one training step of that module
@@ -66,7 +70,7 @@ def forward_backward(forward: float, backward: float, index: int, num_modules: i
 
 
 def parse_split(spec: str) -> str | list[int]:
-    """``auto``/``blocks``/``params``/``flops``/``time``, ``from:RUN_DIR``, or comma-separated cut points."""
+    """``auto``/``blocks``/``params``/``counted``/``time``, ``from:RUN_DIR``, or comma-separated cut points."""
     if spec in (AUTO, *RULES):
         return spec
     if spec.startswith(FROM):
@@ -94,8 +98,9 @@ def resolve_auto(split: str | list[int], engine: str, k: int) -> tuple[str | lis
         return split, None
     if k == 1:
         return "blocks", None
-    return "flops", ("--split auto: balanced by the blocks' FLOPs, counted from the model alone (the same cut on "
-                     "every machine and engine); --split time balances this machine's measured time instead")
+    return "counted", ("--split auto: balanced by the blocks' counted cost (FLOPs and elements written, from the "
+                       "model alone: the same cut on every machine and engine); --split time balances this "
+                       "machine's measured time instead")
 
 
 def check_k(k: int, num_blocks: int, model: str = "the model") -> None:
@@ -230,13 +235,22 @@ def time_costs(
     return costs
 
 
-def flop_costs(blocks: Sequence[nn.Module], sample: torch.Tensor) -> list[BlockTime]:
-    """Forward and backward FLOPs of each block at ``sample``'s shape and dtype (``BlockTime`` in FLOPs).
+# What writing one element costs, in FLOPs, in the counted cost model (``counted_costs``): element-wise work
+# (normalization, activations, additions, copies) is bound by memory, not arithmetic, and a block's time
+# follows its FLOPs plus this many per element its operations write. Fitted once (2026-12-07) to ResNet-20
+# and ResNet-56 blocks timed on a 2-core AMD EPYC (least squares of forward + backward seconds on FLOPs and
+# elements: 206 and 206, the FLOPs-only model's error 31% of the time per block, this one's 7-10%); a
+# constant of the model, the same on every machine, not a property of the one it runs on.
+ELEMENT_FLOPS = 200.0
 
-    Counted by ``torch.utils.flop_counter`` (matrix products, convolutions, attention: the operations it
-    has formulas for; element-wise work counts nothing) on copies of the blocks on the meta device, which
-    computes shapes only: no data, no clock, the same count on every machine. The backward is counted with
-    the gradient of the block's input, as between modules.
+
+def counted_costs(blocks: Sequence[nn.Module], sample: torch.Tensor) -> list[BlockTime]:
+    """Each block's forward and backward cost at ``sample``'s shape and dtype, counted, not timed
+    (``BlockTime`` in FLOP-equivalents: ``count_work``).
+
+    Counted on copies of the blocks on the meta device, which computes shapes only: no data, no clock, the
+    same count on every machine. The backward is counted with the gradient of the block's input, as between
+    modules.
     """
     costs = []
     h = torch.empty(sample.shape, dtype=sample.dtype, device="meta")
@@ -244,20 +258,35 @@ def flop_costs(blocks: Sequence[nn.Module], sample: torch.Tensor) -> list[BlockT
         probe = copy.deepcopy(block).to("meta").train()
         x = h.detach().requires_grad_() if h.is_floating_point() else h
         out: list[torch.Tensor] = []
-        forward = count_flops(lambda: out.append(probe(x)))
-        backward = count_flops(lambda: out[0].backward(torch.ones_like(out[0]))) if out[0].requires_grad else 0.0
+        forward = count_work(lambda: out.append(probe(x)))
+        backward = count_work(lambda: out[0].backward(torch.ones_like(out[0]))) if out[0].requires_grad else 0.0
         h = out[0].detach()
         costs.append(BlockTime(forward, backward, tuple(h.shape)))
     return costs
 
 
-def count_flops(run: Callable[[], object]) -> float:
-    """FLOPs that ``run()`` performs, as ``torch.utils.flop_counter.FlopCounterMode`` counts them."""
+class _Written(TorchDispatchMode):
+    """Counts the elements every operation writes (its outputs; a view writes nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.elements += sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def count_work(run: Callable[[], object]) -> float:
+    """What ``run()`` costs in the counted model: the FLOPs ``torch.utils.flop_counter`` counts (matrix
+    products, convolutions, attention) plus ``ELEMENT_FLOPS`` per element its operations write."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, _Written() as written:
         run()
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()) + ELEMENT_FLOPS * written.elements
 
 
 def time_forward_backward(module: nn.Module, x: torch.Tensor, device: torch.device) -> BlockTime:
@@ -305,8 +334,8 @@ def partition(
 ) -> Ranges:
     """Cut ``blocks`` into k modules by ``split``.
 
-    For ``flops`` and ``time``, ``step_cost`` and ``boundary_cost`` (in the same unit) are the method's
-    cost model, and ``sample`` a batch (``flops`` reads its shape and dtype only).
+    For ``counted`` and ``time``, ``step_cost`` and ``boundary_cost`` (in the same unit) are the method's
+    cost model, and ``sample`` a batch (``counted`` reads its shape and dtype only).
     """
     check_k(k, len(blocks), model)
     if isinstance(split, list):
@@ -315,10 +344,10 @@ def partition(
         return by_count(len(blocks), k)
     if split == "params":
         return min_max(param_costs(blocks), k)
-    if split == "flops":
+    if split == "counted":
         if sample is None:
-            raise ValueError("split by FLOPs needs a sample batch")
-        counted = flop_costs(blocks, sample)
+            raise ValueError("a counted split needs a sample batch")
+        counted = counted_costs(blocks, sample)
         boundaries = boundary_costs(counted, boundary_cost) if boundary_cost is not None else None
         return balance_time(counted, k, step_cost, boundaries)
     if split == "time":

@@ -30,7 +30,7 @@ from dbench.errors import DbenchError
 from dbench.method import DATA_PARALLEL, Stage, parse_options
 from dbench.models.base import describe
 from dbench.balance import Balance, balance_measured, imbalance, method_step_seconds
-from dbench.partition import (AUTO, FROM, Ranges, boundary_costs, check_k, count_flops, median_seconds, parse_split,
+from dbench.partition import (AUTO, FROM, Ranges, boundary_costs, check_k, count_work, median_seconds, parse_split,
                               partition, resolve_auto, time_costs)
 from dbench.registry import DATASETS, METHODS, MODELS
 
@@ -339,11 +339,11 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
                  f"timed on {balance.candidates} candidate cut(s); profiling took {time.perf_counter() - began:.1f} s"
                  + ("; --split blocks for equal block counts)" if split_note else ")"))
         split_note = f"{split_note}; {timed}" if split_note else timed
-    elif split == "flops":
+    elif split == "counted":
         # Replica 0's shard of a batch (its shape only): what each replica's modules compute on.
         x, _ = next(iter(train.epoch(0)))
         ranges = partition(model.blocks, k, split, sample=x.tensor_split(replicas)[0], model=cfg.model,
-                           step_cost=stage_cls.step_cost, boundary_cost=boundary_flops(stage_cls, options,
+                           step_cost=stage_cls.step_cost, boundary_cost=boundary_work(stage_cls, options,
                                                                                        splits.num_classes))
     else:
         ranges = partition(model.blocks, k, split, model=cfg.model)
@@ -395,13 +395,14 @@ def time_cut(cfg: RunConfig, stage_cls: type[Stage], options: Any, blocks: list,
     return balance_measured(times, modules or cfg.gpus, stage_cls.step_cost, boundaries, measure)
 
 
-def boundary_flops(stage_cls: type[Stage], options: Any, num_classes: int) -> Callable | None:
-    """The method's work at a module's output (``Stage.boundary_step``) in FLOPs, counted on the meta device
-    (shapes only: the same count on every machine); None for a method with none."""
+def boundary_work(stage_cls: type[Stage], options: Any, num_classes: int) -> Callable | None:
+    """The method's work at a module's output (``Stage.boundary_step``) as the counted cost model counts it
+    (``partition.count_work``), on the meta device (shapes only: the same count on every machine); None for
+    a method with none."""
     if stage_cls.boundary_step is None:
         return None
     meta = torch.device("meta")
-    return lambda shape: count_flops(stage_cls.boundary_step(shape, meta, options, num_classes))
+    return lambda shape: count_work(stage_cls.boundary_step(shape, meta, options, num_classes))
 
 
 def loader(cfg: RunConfig, splits: DataSplits, device: torch.device, *, train: bool,

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from dbench.errors import DbenchError
-from dbench.partition import (BlockTime, balance_time, boundary_costs, by_count, count_flops, flop_costs, from_cuts,
-                              median_seconds, min_max, min_max_by, parse_split, partition, step_costs)
+from dbench.partition import (ELEMENT_FLOPS, BlockTime, balance_time, boundary_costs, by_count, count_work,
+                              counted_costs, from_cuts, median_seconds, min_max, min_max_by, parse_split, partition,
+                              step_costs)
 from dbench.registry import METHODS
 
 
@@ -278,23 +279,29 @@ def test_dni_synthesizer_profile_leaves_the_random_generator_alone(name):
     for shape in [(4, 8, 4, 4), (4, 16)]:
         step = cls.boundary_step(shape, torch.device("cpu"), parse_options(cls, {}), 10)
         assert median_seconds(step, torch.device("cpu")) > 0
-        assert count_flops(cls.boundary_step(shape, torch.device("meta"), parse_options(cls, {}), 10)) > 0
+        assert count_work(cls.boundary_step(shape, torch.device("meta"), parse_options(cls, {}), 10)) > 0
     assert torch.equal(torch.get_rng_state(), state)
     assert METHODS.get("fr").boundary_step is None and METHODS.get("bp").boundary_step is None
 
 
-def test_flops_of_a_block_are_counted_as_by_hand():
-    """A linear map 12 → 10 on a batch of 4: 2·4·12·10 = 960 FLOPs forward; backward, the input's gradient
-    and the weight's, 960 each; a ReLU counts nothing (element-wise); a convolution 3 → 8, 3×3, padding 1,
-    on 2×3×5×5: 2·(2·8·5·5)·(3·3·3) = 21600 forward, twice that backward."""
+def test_a_blocks_cost_is_counted_as_by_hand():
+    """cost = FLOPs + ELEMENT_FLOPS (200) × the elements every non-view operation writes.
+
+    A linear map 12 → 10 and a ReLU on a batch of 4. Forward: addmm, 2·4·12·10 = 960 FLOPs, writes 40;
+    relu writes 40: 960 + 200·80. Backward (from a gradient of ones, written: 40): relu's backward writes
+    40; the input's gradient (mm, 960 FLOPs) 48; the weight's (mm, 960) 120; the bias's (sum) 10:
+    1920 + 200·258. A convolution 3 → 8, 3×3, padding 1, on 2×3×5×5: 2·400·27 = 21600 FLOPs writing 400;
+    backward 43200 FLOPs writing the ones (400), the input's gradient (150) and the weight's (216)."""
+    assert ELEMENT_FLOPS == 200
     blocks = [nn.Sequential(nn.Linear(12, 10), nn.ReLU())]
-    assert flop_costs(blocks, torch.zeros(4, 12)) == [BlockTime(960.0, 1920.0, (4, 10))]
+    assert counted_costs(blocks, torch.zeros(4, 12)) == [BlockTime(960 + 200 * 80, 1920 + 200 * 258, (4, 10))]
     conv = [nn.Conv2d(3, 8, 3, padding=1, bias=False)]
-    assert flop_costs(conv, torch.zeros(2, 3, 5, 5)) == [BlockTime(21600.0, 43200.0, (2, 8, 5, 5))]
+    assert counted_costs(conv, torch.zeros(2, 3, 5, 5)) == [
+        BlockTime(21600 + 200 * 400, 43200 + 200 * (400 + 150 + 216), (2, 8, 5, 5))]
 
 
 def test_the_default_cut_is_the_models_own_on_every_engine_clock_and_device(monkeypatch):
-    """--split auto is by FLOPs: the same cut on the local and the distributed engine, with the clock
+    """--split auto is counted: the same cut on the local and the distributed engine, with the clock
     returning anything at all, and for a sample on the CPU or on another device (meta stands in for one)."""
     from dbench import plan as run
     from dbench.config import RunConfig
@@ -309,10 +316,10 @@ def test_the_default_cut_is_the_models_own_on_every_engine_clock_and_device(monk
     from dbench.registry import MODELS
 
     blocks = MODELS.get("resnet20")(num_classes=10).blocks
-    assert flop_costs(blocks, torch.zeros(8, 3, 32, 32)) == flop_costs(blocks, torch.empty(8, 3, 32, 32,
-                                                                                            device="meta"))
-    # Not equal blocks: a FLOPs balance of FR's step (its modules below the top forward twice).
-    assert first["local"] == balance_time(flop_costs(blocks, torch.zeros(128, 3, 32, 32)), 3,
+    assert counted_costs(blocks, torch.zeros(8, 3, 32, 32)) == counted_costs(
+        blocks, torch.empty(8, 3, 32, 32, device="meta"))
+    # The counted balance of FR's step (its modules below the top forward twice).
+    assert first["local"] == balance_time(counted_costs(blocks, torch.zeros(128, 3, 32, 32)), 3,
                                           METHODS.get("fr").step_cost)
 
 

@@ -87,8 +87,8 @@ def test_bad_settings_fail_in_the_plan_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_default_cut_counts_flops_and_time_is_an_explicit_choice(monkeypatch):
-    """--split auto (the default): FLOPs on both engines, said in one line; --split time profiles, and says
+def test_the_default_cut_is_counted_and_time_is_an_explicit_choice(monkeypatch):
+    """--split auto (the default): counted on both engines, said in one line; --split time profiles, and says
     so step by step with the profiling's cost."""
     from dbench import plan as planning
 
@@ -110,10 +110,10 @@ def test_the_default_cut_counts_flops_and_time_is_an_explicit_choice(monkeypatch
     distributed, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="distributed"))
     local, _ = planning.make(RunConfig(model="mlp", gpus=2, engine="local"))
     one, _ = planning.make(RunConfig(model="mlp", gpus=1))
-    assert rules == ["time", "flops", "flops", "blocks"]
+    assert rules == ["time", "counted", "counted", "blocks"]
     assert "profiling took" in timed_plan.split_note
     assert distributed.ranges == local.ranges
-    assert "balanced by the blocks' FLOPs" in distributed.split_note == local.split_note and one.split_note is None
+    assert "balanced by the blocks' counted cost" in distributed.split_note == local.split_note and one.split_note is None
     assert RunConfig().split == "auto"
     ddp, _ = planning.make(RunConfig(model="mlp", method="ddp", gpus=2))  # replicas: nothing to cut, nothing said
     assert ddp.split_note is None and ddp.ranges == [(0, 3)] and ddp.replicas == 2  # one module, two replicas
