@@ -237,10 +237,9 @@ def time_costs(
 
 # What writing one element costs, in FLOPs, in the counted cost model (``counted_costs``): element-wise work
 # (normalization, activations, additions, copies) is bound by memory, not arithmetic, and a block's time
-# follows its FLOPs plus this many per element its operations write. Fitted once (2026-12-07) to ResNet-20
-# and ResNet-56 blocks timed on a 2-core AMD EPYC (least squares of forward + backward seconds on FLOPs and
-# elements: 206 and 206, the FLOPs-only model's error 31% of the time per block, this one's 7-10%); a
-# constant of the model, the same on every machine, not a property of the one it runs on.
+# follows its FLOPs plus this many per element its operations write. A constant of the model, fitted once to
+# timed blocks (benchmarks/RESULTS.md, "The deterministic default cut"), the same on every machine: not a
+# property of the one it runs on.
 ELEMENT_FLOPS = 200.0
 
 
