@@ -213,6 +213,8 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
         if not Path(cfg.data_dir).expanduser().exists():
             raise DbenchError(f"missing data directory {cfg.data_dir}: pass --data-dir naming the folder (or file) "
                               f"that holds {cfg.dataset}" + (", or --download" if spec.can_download else ""))
+        if spec.present is not None:
+            spec.present(Path(cfg.data_dir), cfg.download)
     if cfg.download and not spec.can_download:
         raise DbenchError(f"--download does not apply to data set {cfg.dataset!r}: it reads your own files from "
                           f"--data-dir")

@@ -59,13 +59,9 @@ def _checkpoint_problem(state) -> str | None:
     return None
 
 
-def writable_folder(path: Path, what: str) -> None:
-    """Make folder ``path`` (and its parents) if missing and check that a file can be written in it.
-
-    Called before any work, so that a read-only or impossible output place fails in one line at
-    once, not after hours of training. ``what`` names the folder for the message ("--out", say).
-    """
-    path = Path(path)
+def folder_can_be(path: Path, what: str) -> None:
+    """Check, creating nothing, that ``path`` is or can become a folder: no file or dangling link on its way,
+    and a path the system can look up at all (not too long, no loop of links); else one line naming it."""
     try:
         for folder in (path, *path.parents):
             if folder.exists():
@@ -75,6 +71,19 @@ def writable_folder(path: Path, what: str) -> None:
             if folder.is_symlink():  # a link to nothing, or into a loop of links: mkdir would say "File exists"
                 raise DbenchError(f"cannot write {what} {path}: {folder} is a symbolic link that leads nowhere "
                                   f"(a loop of links, or a link to a missing place)")
+    except OSError as e:
+        raise DbenchError(f"cannot write {what} {path}: {e.strerror or e}") from None
+
+
+def writable_folder(path: Path, what: str) -> None:
+    """Make folder ``path`` (and its parents) if missing and check that a file can be written in it.
+
+    Called before any work, so that a read-only or impossible output place fails in one line at
+    once, not after hours of training. ``what`` names the folder for the message ("--out", say).
+    """
+    path = Path(path)
+    folder_can_be(path, what)
+    try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
@@ -170,10 +179,11 @@ class RunDir:
         file is removed when the claim ends.
         """
         path = Path(path)
-        writable_folder(path.parent, "the run directory's folder")  # first: it refuses a path it cannot look up
+        folder_can_be(path.parent, "the run directory's folder")  # first: a path the system cannot look up
         made = [p for p in reversed(path.parents) if not p.exists()]  # folders this claim creates
         marker = path.parent / f".{path.name}.claim"
         try:
+            writable_folder(path.parent, "the run directory's folder")
             with open(marker, "a+b") as f:
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

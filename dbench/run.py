@@ -119,6 +119,9 @@ def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], Non
             # (and, from the same checkpoint, the same seed, diverge again).
             raise DbenchError(f"run {path} diverged (its train loss became non-finite): that is its result, so it "
                               f"is not resumed; start a new run (a lower --lr, say) with another --out")
+        if status not in summary.RESUMABLE:
+            raise DbenchError(f"{path / 'summary.json'} has status {status!r}, not one of {', '.join(summary.RESUMABLE)} (a "
+                              f"run that stopped): restore the file from a backup, or start the run again")
         # A damaged checkpoint or metrics file fails here, in one line, before any set-up.
         epochs, steps = run.checkpointed()
         _checkpointed_rows(run, epochs)

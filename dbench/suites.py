@@ -38,7 +38,7 @@ SETTING_TYPES = {name: hint for name, hint in typing.get_type_hints(RunConfig).i
 SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # What a suite does with a run directory, by the status in its summary.json.
 SKIPPED = ("complete", "diverged")  # left as they are
-RESUMED = ("running", "interrupted", "failed")  # continued from the last finished epoch
+RESUMED = summaries.RESUMABLE  # continued from the last finished epoch
 
 
 @dataclass(frozen=True)

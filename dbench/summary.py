@@ -25,6 +25,9 @@ STATES = ("compute", "wait_input", "wait_grad", "idle", "probe", "comm", "data")
 # The CUDA allocator's peaks an epoch's module record holds when the module sat on a GPU.
 CUDA_PEAKS = ("cuda_peak_active_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes")
 
+# The statuses of a run that stopped before its last epoch: what `dbench run --resume` (and a suite) continues.
+RESUMABLE = ("running", "interrupted", "failed")
+
 
 def option_text(value: Any) -> str:
     """A method option's value as it is typed after ``--opt name=`` (true/false, none, numbers as written)."""

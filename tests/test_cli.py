@@ -140,7 +140,8 @@ def test_console_script_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["epochs_done"] == 1
     config = json.loads((out / "config.json").read_text())
-    assert config["partition"] == [[0, 2], [2, 3]]
+    # the default cut, counted: the MLP's first block (its widest layer) outweighs the other two
+    assert config["partition"] == [[0, 1], [1, 3]] and config["run"]["split"] == "auto"
     assert config["devices"] == ["cpu", "cpu"]
     env_record = json.loads((out / "environment.json").read_text())
     assert env_record["torch"] and "revision" in env_record["git"]

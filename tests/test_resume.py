@@ -152,6 +152,12 @@ def _checkpoint(change):
     return damage
 
 
+def _file(name, content):
+    def damage(path):
+        (path / name).write_text(content)
+    return damage
+
+
 # Every file a resume reads × a wrong shape of it (valid JSON or a loadable checkpoint, of the wrong shape).
 WRONG_SHAPES = {
     "config.json a list": (_config(lambda r: [r]), "config.json holds a list, not the run's plan"),
@@ -165,6 +171,12 @@ WRONG_SHAPES = {
         _checkpoint(lambda s: {**s, "trainer": {k: v for k, v in s["trainer"].items() if k != "iteration"}}),
         "no whole number iteration"),
     "checkpoint.pt a list": (_checkpoint(lambda s: [s["epochs_done"]]), "it holds a list, not a dict"),
+    "summary.json a list": (_file("summary.json", "[1, 2]"), "summary.json is not a JSON object"),
+    "summary.json an unknown status": (_file("summary.json", '{"status": 3}'),
+                                       "summary.json has status 3, not one of running, interrupted, failed"),
+    "metrics.jsonl a row that is a list": (_file("metrics.jsonl", "[1, 2]\n"), "is not a dbench metrics row"),
+    "metrics.jsonl an epoch of the wrong type": (_file("metrics.jsonl", '{"kind": "epoch", "epoch": "1"}\n'),
+                                                 "is not a dbench metrics row"),
     "checkpoint.pt stages not a list": (
         _checkpoint(lambda s: {**s, "trainer": {**s["trainer"], "engine": {"stages": 3}}}),
         "no list of module states"),

@@ -42,10 +42,20 @@ def write(tmp_path: Path, text: str, name: str = "bench.toml") -> Path:
     return path
 
 
-def test_the_repository_suites_are_valid(tmp_path):
+def test_the_repository_suites_are_valid(tmp_path, monkeypatch):
+    from dbench.data.cifar import CHECKSUMS
+
+    # The paper suites read CIFAR from ./data, lm-gpu text from ./data/text: a tree with every file the
+    # archives hold (empty: a suite's check looks for them, loading reads them).
+    for files in CHECKSUMS.values():
+        for relative in files:
+            (tmp_path / "data" / relative).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "data" / relative).touch()
+    (tmp_path / "data" / "text").mkdir()  # lm-gpu's own text folder
+    monkeypatch.chdir(tmp_path)
     found = suites.load_all(REPO / "bench.toml")
     for suite in found.values():  # every run plans as `dbench run` would plan it (no typo waits for its turn)
-        assert set(suites.check(suite, tmp_path).values()) == {"missing"}
+        assert set(suites.check(suite, tmp_path / "results").values()) == {"missing"}
     assert {"smoke", "paper-cifar10", "paper-cifar100", "speed"} <= set(found)
     smoke = found["smoke"]
     # every registered method, the exact-gradient baselines included, is in CI's regression check, and a
@@ -275,6 +285,7 @@ def test_resuming_a_diverged_run_is_refused_and_leaves_it_untouched(tmp_path):
 @pytest.mark.parametrize("grid", [
     'datasets = ["cifar10"]\ndata_dir = "{tmp}/no-such-folder"',  # a folder that does not exist
     'datasets = ["cifar10"]',  # a data set that needs a folder, given none
+    'datasets = ["cifar10"]\ndata_dir = "{tmp}"',  # a folder that exists but does not hold the data set
     'datasets = ["text"]\ndata_dir = "{tmp}/no-such-file.txt"',
 ])
 def test_a_suite_refused_for_a_later_grid_writes_nothing(tmp_path, grid):

@@ -84,6 +84,9 @@ class DatasetSpec:
     load: Callable[[Path | None, bool], DataSplits | TextSplits]  # load(data_dir, download)
     kind: str = "image"  # what the samples are: "image" or "text"; a model declares the same word
     can_download: bool = True  # False: --download does not apply (the data come from --data-dir only)
+    # present(data_dir, download): a cheap check that the files are there (not their content), which a suite
+    # runs for every run before the first starts; None: only that --data-dir exists is checked
+    present: Callable[[Path | None, bool], None] | None = None
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
