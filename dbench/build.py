@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dbench.data.base import DataSplits
 from dbench.data.loader import DeviceLoader
@@ -64,9 +65,10 @@ def build(plan: Plan, rank: int | None = None, splits: DataSplits | None = None)
             num_classes=plan.num_classes, measure=True, replicas=plan.replicas,
         )
     else:
-        # Process rank = d·K + k holds module k of replica d.
+        # Process rank = d·K + k holds module k of replica d (modules, V > 1: the method's placement).
+        held = [modules[j] for j in plan.method.placement(rank % plan.modules, plan.modules, plan.options)]
         trainer = RankTrainer(
-            modules[rank % plan.modules], cfg.method, rank, cfg.gpus, devices[rank], optim=cfg.optim,
+            held[0] if len(held) == 1 else nn.ModuleList(held), cfg.method, rank, cfg.gpus, devices[rank], optim=cfg.optim,
             options=plan.options, num_classes=plan.num_classes, timeout_s=cfg.comm_timeout, replicas=plan.replicas,
         )
     probe = train.fixed_batches(cfg.sigma_batches, PROBE_SEED) if plan.sigma_every else []

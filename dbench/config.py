@@ -62,13 +62,16 @@ class RunConfig:
     # `dbench project`: the local engine only.
     trace: bool = False
 
-    def resolved_engine(self, devices: list, modules: int | None = None) -> str:
+    def resolved_engine(self, devices: list, modules: int | None = None,
+                        engines: tuple[str, ...] = ("local", "distributed")) -> str:
         """``auto``: one process per device when the N > 1 devices are distinct CUDA devices, or when every
         device holds a whole replica (``modules`` K = 1: no pipeline, so every process computes at once, as
-        DDP always runs); else the local engine (on a CPU, a pipeline's processes would share the same cores
-        one module at a time)."""
+        DDP always runs), or when the method runs on no other engine (``engines``: those it runs on); else
+        the local engine (on a CPU, a pipeline's processes would share the same cores one module at a time)."""
         if self.engine != "auto":
             return self.engine
+        if "local" not in engines:
+            return engines[0]
         distinct_gpus = all(d.type == "cuda" for d in devices) and len(set(devices)) == len(devices)
         return "distributed" if len(devices) > 1 and (distinct_gpus or modules == 1) else "local"
 

@@ -215,6 +215,13 @@ class Stage:
     # synthesizer, DGL's head). It depends on where a cut falls, so the
     # ``counted`` and ``time`` partitions count or time it at each candidate cut.
     boundary_step: ClassVar[Any] = None
+    # The engines that can run the method: the local engine drives every stage's program in one process; a
+    # method whose stages run another runner's point-to-point (torch.distributed.pipelining's) needs a
+    # process per device.
+    engines: ClassVar[tuple[str, ...]] = ("local", "distributed")
+    # Whether the σ probe (dbench.meters.sigma, a plain-BP pass through the modules in order on the PROBE
+    # channels) can run on the method's layout; a method that cannot says so and its runs record no σ.
+    measures_sigma: ClassVar[bool] = True
 
     @classmethod
     def ideal_speedup(cls, num_stages: int, options: Any = None) -> float | None:
@@ -246,6 +253,17 @@ class Stage:
         return 3.0 / period
 
     @classmethod
+    def modules_per_device(cls, options: Any = None) -> int:
+        """V: how many of the model's modules each device holds (the model is cut into V·K modules)."""
+        return 1
+
+    @classmethod
+    def placement(cls, index: int, num_stages: int, options: Any = None) -> list[int]:
+        """Which of the V·K modules device ``index`` of ``num_stages`` holds, in the order its stage gets them
+        (``module``: the one module, or an ``nn.ModuleList`` of them when V > 1)."""
+        return [index]
+
+    @classmethod
     def graph_lifetime(cls, num_stages: int) -> int:
         """The most iterations one of this method's autograd graphs lives (built at iteration t, freed by
         t + this), what the memory meter's accounting window counts on (dbench.meters.StageMeter). K + 1 covers
@@ -259,6 +277,12 @@ class Stage:
 
         Called when a run is planned, before anything is written.
         """
+
+    @classmethod
+    def check_epoch(cls, options: Any, num_stages: int, sizes: set[int]) -> None:
+        """Raise a one-line DbenchError if the method cannot train on batches of these sizes: every size a
+        replica's shard of the epoch's batches has (an epoch's last batch may be smaller than the others).
+        Called when a run is planned, once the data set's size is known."""
 
     @classmethod
     def check_model(cls, options: Any, model: dict) -> None:
@@ -315,6 +339,10 @@ class Stage:
         # (``average``) with the tensors they would, so that the projection can lay the run out on replicas.
         self.on_average: Any = None
         self._updates_open = 0  # apply_update()/side_update() called but not yet run through (see check_updates)
+        # Under the distributed engine, the process group of this replica's K modules (None: the default
+        # group, every process, when there are no replicas); what a method running its own point-to-point
+        # (torch's pipelining runner) talks over. Set by the engine.
+        self.pipeline_group: Any = None
 
     def place(self, replica: int, replicas: int) -> None:
         """Make this stage the copy of its module in replica ``replica`` of ``replicas`` (the engine calls it)."""
@@ -540,6 +568,19 @@ class Stage:
     @torch.no_grad()
     def predict(self, h: torch.Tensor) -> torch.Tensor:
         return self.module(h)
+
+    def predict_step(self, x: torch.Tensor | None) -> StepProgram:
+        """Evaluation's forward of this module, as a program (the distributed engine drives it): the batch on
+        the first module, else the input from below on PROBE_UP; returns the logits on the top module, None
+        elsewhere. PROBE_UP, not UP: a method may leave training activations queued on UP across iterations
+        (FDG's forward reaches the next module an iteration later), and those must neither be read here nor
+        mixed in. A method whose devices hold several modules overrides it."""
+        h = x if self.is_first else (yield Recv(PROBE_UP))
+        out = self.predict(h)
+        if self.is_last:
+            return out
+        yield Send(PROBE_UP, out)
+        return None
 
     def state_dict(self) -> dict:
         """Everything needed to continue training exactly; methods with state extend it."""

@@ -63,8 +63,8 @@ class Plan:
 
     @property
     def modules(self) -> int:
-        """K, the modules of one replica (the ranges)."""
-        return len(self.ranges)
+        """K, the devices of one replica: the ranges, V to a device (V = 1 but for the looped schedules)."""
+        return len(self.ranges) // self.method.modules_per_device(self.options)
 
     def facts(self) -> dict:
         """The method's facts for this layout. With D replicas of K modules the ideal speedup over
@@ -80,8 +80,12 @@ class Plan:
 
     def layout(self) -> dict:
         """config.json's "layout": N devices as K modules × D replicas, and which device holds what."""
+        v = self.method.modules_per_device(self.options)
+        placement = "module k of replica d on device d*K + k" if v == 1 else (
+            f"the model cut into V*K = {len(self.ranges)} modules; device d*K + k holds modules "
+            + "; ".join(f"{k}: {self.method.placement(k, self.modules, self.options)}" for k in range(self.modules)))
         return {"devices": len(self.devices), "modules": self.modules, "replicas": self.replicas,
-                "placement": "module k of replica d on device d*K + k",
+                "modules_per_device": v, "placement": placement,
                 "shards": "each batch split in D shards by torch.tensor_split; replica d trains on shard d",
                 "sigma": "measured on replica 0's modules (the same weights and averaged gradient in every replica)"}
 
@@ -151,7 +155,8 @@ class Checked:
     stage_cls: type[Stage]
     options: Any  # the method's Options
     split: str | list[int]  # --split auto already resolved to its rule
-    modules: int  # K, modules per replica
+    modules: int  # K, devices per replica
+    pieces: int  # V·K: the modules the model is cut into (K unless the method holds V to a device)
     replicas: int  # D, copies of the K modules (N = K·D devices)
     devices: list[torch.device]
     device_note: str | None
@@ -177,16 +182,22 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
     split = parse_split(cfg.split)
     replicas = layout_replicas(cfg, stage_cls)
     k = cfg.gpus // replicas
+    v = stage_cls.modules_per_device(options)
+    pieces = k * v  # the modules the model is cut into: V to a device
     if isinstance(split, str) and split.startswith(FROM):
-        split = recorded_cut(Path(split[len(FROM):]).expanduser(), cfg.model, k)
+        split = recorded_cut(Path(split[len(FROM):]).expanduser(), cfg.model, pieces)
     where = f" ({replicas} replicas of {k} module(s) on {cfg.gpus} devices)" if replicas > 1 else ""
     if k == 1 and replicas > 1 and split != AUTO:
         raise DbenchError(f"--split {cfg.split} does not apply to {cfg.method} with --gpus {cfg.gpus} and "
                           f"{replicas} replicas: every device holds the whole model")
+    if v > 1 and pieces > described["blocks"]:
+        raise DbenchError(f"cannot cut {cfg.model} ({described['blocks']} blocks) into V*K = {v}*{k} = {pieces} "
+                          f"modules for {cfg.method}: V*K must be at most {described['blocks']}")
     check_k(k, described["blocks"], cfg.model)
-    if isinstance(split, list) and len(split) + 1 != k:
+    if isinstance(split, list) and len(split) + 1 != pieces:
         raise DbenchError(f"bad --split {cfg.split}: {len(split)} cut points make {len(split) + 1} modules, but "
-                          + (f"--gpus is {cfg.gpus}" if replicas == 1 else f"K is {k}{where}"))
+                          + (f"{cfg.method} cuts the model into V*K = {pieces}" if v > 1 else
+                             f"--gpus is {cfg.gpus}" if replicas == 1 else f"K is {k}{where}"))
     if cfg.batch_size < replicas:
         # Before the devices are resolved: D replicas are D·K devices and processes, and a D past any batch
         # (--gpus 10**22) would be allocated as a device list before being refused.
@@ -195,7 +206,17 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
     note = None
     if devices is None:
         devices, note = resolve_devices(cfg.gpus, cfg.devices)
-    engine = cfg.resolved_engine(devices, k)
+    engine = cfg.resolved_engine(devices, k, stage_cls.engines)
+    if engine not in stage_cls.engines:
+        raise DbenchError(f"method {cfg.method} does not run on the {engine} engine; it runs on: "
+                          f"{', '.join(stage_cls.engines)} (--engine)")
+    if split == "time" and "local" not in stage_cls.engines:
+        raise DbenchError(f"--split time times {cfg.method}'s step one module at a time in one process, which "
+                          f"{cfg.method} cannot run; use --split counted (the default), blocks, params, cut points or "
+                          f"from:RUN_DIR")
+    if not stage_cls.measures_sigma and cfg.sigma_every:
+        raise DbenchError(f"bad --sigma-every {cfg.sigma_every} for {cfg.method}: its layout has no σ probe "
+                          f"(devices hold modules that are not neighbours); leave --sigma-every out or pass 0")
     if cfg.trace and engine != "local":
         raise DbenchError(f"--trace records the local engine's run (one module at a time, each segment timed "
                           f"alone), not the {engine} engine's: add --engine local")
@@ -218,8 +239,9 @@ def check(cfg: RunConfig, devices: list[torch.device] | None = None) -> Checked:
     if cfg.download and not spec.can_download:
         raise DbenchError(f"--download does not apply to data set {cfg.dataset!r}: it reads your own files from "
                           f"--data-dir")
-    split, split_note = resolve_auto(split, engine, k)
-    return Checked(stage_cls=stage_cls, options=options, split=split, modules=k, replicas=replicas, devices=devices,
+    split, split_note = resolve_auto(split, engine, pieces)
+    return Checked(stage_cls=stage_cls, options=options, split=split, modules=k, pieces=pieces, replicas=replicas,
+                   devices=devices,
                    device_note=note, engine=engine, split_note=split_note, context=context)
 
 
@@ -304,7 +326,7 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
     """
     checked = check(cfg, devices)
     stage_cls, options, split, replicas = checked.stage_cls, checked.options, checked.split, checked.replicas
-    k = checked.modules
+    k, pieces = checked.modules, checked.pieces
     devices, note, engine, split_note = checked.devices, checked.device_note, checked.engine, checked.split_note
     build_model = MODELS.get(cfg.model)
     spec = DATASETS.get(cfg.dataset)
@@ -322,6 +344,8 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
         raise DbenchError(f"bad --batch-size {cfg.batch_size} for {replicas} replicas: an epoch's last batch holds "
                           f"{last} of the {samples} training samples, fewer than the replicas (every replica needs "
                           f"a shard of at least one sample; pick a batch size that leaves none or >= {replicas})")
+    # The smallest shard of each batch size the epoch has: what each replica's method splits.
+    stage_cls.check_epoch(options, k, {cfg.batch_size // replicas} | ({last // replicas} if last else set()))
 
     torch.manual_seed(cfg.seed)
     model = build_model(num_classes=splits.num_classes)
@@ -344,12 +368,12 @@ def make(cfg: RunConfig, devices: list[torch.device] | None = None,
     elif split == "counted":
         # Replica 0's shard of a batch (its shape only): what each replica's modules compute on.
         x, _ = next(iter(train.epoch(0)))
-        ranges = partition(model.blocks, k, split, sample=x.tensor_split(replicas)[0], model=cfg.model,
+        ranges = partition(model.blocks, pieces, split, sample=x.tensor_split(replicas)[0], model=cfg.model,
                            step_cost=stage_cls.step_cost, boundary_cost=boundary_work(stage_cls, options,
                                                                                        splits.num_classes))
     else:
-        ranges = partition(model.blocks, k, split, model=cfg.model)
-    sigma_every = cfg.sigma_interval(len(train))
+        ranges = partition(model.blocks, pieces, split, model=cfg.model)
+    sigma_every = cfg.sigma_interval(len(train)) if stage_cls.measures_sigma else 0
     if sigma_every and cfg.sigma_batches > len(train):
         raise DbenchError(f"bad --sigma-batches {cfg.sigma_batches}: the σ probe's set is drawn from the {len(train)} "
                           f"batches of the training set (1 <= sigma batches <= {len(train)})")

@@ -152,3 +152,48 @@ def hybrid_data(workload: str, batch: int):
     if workload == "text":
         return token_batches(STEPS, seed=11, batch=batch), token_batches(1, seed=13, batch=batch)[0][0]
     return batches(STEPS, batch=batch, seed=11), batches(1, batch=batch, seed=13)[0][0]
+
+
+PIECES = [(0, 1), (1, 2), (2, 3), (3, 5)]  # the five blocks cut into V·K = 4 modules (K = 2, V = 2)
+
+
+def schedules_worker(rank: int, world: int, port: int, runs: list[tuple[str, str, int]], path: str) -> None:
+    """torch's multi-stage schedules through dbench (``RankTrainer``) as device ``rank`` of 2: each run
+    (method, workload, M) trains STEPS batches of 16 and one of 12 (a smaller last batch), then predicts;
+    the top device saves the losses, the logits and every module's weights (gathered, in module order)."""
+    import torch.distributed as dist
+
+    from dbench.engine.distributed import RankTrainer, init
+    from dbench.method import parse_options
+    from dbench.optim import OptimConfig
+    from dbench.registry import METHODS
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init(rank, world, torch.device("cpu"), timeout_s=60)
+    results = {}
+    for method, workload, microbatches in runs:
+        blocks, batches_of, classes = WORKLOADS[workload]
+        train, _, test_x = batches_of()
+        last_x, last_y = train[0][0][:12], train[0][1][:12]
+        cls = METHODS.get(method)
+        options = parse_options(cls, {"microbatches": str(microbatches)})
+        pieces = group(blocks(), PIECES)
+        held = cls.placement(rank, world, options)
+        t = RankTrainer(torch.nn.ModuleList([pieces[j] for j in held]), method, rank, world, torch.device("cpu"),
+                        optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=0.0), options=options,
+                        num_classes=classes, timeout_s=60)
+        losses = []
+        for x, y in train + [(last_x, last_y)]:
+            out = t.step_output(x if rank == 0 else None, y)
+            if out is not None:
+                losses.append(out.loss)
+        logits = t.predict(test_x if rank == 0 else None)
+        weights = t.gather({j: pieces[j].state_dict() for j in held})
+        if t.is_writer:
+            merged = {j: w for part in weights for j, w in part.items()}
+            results[(method, workload)] = {"losses": losses, "logits": logits,
+                                           "weights": [merged[j] for j in range(len(PIECES))]}
+    if rank == world - 1:
+        torch.save(results, path)
+    dist.destroy_process_group()

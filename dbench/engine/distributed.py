@@ -31,13 +31,13 @@ from torch import nn
 
 from torch.distributed.device_mesh import init_device_mesh
 
-from dbench.engine.driver import Driven
+from dbench.engine.driver import Driven, NoMeter
 from dbench.engine.local import check_shards, combine, shard_weight
 from dbench.engine.messages import pack, unpack
 from dbench.engine.modes import TrainingMode
 from dbench.engine.transport import Transport
 from dbench.meters import Meters, SigmaResult, StageMeter, sigma_results, true_gradient
-from dbench.method import PROBE_UP, Send, Stage, StepOutput
+from dbench.method import Stage, StepOutput
 from dbench.objective import CrossEntropy
 from dbench.optim import OptimConfig
 from dbench.registry import METHODS
@@ -90,6 +90,7 @@ class RankTrainer:
             kind = self.stage.device.type if dist.get_backend() == "nccl" else "cpu"
             mesh = init_device_mesh(kind, (replicas, K), mesh_dim_names=("replica", "module"))
             self.copies = mesh.get_group("replica")  # along the replica axis: module k of every replica
+            self.stage.pipeline_group = mesh.get_group("module")  # along the module axis: this replica's modules
             self.stage.join(self.copies)
         self.transport = Transport(self.k, K, self.stage.device, base=self.replica * K, group=self.copies)
         self.meters = Meters([StageMeter(self.stage, self.transport.queued)])
@@ -175,21 +176,15 @@ class RankTrainer:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        """Logits on the top module's process (None elsewhere): a forward through every process.
-
-        On PROBE_UP, not UP: a method may leave training activations queued on UP across iterations (FDG's
-        forward reaches the next module an iteration later), and those must neither be read here nor mixed in.
-        """
+        """Logits on the top module's process (None elsewhere): the stage's ``predict_step`` in every process."""
         self.sync_buffers()
         if self.replica != self.replicas - 1:
             return None  # the writer's replica predicts, with replica 0's running statistics
         self.stage.module.eval()
-        h = x.to(self.stage.device) if self.stage.is_first else self.transport.wait(PROBE_UP).tensor
-        out = self.stage.predict(h)
-        if not self.stage.is_last:
-            self.transport.send(Send(PROBE_UP, out))
-            return None
-        return out
+        driven = Driven(self.k, self.stage.predict_step(x.to(self.stage.device) if self.stage.is_first else None),
+                        self.transport, NoMeter())
+        driven.advance()  # the transport blocks, so this returns with the program finished
+        return driven.output
 
     def sync_buffers(self) -> None:
         """Every replica takes replica 0's buffers (BatchNorm's running statistics), before evaluating and

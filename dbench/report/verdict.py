@@ -204,6 +204,8 @@ def run_memory(run: results.Run) -> dict:
     allocator's peak allocated where every module has it (NaN where the summary has no modules)."""
     modules = run.summary.get("modules") or []
     accounted = [m["accounted_peak_bytes"] for m in modules if m.get("accounted_peak_bytes") is not None]
+    if not run.config.get("method_facts", {}).get("accounts_activations", True):
+        accounted = []  # the method's activations were not accounted: no accounted peak to compare
     cuda = [m[CUDA_KEY] for m in modules if m.get(CUDA_KEY) is not None]
     has_cuda = bool(modules) and len(cuda) == len(modules)
     return {"accounted_largest": max(accounted) if accounted else math.nan,
