@@ -23,7 +23,8 @@ from dbench.method import MODEL_PARALLEL
 from dbench.registry import METHODS
 
 # one process holds the K modules (the data-parallel methods have their own tests: test_ddp.py)
-ALL_METHODS = sorted(name for name, cls in METHODS.items() if cls.parallelism == MODEL_PARALLEL)
+ALL_METHODS = sorted(name for name, cls in METHODS.items()  # every method the local engine runs too
+                     if cls.parallelism == MODEL_PARALLEL and "local" in cls.engines)
 DBENCH = str(Path(sys.executable).parent / "dbench")
 
 
@@ -196,11 +197,12 @@ def test_launcher_torchrun_and_local_runs_agree(tmp_path):
                 assert sum(m[f"{s}_s"] for s in STATES) == pytest.approx(row["train_seconds"], rel=0.03, abs=0.1)
 
 
-@pytest.mark.parametrize("method", ["ddg", "ddp"])
-def test_interrupted_distributed_run_resumes_to_the_same_numbers(tmp_path, method):
-    """Ctrl-C stops every module process and marks the run interrupted; --resume ends where an unbroken run does."""
+@pytest.mark.parametrize("method,model", [("ddg", "mlp"), ("ddp", "mlp"), ("interleaved-1f1b", "cnn")])
+def test_interrupted_distributed_run_resumes_to_the_same_numbers(tmp_path, method, model):
+    """Ctrl-C stops every module process and marks the run interrupted; --resume ends where an unbroken run does
+    (torch's runner too: interleaved-1f1b holds two of the cnn's four modules on each device)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["run", "--engine", "distributed", "--gpus", "2", "--model", "mlp", "--epochs", "3", "--quiet",
+    common = ["run", "--engine", "distributed", "--gpus", "2", "--model", model, "--epochs", "3", "--quiet",
               "--method", method, "--batch-size", "256"]
     if method != "ddp":  # the same cut for both runs (a whole replica per process has none)
         common += ["--split", "blocks"]

@@ -22,7 +22,8 @@ from dbench.partition import partition, split_modules
 from dbench.registry import DATASETS, METHODS, MODELS
 from test_distributed import assert_same, local_reference
 
-MODEL_PARALLEL_METHODS = sorted(name for name, cls in METHODS.items() if cls.parallelism == MODEL_PARALLEL)
+MODEL_PARALLEL_METHODS = sorted(name for name, cls in METHODS.items()  # those the local engine runs
+                                if cls.parallelism == MODEL_PARALLEL and "local" in cls.engines)
 
 # A short run: 120 steps of 16 sequences of 32 bytes (61k tokens, a sixth of an epoch), SGD at the lm suite's lr.
 STEPS, BATCH, CONTEXT, LR = 120, 16, 32, 0.03

@@ -20,7 +20,8 @@ from dbench.method import MODEL_PARALLEL
 from dbench.registry import METHODS, MODELS
 
 # one process holds the K modules (the data-parallel methods have their own tests: test_ddp.py)
-ALL_METHODS = sorted(name for name, cls in METHODS.items() if cls.parallelism == MODEL_PARALLEL)
+ALL_METHODS = sorted(name for name, cls in METHODS.items()  # every method the local engine runs
+                     if cls.parallelism == MODEL_PARALLEL and "local" in cls.engines)
 RANGES3 = [(0, 2), (2, 4), (4, 5)]
 
 

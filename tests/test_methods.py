@@ -21,8 +21,9 @@ def make(method, ranges=THREE, **kw):
     return Trainer(group(tiny_blocks(), ranges), method, num_classes=10, **{**SGD, **kw})
 
 
-# The exact-gradient baselines have their own tests: test_pipeline.py (gpipe, 1f1b) and test_ddp.py (ddp).
-BASELINES = ["gpipe", "1f1b", "ddp"]
+# The exact-gradient baselines have their own tests: test_pipeline.py (gpipe, 1f1b), test_ddp.py (ddp) and
+# test_schedules.py (torch's multi-stage schedules, which run on torch's runner, not the local engine).
+BASELINES = ["gpipe", "1f1b", "ddp", "interleaved-1f1b", "looped-bfs", "zb-interleaved", "zbv", "dualpipev"]
 
 
 def test_every_registered_method_is_covered():
@@ -238,7 +239,8 @@ def test_feedback_alignment_top_backward_goes_through_stage_backward(method, mon
 
 # --- modules without parameters -----------------------------------------------
 
-MODEL_PARALLEL = sorted(name for name in METHODS.names() if METHODS.get(name).parallelism == "model")
+MODEL_PARALLEL = sorted(name for name in METHODS.names()  # those the local engine runs
+                        if METHODS.get(name).parallelism == "model" and "local" in METHODS.get(name).engines)
 # Where a module without parameters leaves the numbers of the network without it: the exact-gradient
 # methods (the pipelines with M fixed, since their default M is 4K), and DFA, whose module 0 draws the
 # same feedback at any K. The delayed and synthetic-gradient methods make it a module with its own delay
