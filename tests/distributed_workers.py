@@ -157,10 +157,12 @@ def hybrid_data(workload: str, batch: int):
 PIECES = [(0, 1), (1, 2), (2, 3), (3, 5)]  # the five blocks cut into V·K = 4 modules (K = 2, V = 2)
 
 
-def schedules_worker(rank: int, world: int, port: int, runs: list[tuple[str, str, int]], path: str) -> None:
-    """torch's multi-stage schedules through dbench (``RankTrainer``) as device ``rank`` of 2: each run
-    (method, workload, M) trains STEPS batches of 16 and one of 12 (a smaller last batch), then predicts;
-    the top device saves the losses, the logits and every module's weights (gathered, in module order)."""
+def schedules_worker(rank: int, world: int, port: int, runs: list[tuple[str, str, int]], path: str,
+                     replicas: int = 1, last: int = 12) -> None:
+    """torch's multi-stage schedules through dbench (``RankTrainer``) as process ``rank`` of ``world`` (K = 2
+    devices × ``replicas``): each run (method, workload, M) trains STEPS batches of 16 and one of ``last`` (a
+    smaller last batch), then predicts; the top device saves the losses, the logits and every module's
+    weights (replica 0's, gathered, in module order)."""
     import torch.distributed as dist
 
     from dbench.engine.distributed import RankTrainer, init
@@ -175,21 +177,22 @@ def schedules_worker(rank: int, world: int, port: int, runs: list[tuple[str, str
     for method, workload, microbatches in runs:
         blocks, batches_of, classes = WORKLOADS[workload]
         train, _, test_x = batches_of()
-        last_x, last_y = train[0][0][:12], train[0][1][:12]
+        last_x, last_y = train[0][0][:last], train[0][1][:last]
         cls = METHODS.get(method)
         options = parse_options(cls, {"microbatches": str(microbatches)})
         pieces = group(blocks(), PIECES)
-        held = cls.placement(rank, world, options)
+        k = world // replicas
+        held = cls.placement(rank % k, k, options)
         t = RankTrainer(torch.nn.ModuleList([pieces[j] for j in held]), method, rank, world, torch.device("cpu"),
                         optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=0.0), options=options,
-                        num_classes=classes, timeout_s=60)
+                        num_classes=classes, timeout_s=60, replicas=replicas)
         losses = []
         for x, y in train + [(last_x, last_y)]:
-            out = t.step_output(x if rank == 0 else None, y)
+            out = t.step_output(x if rank % k == 0 else None, y)
             if out is not None:
                 losses.append(out.loss)
-        logits = t.predict(test_x if rank == 0 else None)
-        weights = t.gather({j: pieces[j].state_dict() for j in held})
+        logits = t.predict(test_x if rank % k == 0 else None)
+        weights = t.gather({j: pieces[j].state_dict() for j in held} if rank < k else {})
         if t.is_writer:
             merged = {j: w for part in weights for j, w in part.items()}
             results[(method, workload)] = {"losses": losses, "logits": logits,

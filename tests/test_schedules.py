@@ -21,14 +21,14 @@ SCHEDULES = ["interleaved-1f1b", "looped-bfs", "zb-interleaved", "zbv", "dualpip
 M = 4
 
 
-def gpipe_reference(workload: str, microbatches: int):
+def gpipe_reference(workload: str, microbatches: int, last: int = 12):
     """dbench's GPipe on the local engine (K = 2, M = 4), the same batches as the worker: its losses, the
     logits of the test inputs, and the weights of every block in order."""
     blocks, batches_of, classes = WORKLOADS[workload]
     train, _, test_x = batches_of()
     trainer = Trainer(group(blocks(), RANGES[2]), "gpipe", lr=0.05, momentum=0.9, weight_decay=0.0,
                       options={"microbatches": str(microbatches)}, num_classes=classes)
-    losses = [trainer.step(x, y) for x, y in train + [(train[0][0][:12], train[0][1][:12])]]
+    losses = [trainer.step(x, y) for x, y in train + [(train[0][0][:last], train[0][1][:last])]]
     weights = [w for module in trainer.modules for w in module.state_dict().values()]
     return losses, trainer.predict(test_x), weights
 
@@ -145,3 +145,21 @@ def test_a_last_batch_smaller_than_m_is_refused_before_anything_is_written(tmp_p
         runner.start(RunConfig(method="zbv", model="cnn", gpus=2, batch_size=48,
                                method_options={"microbatches": "32"}), tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_with_replicas_equals_gpipe_on_the_whole_batch(tmp_path):
+    """K = 2 devices × D = 2 replicas (4 processes): each replica's runner on its half of every batch (its
+    group the mesh's module axis), dbench averaging the gradients over the copies before each update: GPipe's
+    update on the whole batch (BatchNorm-free), for a looped and a V-shaped schedule."""
+    path = str(tmp_path / "out.pt")
+    runs = [("interleaved-1f1b", "image-nobn", M), ("zbv", "image-nobn", M)]
+    mp.start_processes(schedules_worker, args=(4, free_port(), runs, path, 2, 8), nprocs=4, start_method="spawn")
+    trained = torch.load(path, weights_only=False)
+    torch.set_num_threads(1)
+    want_losses, want_logits, want_weights = gpipe_reference("image-nobn", M, last=8)
+    for method, _, _ in runs:
+        got = trained[(method, "image-nobn")]
+        assert [x.item() for x in got["losses"]] == pytest.approx([x.item() for x in want_losses], rel=1e-5)
+        for a, b in zip([w for piece in got["weights"] for w in piece.values()], want_weights, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["logits"], want_logits, rtol=1e-4, atol=1e-5)
