@@ -48,22 +48,7 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class LoopedOptions:
-    """Options of the looped schedules (device k holds modules k, k+K, ..., k+(V-1)K)."""
-
-    microbatches: int | None = field(default=None, metadata={
-        "help": "M, micro-batches per batch (M <= batch size) [default: 4K]"})
-    virtual: int = field(default=2, metadata={"help": "V, modules per device (V*K <= the model's blocks)"})
-
-    def validate(self) -> None:
-        if self.microbatches is not None and self.microbatches < 1:
-            raise DbenchError(f"bad microbatches {self.microbatches}: must be an integer >= 1")
-        if self.virtual < 1:
-            raise DbenchError(f"bad virtual {self.virtual}: must be an integer >= 1")
-
-
-@dataclass(frozen=True)
-class VShapeOptions:
+class ScheduleOptions:
     """Options of the V-shaped schedules (device k holds modules k and 2K-1-k: V = 2)."""
 
     microbatches: int | None = field(default=None, metadata={
@@ -72,6 +57,18 @@ class VShapeOptions:
     def validate(self) -> None:
         if self.microbatches is not None and self.microbatches < 1:
             raise DbenchError(f"bad microbatches {self.microbatches}: must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class LoopedOptions(ScheduleOptions):
+    """Options of the looped schedules (device k holds modules k, k+K, ..., k+(V-1)K)."""
+
+    virtual: int = field(default=2, metadata={"help": "V, modules per device (V*K <= the model's blocks)"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.virtual < 1:
+            raise DbenchError(f"bad virtual {self.virtual}: must be an integer >= 1")
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:
@@ -296,7 +293,7 @@ class LoopedSchedule(TorchSchedule):
 
 
 class VShapeSchedule(TorchSchedule):
-    Options = VShapeOptions
+    Options = ScheduleOptions
     shape = V_SHAPE
 
 
