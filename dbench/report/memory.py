@@ -36,6 +36,13 @@ def build(data: ReportData, out: Path) -> Section:
     if data.modules.empty:
         section.notes.append("No run has per-module measurements (older runs lack them).")
         return section
+    unaccounted = sorted({run.method for run in data.runs
+                          if not run.config.get("method_facts", {}).get("accounts_activations", True)})
+    if unaccounted:
+        section.notes.append(f"{', '.join(unaccounted)}: activations not accounted (their runner keeps the meter's "
+                             f"records alive across steps; docs/ALGORITHMS.md, \"Frontier exact schedules\"): their "
+                             f"accounted bars hold parameters, gradients, optimizer state and messages only, and the "
+                             f"verdict shows no accounted memory for them.")
     peaks = results.module_peaks(data.runs)
     categories = order_categories(c[len(results.BYTES_PREFIX):] for c in results.memory_categories(peaks))
     cuda = [c for c in CUDA_NAMES if c in peaks.columns and peaks[c].notna().any()]
