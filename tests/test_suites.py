@@ -64,8 +64,9 @@ def test_the_repository_suites_are_valid(tmp_path, monkeypatch):
     assert {r.config.dataset for r in smoke.runs if r.config.model == "gpt-nano"} == {"synthetic-text"}
     lm = found["lm"]  # every method and baseline on the CPU-sized transformer at K=2 and 4, bp also on one device
     assert {(r.config.model, r.config.dataset) for r in lm.runs} == {("gpt-nano", "synthetic-text")}
-    for k in (2, 4):  # every method that can cut gpt-nano's six blocks into its V·K modules
-        fits = sorted(n for n, c in METHODS.items() if c.modules_per_device() * k <= 6)
+    for k in (2, 4):  # every method that can cut gpt-nano's six blocks into its V·K modules, and split the
+        # epoch's last batch of 2 sequences into its micro-batches (DualPipeV needs M >= 2K: bench.toml says why)
+        fits = sorted(n for n, c in METHODS.items() if c.modules_per_device() * k <= 6 and n != "dualpipev")
         assert sorted(r.config.method for r in lm.runs if r.config.gpus == k) == fits
     assert len(fits) < len(METHODS.names())  # at K = 4 the schedules holding two modules per device do not fit
     assert [r.config.method for r in lm.runs if r.config.gpus == 1] == ["bp"]
