@@ -84,6 +84,12 @@ class Run:
         return summaries.method_label(self.config)
 
     @property
+    def accounts_activations(self) -> bool:
+        """Whether the meter accounted the method's activations (a method says so in its facts; a run whose
+        facts do not say, every method before the split-backward schedules, did)."""
+        return self.facts.get("accounts_activations", True)
+
+    @property
     def layout(self) -> tuple[int, int]:
         """(K modules, D replicas) on its N devices; a run recorded before layouts: ddp's were N whole-model
         replicas, every other method's N modules."""

@@ -41,7 +41,6 @@ from dbench.errors import DbenchError
 from dbench.method import DOWN, EXACT_GRADIENT, LOCKED, UP, Stage, StepOutput, StepProgram
 from dbench.registry import METHODS
 
-LOOPED, V_SHAPE = "looped", "v"
 # A tensor handed between two processes outside the runner: ndim, then the shape (padded), then the dtype.
 MAX_DIMS = 6
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -49,7 +48,7 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class ScheduleOptions:
-    """Options of the V-shaped schedules (device k holds modules k and 2K-1-k: V = 2)."""
+    """Options of every schedule (the V-shaped ones, whose V is 2, take no more)."""
 
     microbatches: int | None = field(default=None, metadata={
         "help": "M, micro-batches per batch (M <= batch size) [default: 4K]"})
@@ -119,7 +118,6 @@ class TorchSchedule(Stage):
     engines = ("distributed",)
     measures_sigma = False
     schedule: ClassVar[str] = ""
-    shape: ClassVar[str] = LOOPED
     # Whether the schedule splits the backward into input (I) and weight (W) gradients. Under torch 2.14's
     # split, the autograd graphs that carried the meter's saved-tensor records stay alive across steps (one
     # micro-batch's a step, growing; whether they also hold memory without the hooks was not settled:
@@ -131,16 +129,6 @@ class TorchSchedule(Stage):
     def facts(cls, num_stages: int, options: Any = None) -> dict:
         # read by the verdict: a run whose activations were not accounted has no accounted peak to compare
         return {**super().facts(num_stages, options), "accounts_activations": not cls.splits_backward}
-
-    @classmethod
-    def modules_per_device(cls, options: Any = None) -> int:
-        return (options or cls.Options()).virtual if cls.shape == LOOPED else 2
-
-    @classmethod
-    def placement(cls, index: int, num_stages: int, options: Any = None) -> list[int]:
-        if cls.shape == V_SHAPE:
-            return [index, 2 * num_stages - 1 - index]
-        return [index + v * num_stages for v in range(cls.modules_per_device(options))]
 
     @classmethod
     def holder(cls, piece: int, num_stages: int, options: Any = None) -> int:
@@ -288,13 +276,31 @@ class TorchSchedule(Stage):
 
 
 class LoopedSchedule(TorchSchedule):
+    """Device k holds modules k, k+K, ..., k+(V−1)K."""
+
     Options = LoopedOptions
-    shape = LOOPED
+
+    @classmethod
+    def modules_per_device(cls, options: Any = None) -> int:
+        return (options or cls.Options()).virtual
+
+    @classmethod
+    def placement(cls, index: int, num_stages: int, options: Any = None) -> list[int]:
+        return [index + v * num_stages for v in range(cls.modules_per_device(options))]
 
 
 class VShapeSchedule(TorchSchedule):
+    """Device k holds modules k and 2K−1−k (V = 2)."""
+
     Options = ScheduleOptions
-    shape = V_SHAPE
+
+    @classmethod
+    def modules_per_device(cls, options: Any = None) -> int:
+        return 2
+
+    @classmethod
+    def placement(cls, index: int, num_stages: int, options: Any = None) -> list[int]:
+        return [index, 2 * num_stages - 1 - index]
 
 
 def _check_rounds(name: str, m: int, k: int) -> None:

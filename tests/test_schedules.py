@@ -168,16 +168,18 @@ def test_with_replicas_equals_gpipe_on_the_whole_batch(tmp_path):
 def test_a_run_whose_activations_were_not_accounted_has_no_accounted_memory_in_the_verdict():
     """The split-backward schedules say so in their facts; the verdict then compares no accounted peak of
     theirs (NaN, shown as not measured), and keeps the CUDA allocator's peak where there is one."""
-    from types import SimpleNamespace
+    from pathlib import Path
 
     from dbench.report.verdict import run_memory
+    from dbench.results import Run
 
     assert METHODS.get("zbv").facts(2)["accounts_activations"] is False
     assert METHODS.get("interleaved-1f1b").facts(2)["accounts_activations"] is True
     modules = [{"accounted_peak_bytes": 100, "cuda_peak_allocated_bytes": 300}] * 2
 
     def run(facts):
-        return SimpleNamespace(summary={"modules": modules}, config={"method_facts": facts})
+        return Run(path=Path("run"), config={"method_facts": facts}, environment={}, summary={"modules": modules},
+                   epoch_rows=[], probe_rows=[])
 
     counted = run_memory(run(METHODS.get("interleaved-1f1b").facts(2)))
     assert counted["accounted_largest"] == 100

@@ -36,8 +36,7 @@ def build(data: ReportData, out: Path) -> Section:
     if data.modules.empty:
         section.notes.append("No run has per-module measurements (older runs lack them).")
         return section
-    unaccounted = sorted({run.method for run in data.runs
-                          if not run.config.get("method_facts", {}).get("accounts_activations", True)})
+    unaccounted = sorted({run.method for run in data.runs if not run.accounts_activations})
     if unaccounted:
         section.notes.append(f"{', '.join(unaccounted)}: activations not accounted (their runner keeps the meter's "
                              f"records alive across steps; docs/ALGORITHMS.md, \"Frontier exact schedules\"): their "

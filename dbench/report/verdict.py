@@ -204,7 +204,7 @@ def run_memory(run: results.Run) -> dict:
     allocator's peak allocated where every module has it (NaN where the summary has no modules)."""
     modules = run.summary.get("modules") or []
     accounted = [m["accounted_peak_bytes"] for m in modules if m.get("accounted_peak_bytes") is not None]
-    if not run.config.get("method_facts", {}).get("accounts_activations", True):
+    if not run.accounts_activations:
         accounted = []  # the method's activations were not accounted: no accounted peak to compare
     cuda = [m[CUDA_KEY] for m in modules if m.get(CUDA_KEY) is not None]
     has_cuda = bool(modules) and len(cuda) == len(modules)
