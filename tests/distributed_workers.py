@@ -200,3 +200,67 @@ def schedules_worker(rank: int, world: int, port: int, runs: list[tuple[str, str
     if rank == world - 1:
         torch.save(results, path)
     dist.destroy_process_group()
+
+
+def transport_sends(src: int, world: int, epoch: int) -> list[tuple[str, torch.Tensor, tuple]]:
+    """What process ``src`` sends in ``epoch`` of the transport test, in order: (channel, tensor, tag). Sizes
+    grow, shrink, repeat, reach zero; dtypes change; two channels of different shapes share each stream
+    (up and the probe's up, down and the probe's down, the last process's errors and its gradients), so
+    the slot both ends of a stream keep is right, too small and too large, on every stream."""
+    from dbench.routes import DOWN, ERROR, PROBE_DOWN, PROBE_UP, UP
+
+    g = torch.Generator().manual_seed(100 * epoch + src)
+    shapes = [(4, 3), (4, 3), (4, 3), (2, 3), (6, 5, 2), (6, 5, 2), (0,), (), (4, 3), (1,), (3, 700), (3, 700)]
+    dtypes = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float16, torch.float16,
+              torch.float32, torch.int64, torch.bool, torch.uint8, torch.bfloat16, torch.bfloat16]
+    channels = ([UP, PROBE_UP] if src < world - 1 else []) + ([DOWN] if src > 0 else []) + \
+        ([PROBE_DOWN] if 0 < src < world - 1 else []) + ([ERROR] if src == world - 1 else [])
+    out = []
+    for i in range(3 * len(shapes)):
+        shape, dtype = shapes[i % len(shapes)], dtypes[(i // 2) % len(dtypes)]
+        t = torch.randint(0, 2, shape, generator=g).bool() if dtype == torch.bool else \
+            (torch.randn(shape, generator=g) * 50).to(dtype)
+        out.append((channels[(i + i // 5) % len(channels)], t, (epoch, i)))
+    return out
+
+
+def transport_expected(rank: int, world: int, epoch: int) -> dict[str, list[tuple[torch.Tensor, tuple]]]:
+    """What ``rank`` should read in ``epoch``, per channel in the order sent."""
+    from dbench.routes import route
+
+    expected: dict[str, list] = {}
+    for src in range(world):
+        for channel, tensor, tag in transport_sends(src, world, epoch):
+            if rank in route(channel).targets(channel, src, world):
+                expected.setdefault(channel, []).append((tensor, tag))
+    return expected
+
+
+def transport_worker(rank: int, world: int, port: int, path: str) -> None:
+    """Each process sends its messages, then reads what it should get in an order other than the sending
+    one (channel by channel, the last channel first, polling before waiting), over two epochs; it saves what
+    it read."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from dbench.engine.transport import Transport
+    from dbench.method import Send
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    port_ = Transport(rank, world, torch.device("cpu"), streams=dist.new_group())
+    got = []
+    for epoch in range(2):
+        for channel, tensor, tag in transport_sends(rank, world, epoch):
+            port_.send(Send(channel, tensor.clone(), tag))
+        expected = transport_expected(rank, world, epoch)
+        for channel in sorted(expected, reverse=True):
+            for _ in expected[channel]:
+                message = port_.poll(channel) or port_.wait(channel)
+                got.append((channel, message.tensor, message.tag))
+        port_.flush()
+        assert not any(port_.inbox.values()), "a message arrived that no one sent"
+    torch.save(got, f"{path}.{rank}")
+    dist.destroy_process_group()

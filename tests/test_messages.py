@@ -60,11 +60,12 @@ def test_tags_of_messages_in_flight_survive_a_checkpoint():
 
 
 @pytest.mark.parametrize("tag", [(), (7,), (12, 3)])
-def test_the_transport_header_carries_channel_shape_dtype_and_tag(tag):
+@pytest.mark.parametrize("fits", [False, True])
+def test_the_transport_header_carries_channel_shape_dtype_and_tag(tag, fits):
     from dbench.engine.transport import CHANNELS, _header, parse_header
 
     tensor = torch.zeros(4, 3, 2, dtype=torch.float16)
-    header = _header(CHANNELS.index(DOWN), tensor, tag, torch.device("cpu"))
-    assert parse_header(header.tolist()) == (DOWN, torch.float16, [4, 3, 2], tag)
+    header = _header(CHANNELS.index(DOWN), tensor, tag, torch.device("cpu"), fits)
+    assert parse_header(header.tolist()) == (DOWN, torch.float16, [4, 3, 2], tag, fits)
     with pytest.raises(ValueError, match="at most 2 integers"):
-        _header(0, tensor, (1, 2, 3), torch.device("cpu"))
+        _header(0, tensor, (1, 2, 3), torch.device("cpu"), fits)

@@ -92,7 +92,10 @@ class RankTrainer:
             self.copies = mesh.get_group("replica")  # along the replica axis: module k of every replica
             self.stage.pipeline_group = mesh.get_group("module")  # along the module axis: this replica's modules
             self.stage.join(self.copies)
-        self.transport = Transport(self.k, K, self.stage.device, base=self.replica * K, group=self.copies)
+        # The modules' streams get a communicator of their own (the data backend's): their receives are posted
+        # ahead of time (see Transport._read) and must match nothing but the streams' sends.
+        self.transport = Transport(self.k, K, self.stage.device, base=self.replica * K, group=self.copies,
+                                   streams=dist.new_group(timeout=timedelta(seconds=timeout_s)))
         self.meters = Meters([StageMeter(self.stage, self.transport.queued)])
         self.mode = TrainingMode(self.stage.module)
         self.iteration = 0
