@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dbench.data.base import DataSplits
+from dbench.data.base import Splits
 from dbench.data.loader import DeviceLoader
 from dbench.engine.distributed import RankTrainer
 from dbench.optim import LRSchedule
@@ -44,7 +44,7 @@ class Built:
         return self.rank is None or self.rank % self.plan.modules == 0
 
 
-def build(plan: Plan, rank: int | None = None, splits: DataSplits | None = None) -> Built:
+def build(plan: Plan, rank: int | None = None, splits: Splits | None = None) -> Built:
     """This process's loaders and trainer; ``splits``: the data set if this process loaded it already."""
     cfg = plan.config
     devices = [torch.device(d) for d in plan.devices]

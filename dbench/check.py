@@ -23,7 +23,7 @@ from pathlib import Path
 from dbench import summary as summaries
 from dbench.summary import CLASSIFICATION, LANGUAGE_MODEL
 from dbench.errors import DbenchError
-from dbench.record import atomic_write_json
+from dbench.files import atomic_write_json
 from dbench.suites import Suite, status
 
 GOLDEN_ROOT = Path("results/golden")

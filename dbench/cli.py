@@ -130,9 +130,9 @@ def run(ctx: click.Context, resume: Path | None, quiet: bool, **flags) -> None:
         from dbench import run as runner
 
         path = runner.start(cfg, out, quiet=quiet)
-    from dbench.engine import launch
+    from dbench import placement
 
-    if launch.speaks():
+    if placement.speaks():
         click.echo(f"run saved in {path}")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from dbench.config import RunConfig
-from dbench.data.base import DataSplits
+from dbench.data.base import Splits
 from dbench.data.loader import DeviceLoader
 from dbench.devices import resolve_devices
-from dbench.engine import launch
+from dbench import placement
 from dbench.errors import DbenchError
+from dbench.files import Unreadable, read_object
 from dbench.method import DATA_PARALLEL, Stage, parse_options
 from dbench.models.base import describe
 from dbench.balance import Balance, balance_measured, imbalance, method_step_seconds
@@ -266,11 +266,12 @@ def recorded_cut(run_dir: Path, model: str, k: int) -> list[int]:
     """
     path = run_dir / "config.json"
     try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DbenchError(f"bad --split from:{run_dir}: {path} does not exist (name a run folder dbench wrote)") from None
-    except (OSError, ValueError) as e:
-        raise DbenchError(f"bad --split from:{run_dir}: cannot read {path}: {e}") from None
+        record = read_object(path)
+    except Unreadable as e:
+        if e.reason == "is missing":
+            raise DbenchError(f"bad --split from:{run_dir}: {path} does not exist (name a run folder dbench "
+                              f"wrote)") from None
+        raise DbenchError(f"bad --split from:{run_dir}: cannot read {path}: it {e.reason}") from None
     run = record.get("run") if isinstance(record, dict) else None
     ranges = record.get("partition") if isinstance(record, dict) else None
     if not isinstance(run, dict) or not isinstance(ranges, list) or not all(
@@ -316,7 +317,7 @@ def check_inputs(cfg: RunConfig, model: dict, spec: Any) -> int | None:
 
 
 def make(cfg: RunConfig, devices: list[torch.device] | None = None,
-         say: Callable[[str], None] | None = None) -> tuple[Plan, DataSplits]:
+         say: Callable[[str], None] | None = None) -> tuple[Plan, Splits]:
     """Validate ``cfg`` (``check``) and decide everything; raises DbenchError before anything is written.
 
     Returns the plan and the loaded data set (which a process that goes on to
@@ -431,7 +432,7 @@ def boundary_work(stage_cls: type[Stage], options: Any, num_classes: int) -> Cal
     return lambda shape: count_work(stage_cls.boundary_step(shape, meta, options, num_classes))
 
 
-def loader(cfg: RunConfig, splits: DataSplits, device: torch.device, *, train: bool,
+def loader(cfg: RunConfig, splits: Splits, device: torch.device, *, train: bool,
            context: int | None) -> DeviceLoader:
     """The training or test loader of ``cfg`` on ``device`` (the one definition both plan and build use);
     ``context``: tokens per sequence of a text data set (the plan's), None for images."""
@@ -447,7 +448,7 @@ def profiling_threads(engine: str, devices: list[torch.device]) -> Iterator[None
     profile taken with all cores would balance the wrong costs. (Under
     torchrun this process already is a worker with its own thread count.)
     """
-    threads = launch.worker_threads(devices) if engine == "distributed" and not launch.under_torchrun() else None
+    threads = placement.worker_threads(devices) if engine == "distributed" and not placement.under_torchrun() else None
     if threads is None:
         yield
         return

@@ -117,7 +117,7 @@ def probe(device: str = "cpu", max_bytes: int = SIZES[-1], repeats: int = 20) ->
 
 
 def save(profile: dict, out: Path) -> None:
-    from dbench.record import atomic_write_json
+    from dbench.files import atomic_write_json
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, profile)

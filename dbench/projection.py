@@ -36,7 +36,6 @@ the distributed engine wherever both can run.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from dbench import summary as summary_of
 from dbench.errors import DbenchError
+from dbench.files import CONFIG, SUMMARY, Unreadable, read_object
 from dbench.routes import route
 
 
@@ -98,10 +98,12 @@ def link(name_or_path: str) -> Link:
         raise DbenchError(f"unknown link profile {name_or_path!r}: name one of {', '.join(PROFILES)}, or a file "
                           f"`dbench probe-link` wrote")
     try:
-        data = json.loads(path.read_text())
+        data = read_object(path)
         return Link(data["name"], float(data["latency_s"]), float(data["bandwidth_Bps"]),
                     None if data.get("post_s") is None else float(data["post_s"]), data.get("source", str(path)),
                     float(data.get("recv_s") or 0.0))
+    except Unreadable as e:
+        raise DbenchError(f"{e}: not a link profile `dbench probe-link` wrote") from None
     except (ValueError, KeyError, TypeError) as e:
         raise DbenchError(f"{path} is not a link profile (name, latency_s, bandwidth_Bps): {e}") from None
 
@@ -290,10 +292,8 @@ def load(path: Path, profile: Link, devices: int | None = None, replicas: int | 
     if not trace_path.is_file():
         raise DbenchError(f"{path} holds no trace.json: record one with `dbench run --engine local --trace ...`")
     try:
-        trace = json.loads(trace_path.read_text())
-        config = json.loads((path / "config.json").read_text())
-        summary = json.loads((path / "summary.json").read_text())
-    except (OSError, ValueError) as e:
+        trace, config, summary = (read_object(path / name) for name in ("trace.json", CONFIG, SUMMARY))
+    except Unreadable as e:
         raise DbenchError(f"{path}: cannot read its trace, config or summary: {e}") from None
     run = config["run"]
     k, d = int(trace["modules"]), int(trace["replicas"])

@@ -26,16 +26,11 @@ from typing import Any
 
 from dbench.errors import DbenchError
 
-CONFIG = "config.json"
-ENVIRONMENT = "environment.json"
-METRICS = "metrics.jsonl"
-from dbench.summary import SUMMARY  # noqa: E402  (written here, computed and read by dbench.summary)
-CHECKPOINT = "checkpoint.pt"
+from dbench.files import (CHECKPOINT, CONFIG, ENVIRONMENT, METRICS, SUMMARY, Unreadable, atomic_write_bytes,
+                          atomic_write_json, cannot_write, read_object, read_rows)
 
-
-def cannot_write(path: Path, e: OSError) -> DbenchError:
-    """A failed write as one line: the file, and the system's reason (disk full, read-only, permission)."""
-    return DbenchError(f"cannot write {path}: {e.strerror or e}")
+__all__ = ["CHECKPOINT", "CONFIG", "ENVIRONMENT", "METRICS", "SUMMARY", "RunDir", "atomic_write_bytes",
+           "atomic_write_json", "cannot_write", "read_json", "writable_folder"]
 
 
 def _checkpoint_problem(state) -> str | None:
@@ -91,44 +86,16 @@ def writable_folder(path: Path, what: str) -> None:
         raise DbenchError(f"cannot write {what} {path}: {e.strerror or e}") from None
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` or leave it as it was: written beside it, fsynced, then renamed.
-
-    A failed write (a full disk, say) removes its temporary file and raises a one-line DbenchError.
-    """
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:
-        raise cannot_write(path, e) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        os.unlink(tmp)
-        raise cannot_write(path, e) from None
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def read_json(path: Path) -> Any:
+    """A run's JSON object file, its damage said as a one-line DbenchError with what to do."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DbenchError(f"{path} is missing: not a dbench run directory") from None
-    except UnicodeDecodeError:
-        raise DbenchError(f"{path} is not text (not UTF-8): the file is damaged") from None
-    except OSError as e:
-        raise DbenchError(f"cannot read {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise DbenchError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        return read_object(path)
+    except Unreadable as e:
+        if e.reason == "is missing":
+            raise DbenchError(f"{path} is missing: not a dbench run directory") from None
+        if e.reason.startswith("is not text"):
+            raise DbenchError(f"{path} {e.reason}: the file is damaged") from None
+        raise
 
 
 class RunDir:
@@ -225,27 +192,19 @@ class RunDir:
     def metrics(self) -> list[dict]:
         """The rows of metrics.jsonl; a damaged file is a one-line error naming the line."""
         path = self.path / METRICS
-        if not path.exists():
-            return []
         try:
-            text = path.read_text()
-        except UnicodeDecodeError:
-            raise DbenchError(f"{path} is not text (not UTF-8): the file is damaged; restore it from a backup, "
-                              "or start the run again") from None
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DbenchError(f"{path} line {n} is damaged ({e.msg}): repair or remove that line, or start "
-                                  "the run again") from None
-            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            numbered = read_rows(path)
+        except Unreadable as e:
+            if e.reason.endswith("is not a JSON object"):
+                raise DbenchError(f"{e.path} {e.reason.removesuffix(' is not a JSON object')} is not a dbench "
+                                  "metrics row: repair or remove that line, or start the run again") from None
+            fix = "repair or remove that line" if e.reason.startswith("line ") else "restore it from a backup"
+            raise DbenchError(f"{e}: the file is damaged; {fix}, or start the run again") from None
+        for n, row in numbered:
+            if not isinstance(row.get("epoch"), int):
                 raise DbenchError(f"{path} line {n} is not a dbench metrics row (no epoch number): repair or "
                                   "remove that line, or start the run again")
-            rows.append(row)
-        return rows
+        return [row for _, row in numbered]
 
     def write_metrics(self, rows: list[dict]) -> None:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)

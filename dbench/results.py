@@ -19,18 +19,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import pandas as pd
 
 from dbench import summary as summaries
 from dbench.errors import DbenchError
+from dbench.files import CONFIG, ENVIRONMENT, METRICS, SUMMARY, Unreadable, read_object, read_rows
 from dbench.run_paths import check_given
 
-CONFIG = "config.json"  # the same names as dbench.record, which imports torch; this module must not
-ENVIRONMENT = "environment.json"
-METRICS = "metrics.jsonl"
-SUMMARY = summaries.SUMMARY
 RUN_FILES = (CONFIG, SUMMARY, METRICS)  # a folder holding any of these is taken for a run directory
 
 COMPLETE = "complete"
@@ -224,34 +221,20 @@ def _walk(folder: Path) -> list[Path]:
     return out
 
 
-def _read_json(path: Path, required: bool) -> Any:
+def _read_json(path: Path, required: bool) -> dict | None:
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        if required:
-            raise RunSkipped(f"{path.name} is missing") from None
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RunSkipped(f"{path.name} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        return read_object(path)
+    except Unreadable as e:
+        if e.reason == "is missing" and not required:
+            return None
+        raise RunSkipped(f"{path.name} {e.reason}") from None
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RunSkipped(f"{path.name} line {number} is not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise RunSkipped(f"{path.name} line {number} is not a JSON object")
-        rows.append(row)
-    return rows
+    try:
+        return [row for _, row in read_rows(path)]
+    except Unreadable as e:
+        raise RunSkipped(f"{path.name} {e.reason}") from None
 
 
 def _latest_per_epoch(rows: list[dict]) -> list[dict]:

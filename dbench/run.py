@@ -8,16 +8,18 @@ every epoch → ``results``/``report``/``check`` read them back.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from dbench import allocator, environment, loop, plan as planning, summary
+from dbench import allocator, environment, loop, placement, plan as planning, summary
 from dbench.build import build
 from dbench.config import RunConfig
-from dbench.data.base import DataSplits
+from dbench.data.base import Splits
 from dbench.engine import launch
 from dbench.errors import DbenchError, RunInterrupted
 from dbench.plan import Plan
@@ -39,8 +41,8 @@ def default_run_dir(cfg: RunConfig, root: Path = Path("results")) -> Path:
 def start(cfg: RunConfig, out: Path | None = None, *, quiet: bool = False,
           on_epoch_end: Callable[[int], None] | None = None) -> Path:
     """A new run; returns its directory."""
-    if launch.under_torchrun():
-        return launch.torchrun_process(cfg, out, None, quiet)
+    if placement.under_torchrun():
+        return _torchrun_process(cfg, out, None, quiet)
     path, splits = create_run_dir(cfg, out, say=None if quiet else print)
     run = RunDir(path)
     with run.exclusive():
@@ -67,7 +69,7 @@ def completed(cfg: RunConfig, path: Path, *, quiet: bool = True) -> dict:
 
 
 def create_run_dir(cfg: RunConfig, out: Path | None = None, devices: list[torch.device] | None = None,
-                   say: Callable[[str], None] | None = None) -> tuple[Path, DataSplits]:
+                   say: Callable[[str], None] | None = None) -> tuple[Path, Splits]:
     """Plan ``cfg`` and create its run directory with the plan, the environment and a "running" summary.
 
     Returns the directory and the data set the plan loaded, for a process that trains here next.
@@ -77,19 +79,19 @@ def create_run_dir(cfg: RunConfig, out: Path | None = None, devices: list[torch.
         if out.exists():
             raise DbenchError(f"run directory {out} already exists: pass --resume {out} to continue it, "
                               "or another --out")
-        plan, splits = planning.make(cfg, devices, say if launch.speaks() else None)
-        if launch.speaks():
+        plan, splits = planning.make(cfg, devices, say if placement.speaks() else None)
+        if placement.speaks():
             # Said once and never silenced: the user asked for devices and gets the CPU; the default cut.
             for note in (plan.device_note, plan.split_note):
                 if note:
                     print(note)
         record = plan.record()
         env = environment.collect([torch.device(d) for d in plan.devices])
-        if plan.engine == "distributed" and not launch.under_torchrun():
+        if plan.engine == "distributed" and not placement.under_torchrun():
             # What our launcher gives each module's process, not what this one has: its torch threads, and
             # the CPUs it is pinned to (dbench.cpus; None where none is pinned).
-            env["torch_threads"] = launch.worker_threads(plan.devices) or env["torch_threads"]
-            env["module_cpus"] = launch.worker_cpus(plan.devices)
+            env["torch_threads"] = placement.worker_threads(plan.devices) or env["torch_threads"]
+            env["module_cpus"] = placement.worker_cpus(plan.devices)
         else:
             env["module_cpus"] = None
         run = RunDir.create(
@@ -105,8 +107,8 @@ def create_run_dir(cfg: RunConfig, out: Path | None = None, devices: list[torch.
 
 def resume(path: Path, *, quiet: bool = False, on_epoch_end: Callable[[int], None] | None = None) -> Path:
     """Continue a run from its last finished epoch; same numbers as if it had never stopped."""
-    if launch.under_torchrun():
-        return launch.torchrun_process(None, None, path, quiet)
+    if placement.under_torchrun():
+        return _torchrun_process(None, None, path, quiet)
     run = RunDir.open(path)
     run.check_writable()
     with run.exclusive():
@@ -190,18 +192,19 @@ def _span(epochs: list[int]) -> str:
 
 
 def _continue(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | None,
-              splits: DataSplits | None = None) -> None:
+              splits: Splits | None = None) -> None:
     """Train from the run's checkpoint (or the start) in this process or in one process per module."""
     if run.read(CONFIG).get("engine", "local") == "distributed":
         if on_epoch_end is not None:
             raise ValueError("on_epoch_end is not available with the distributed engine")
-        launch.launch(run, quiet)
+        devices = run.read(CONFIG)["devices"]
+        launch.launch(launch.Job(run.path, devices, train_rank, mark_path, interrupted_path), quiet)
         return
     train_here(run, quiet, on_epoch_end, splits=splits)
 
 
 def train_here(run: RunDir, quiet: bool, on_epoch_end: Callable[[int], None] | None = None,
-               rank: int | None = None, splits: DataSplits | None = None) -> None:
+               rank: int | None = None, splits: Splits | None = None) -> None:
     """Build this process's share of the run from its plan and train it to the end.
 
     ``rank``: this process holds that module only (the distributed engine);
@@ -241,3 +244,86 @@ def mark(run: RunDir, status: str, error: str | None = None) -> None:
     if status == "interrupted" and done == RunConfig.from_dict(run.read(CONFIG)["run"]).epochs:
         status, error = "complete", None
     loop.write_summary(run, rows, status, error)
+
+
+def mark_path(path: Path, status: str, error: str | None = None) -> None:
+    """``mark`` by the run's directory (``launch.Job.mark``: a worker or the launcher records the status)."""
+    mark(RunDir(Path(path)), status, error)
+
+
+def interrupted_path(path: Path) -> RunInterrupted:
+    """``interrupted`` by the run's directory (``launch.Job.interrupted``)."""
+    return interrupted(RunDir(Path(path)))
+
+
+def train_rank(path: Path, rank: int, world: int, quiet: bool) -> None:
+    """One module's process of a launched run (``launch.Job.train``): join the group, train, leave."""
+    import torch.distributed as dist
+
+    from dbench.engine.distributed import data_backend, init
+
+    run = RunDir(path)
+    record = run.read(CONFIG)
+    device = torch.device(record["devices"][rank])
+    init(rank, world, device, record["run"]["comm_timeout"], data_backend(record["devices"]))
+    try:
+        train_here(run, quiet, rank=rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _torchrun_process(cfg, out: Path | None, resume: Path | None, quiet: bool) -> Path:
+    """``dbench run`` as one of torchrun's processes: this process is module RANK of WORLD_SIZE.
+
+    Device: ``cuda:LOCAL_RANK`` where CUDA is present, else the CPU. The top
+    module's process creates the run directory (from its node) and writes it;
+    the others learn its path from it. torchrun itself stops every process
+    when one fails; if torchrun's agent dies, the workers stop by themselves
+    (``launch.watch_launcher``) and the run is marked interrupted.
+    """
+    import torch.distributed as dist
+
+    from dbench.engine.distributed import init
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # torchrun's agent is this process's parent: if it dies (SIGKILL), nobody supervises the run any more,
+    # so the workers stop as they do when dbench's own launcher dies (the same watchdog).
+    run_path: list = [resume]
+    threading.Thread(target=launch.watch_launcher, args=(os.getppid(), rank, world, run_path, mark_path),
+                     daemon=True, name="torchrun-agent-watchdog").start()
+    if resume is None and cfg.gpus != world:
+        raise DbenchError(f"--gpus {cfg.gpus} does not match torchrun's {world} processes: one process per module")
+    if resume is None and cfg.engine == "local":
+        raise DbenchError("--engine local under torchrun: torchrun starts one process per module; use --engine distributed")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    timeout = cfg.comm_timeout if resume is None else RunConfig.from_dict(
+        RunDir.open(resume).read(CONFIG)["run"]).comm_timeout
+    init(rank, world, device, timeout)
+    try:
+        control = dist.new_group(backend="gloo")
+        names = [None] * world
+        dist.all_gather_object(names, str(device), group=control)
+        writer = world - 1
+        if resume is not None:
+            path = resume
+        else:
+            # The writer plans the run (validates, profiles: once) and creates its directory; every
+            # other rank builds from that plan. A bad setting fails on every rank with the same line.
+            cfg.engine, cfg.devices = "distributed", names
+            box: list = [None]
+            if rank == writer:
+                try:
+                    box = [("path", str(create_run_dir(cfg, out)[0]))]
+                except DbenchError as e:
+                    box = [("error", str(e))]
+            dist.broadcast_object_list(box, src=writer, group=control)
+            kind, value = box[0]
+            if kind == "error":
+                raise DbenchError(value)
+            path = Path(value)
+        run_path[0] = path
+        train_here(RunDir(path), quiet, rank=rank)
+    finally:
+        dist.destroy_process_group()
+    return path

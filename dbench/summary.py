@@ -10,14 +10,12 @@ work where torch is not installed (or slow to import).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from dbench.errors import DbenchError
+from dbench.files import SUMMARY, Unreadable, read_object
 
-SUMMARY = "summary.json"
 
 # The states of a module's wall-clock, as dbench.meters.clock.STATES (a test checks that
 # they are the same); repeated here because dbench.meters imports torch.
@@ -69,35 +67,9 @@ def layout_label(modules: int, replicas: int, parallelism: str | None) -> str:
     return f" {modules}×{replicas}" if replicas > 1 and parallelism != "data" else ""
 
 
-class SummaryUnreadable(DbenchError):
-    """A run's JSON file (summary.json, or another read with ``read_object``) is missing or not a JSON object;
-    ``reason`` says which, without the path."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"{path} {reason}")
-        self.path = path
-        self.reason = reason
-
-
 # --- reading -------------------------------------------------------------------------------------
 
-def read_object(path: Path) -> dict:
-    """The JSON object in file ``path``; SummaryUnreadable (a DbenchError) if missing, unreadable or damaged."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise SummaryUnreadable(path, "is missing") from None
-    except UnicodeDecodeError:
-        raise SummaryUnreadable(path, "is not text (not UTF-8)") from None
-    except OSError as e:
-        raise SummaryUnreadable(path, f"cannot be read ({e.strerror or e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SummaryUnreadable(path, f"is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise SummaryUnreadable(path, f"is not a JSON object (it holds a {type(data).__name__})")
-    return data
+SummaryUnreadable = Unreadable  # what a damaged summary.json raises (the one JSON reader's error)
 
 
 def read(run_dir: Path) -> dict:

@@ -5,9 +5,9 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 
 from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepProgram
+from dbench.method_tools import forward_on_snapshot, rebuild_stored
 from dbench.registry import METHODS
 
 
@@ -19,56 +19,6 @@ class _Stored:
     weights: dict[str, torch.Tensor]  # the weights the forward used (a snapshot)
     buffers: dict[str, torch.Tensor]  # the BN buffers as they were before the forward
     out: torch.Tensor  # the output, with its autograd graph
-
-
-def forward_on_snapshot(module: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict, torch.Tensor]:
-    """A forward that stays backpropagatable after the module's weights move on: ``(weights, buffers, out)``.
-
-    It runs on a snapshot of the current weights and of the BatchNorm buffers
-    (``functional_call``), so the optimizer's in-place updates cannot
-    invalidate its graph (autograd's version check). BatchNorm's backward reads
-    the running statistics it was given, so the graph gets copies of the
-    buffers too; the updated copies then become the module's statistics (one
-    update per batch, as in BP). ``buffers`` are the statistics as they were
-    before: with ``x`` and ``weights`` they rebuild the same graph on resume.
-    """
-    weights = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
-    before = {n: b.clone() for n, b in module.named_buffers()}
-    out, after = forward_with(module, x, weights, before)
-    with torch.no_grad():
-        for name, b in module.named_buffers():
-            b.copy_(after[name])
-    return weights, before, out
-
-
-def forward_with(module: torch.nn.Module, x: torch.Tensor, weights: dict, buffers: dict) -> tuple[torch.Tensor, dict]:
-    """Forward on given weights and on copies of given buffers; returns the output and the updated copies."""
-    copies = {n: b.clone() for n, b in buffers.items()}
-    return functional_call(module, {**weights, **copies}, (x,)), copies
-
-
-def rebuild_stored(module: torch.nn.Module, saved: list[dict], device: torch.device, input_grad: bool) -> list[tuple]:
-    """``(x, weights, buffers, out)`` of each saved forward, its graph built again from what a checkpoint kept.
-
-    A graph cannot be saved; its input, weights and buffers can, and give the same graph (the same ops on
-    the same values), in training mode as it was built. ``input_grad``: the input needs a gradient (the
-    module sends one down).
-    """
-    rebuilt = []
-    was_training = module.training
-    module.train()
-    try:
-        for s in saved:
-            x = s["x"].to(device)
-            if input_grad:
-                x.requires_grad_()
-            weights = {n: w.to(device).requires_grad_() for n, w in s["weights"].items()}
-            buffers = {n: b.to(device) for n, b in s["buffers"].items()}
-            out, _ = forward_with(module, x, weights, buffers)
-            rebuilt.append((x, weights, buffers, out))
-    finally:
-        module.train(was_training)
-    return rebuilt
 
 
 @METHODS.register("ddg")

@@ -16,7 +16,7 @@ from dbench.optim import OptimConfig
 from dbench.registry import METHODS
 # BatchNorm that normalizes a batch of one value per channel with its running statistics (a batch of one
 # sample reaching the head's MLP); any larger batch exactly as nn.BatchNorm. See methods/dni.py.
-from methods.dni import SynthBatchNorm1d, SynthBatchNorm2d
+from dbench.method_tools import SynthBatchNorm1d, SynthBatchNorm2d
 
 HEAD = "head"  # the side model's name
 HEAD_SHAPE = ("width", "depth", "pooled", "mlp")  # the options that shape an image model's head

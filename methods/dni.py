@@ -13,6 +13,7 @@ from dbench.config import MAX_SEED
 from dbench.errors import DbenchError
 from dbench.method import DOWN, SYNTHETIC_GRADIENT, UNLOCKED, UP, Recv, Send, SideModel, Stage, StepProgram
 from dbench.objective import SEQUENCE_RANK, label_shape
+from dbench.method_tools import SynthBatchNorm1d, SynthBatchNorm2d
 from dbench.registry import METHODS
 
 SYNTH = "synthesizer"  # the side model's name
@@ -39,34 +40,6 @@ class SynthOptions:
             raise DbenchError(f"bad synth_lr {self.synth_lr}: must be a finite number > 0")
         if not 0 <= self.synth_seed <= MAX_SEED:
             raise DbenchError(f"bad synth_seed {self.synth_seed}: must be >= 0 and at most {MAX_SEED}")
-
-
-class _SingleValueSafe:
-    """BatchNorm that, in training mode, normalizes a batch holding one value per channel with its running
-    statistics, as in evaluation mode.
-
-    The synthesizer is trained on every batch a module sees, also a batch of one sample of flat features
-    (batch size 1, or an epoch's last batch of one). Batch statistics of a single value are undefined (its
-    variance is 0, and torch refuses it), so such a batch is normalized with the statistics of the batches
-    seen before it, which is what those statistics estimate; with none seen yet they are BatchNorm's initial
-    (mean 0, variance 1), which leaves only the affine part: BatchNorm skipped. Running statistics are left
-    untouched by such a batch, since it gives no estimate of a variance. Any batch with more than one value
-    per channel is normalized exactly as ``nn.BatchNorm`` does, so the numbers of every other run are unchanged.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.numel() == x.shape[1]:  # one value per channel
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                training=False, momentum=0.0, eps=self.eps)
-        return super().forward(x)
-
-
-class SynthBatchNorm1d(_SingleValueSafe, nn.BatchNorm1d):
-    pass
-
-
-class SynthBatchNorm2d(_SingleValueSafe, nn.BatchNorm2d):
-    pass
 
 
 class Synthesizer(nn.Module):

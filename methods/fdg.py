@@ -12,7 +12,7 @@ from dbench.errors import DbenchError
 from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepProgram
 from dbench.registry import METHODS
 # The forward on a snapshot of the weights, whose graph survives the in-place updates (DDG's, see there).
-from methods.ddg import forward_on_snapshot, rebuild_stored
+from dbench.method_tools import forward_on_snapshot, rebuild_stored
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from collections import deque
 
 import torch
 
-from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepProgram, frozen_running_stats
+from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepProgram
+from dbench.method_tools import frozen_running_stats
 from dbench.registry import METHODS
 
 

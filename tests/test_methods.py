@@ -353,7 +353,7 @@ def test_dni_trains_on_a_batch_of_one_with_one_pixel_features(method):
 
 def test_dni_synthesizer_batchnorm_is_torch_batchnorm_above_one_sample():
     """Batches of more than one value per channel: the numbers (and running statistics) of nn.BatchNorm, bit for bit."""
-    from methods.dni import SynthBatchNorm1d, SynthBatchNorm2d
+    from dbench.method_tools import SynthBatchNorm1d, SynthBatchNorm2d
 
     for ours, torchs, shape in ((SynthBatchNorm1d, nn.BatchNorm1d, (5, 7)), (SynthBatchNorm2d, nn.BatchNorm2d, (1, 7, 2, 3))):
         a, b = ours(7), torchs(7)

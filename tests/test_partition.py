@@ -120,7 +120,7 @@ def test_time_split_uses_the_method_cost():
 
 def test_profiling_uses_the_threads_a_cpu_worker_gets(monkeypatch):
     from dbench import plan as run
-    from dbench.engine import launch
+    from dbench import placement
 
     from dbench import cpus
 
@@ -133,7 +133,7 @@ def test_profiling_uses_the_threads_a_cpu_worker_gets(monkeypatch):
     assert torch.get_num_threads() == before
     with run.profiling_threads("local", cpu):
         assert torch.get_num_threads() == before  # the local engine trains every module in this process
-    assert launch.worker_threads(["cuda:0", "cuda:1"]) is None
+    assert placement.worker_threads(["cuda:0", "cuda:1"]) is None
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
@@ -146,16 +146,16 @@ def test_cpus_are_those_the_process_may_use():
 
 def test_cpu_modules_get_disjoint_shares_of_the_mask(monkeypatch):
     from dbench import cpus
-    from dbench.engine import launch
+    from dbench import placement
 
     monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {9, 2, 3, 4, 5})
     monkeypatch.setattr(cpus, "_core_of", lambda cpu: ("0", str(cpu)))  # one thread per core
     assert cpus.module_shares(2) == [[2, 3], [4, 5]]  # equal shares; the fifth CPU is left over
     assert cpus.module_shares(5) == [[2], [3], [4], [5], [9]]
     assert cpus.module_shares(6) is None  # fewer CPUs than modules: they share them all, unpinned
-    assert launch.worker_cpus(["cpu", "cpu"]) == [[2, 3], [4, 5]]
-    assert launch.worker_threads(["cpu", "cpu"]) == 2
-    assert launch.worker_cpus(["cuda:0", "cuda:1"]) is None
+    assert placement.worker_cpus(["cpu", "cpu"]) == [[2, 3], [4, 5]]
+    assert placement.worker_threads(["cpu", "cpu"]) == 2
+    assert placement.worker_cpus(["cuda:0", "cuda:1"]) is None
 
     # Two threads per core, numbered apart as Linux does on x86 (cpu i and i + 4 are one core's):
     # a module gets whole cores, never one sibling of a core whose other sibling computes for another.
@@ -164,12 +164,12 @@ def test_cpu_modules_get_disjoint_shares_of_the_mask(monkeypatch):
     assert cpus.module_shares(2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
     assert cpus.module_shares(4) == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert cpus.module_shares(8) == [[cpu] for cpu in range(8)]  # more modules than cores: single CPUs
-    assert launch.worker_threads(["cpu"] * 3) == 2  # 4 cores // 3 modules: one core (two CPUs) each
+    assert placement.worker_threads(["cpu"] * 3) == 2  # 4 cores // 3 modules: one core (two CPUs) each
 
     # No affinity mask to read (macOS): no pinning, the machine's CPUs split evenly among the modules.
     monkeypatch.delattr(cpus.os, "sched_getaffinity")
     monkeypatch.setattr(cpus.os, "cpu_count", lambda: 8)
-    assert launch.worker_cpus(["cpu", "cpu"]) is None and launch.worker_threads(["cpu", "cpu"]) == 4
+    assert placement.worker_cpus(["cpu", "cpu"]) is None and placement.worker_threads(["cpu", "cpu"]) == 4
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")

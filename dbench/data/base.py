@@ -5,26 +5,38 @@ with int64 labels (:class:`DataSplits`); augmentation and normalization happen
 later, on the device, in :class:`dbench.data.loader.DeviceLoader`. A text data
 set is a pair of uint8 byte strings (:class:`dbench.data.text.TextSplits`).
 
-Both kinds of splits answer the planner the same way: ``kind`` ("image" or
-"text"), ``check_context(context)`` (a one-line DbenchError when ``--context``
-does not fit the data), ``loader(train=, batch_size=, device=, seed=,
-context=)`` and ``task(context)`` (the task as recorded in config.json).
+Both kinds of splits answer the planner the same way, the ``Splits`` protocol:
+``kind`` ("image" or "text"), ``check_context(context)`` (a one-line
+DbenchError when ``--context`` does not fit the data), ``loader(train=,
+batch_size=, device=, seed=, context=)`` and ``task(context)`` (the task as
+recorded in config.json); this module names no kind of splits but its own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import Callable, ClassVar, Protocol
 
 import torch
 
 from dbench.data.loader import DeviceLoader
 from dbench.errors import DbenchError
 
-if TYPE_CHECKING:
-    from dbench.data.text import TextSplits
-
 IMAGE_SHAPE = (3, 32, 32)
+
+
+class Splits(Protocol):
+    """A loaded data set, as the planner and the runner use it (image or text, or a kind yet to come)."""
+
+    name: str
+    kind: ClassVar[str]
+
+    def check_context(self, context: int | None) -> None: ...
+
+    def task(self, context: int | None) -> dict: ...
+
+    def loader(self, *, train: bool, batch_size: int, device: torch.device, seed: int,
+               context: int | None = None): ...
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,7 @@ class DatasetSpec:
     num_classes: int
     description: str  # one line, for `dbench list`
     needs_data_dir: bool  # False for synthetic
-    load: Callable[[Path | None, bool], DataSplits | TextSplits]  # load(data_dir, download)
+    load: Callable[[Path | None, bool], Splits]  # load(data_dir, download)
     kind: str = "image"  # what the samples are: "image" or "text"; a model declares the same word
     can_download: bool = True  # False: --download does not apply (the data come from --data-dir only)
     # present(data_dir, download): a cheap check that the files are there (not their content), which a suite

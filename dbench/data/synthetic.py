@@ -62,12 +62,14 @@ import hashlib
 import math
 import os
 import pickle
-import tempfile
+import io
 from pathlib import Path
 
 import torch
 
 from dbench.data.base import DataSplits, DatasetSpec, channel_stats
+from dbench.errors import DbenchError
+from dbench.files import atomic_write_bytes
 from dbench.registry import DATASETS
 
 NAME = "synthetic"
@@ -280,20 +282,14 @@ def load_cached() -> DataSplits:
         return cached
     splits = generate()
     tensors = [splits.train_x, splits.train_y, splits.test_x, splits.test_y]
-    temporary = None
+    buffer = io.BytesIO()
+    torch.save({"train_x": tensors[0], "train_y": tensors[1], "test_x": tensors[2], "test_y": tensors[3],
+                "mean": list(splits.mean), "std": list(splits.std), "sha256": _digest(tensors)}, buffer)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-            temporary = Path(f.name)
-            torch.save({"train_x": tensors[0], "train_y": tensors[1], "test_x": tensors[2], "test_y": tensors[3],
-                        "mean": list(splits.mean), "std": list(splits.std), "sha256": _digest(tensors)}, f)
-        os.replace(temporary, path)
-        temporary = None
-    except OSError:
+        atomic_write_bytes(path, buffer.getvalue())
+    except (OSError, DbenchError):
         pass  # a read-only or full cache folder: this process generated the data, and the next one will too
-    finally:
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
     return splits
 
 

@@ -1,0 +1,115 @@
+"""Helpers that several methods share, kept in the framework so that no method imports another.
+
+- ``frozen_running_stats``: recompute a forward without counting the batch in BatchNorm's statistics
+  again (FR's replay).
+- ``forward_on_snapshot``, ``forward_with``, ``rebuild_stored``: a forward whose graph survives the
+  optimizer's in-place updates, and its rebuilding from a checkpoint (DDG's and FDG's stored forwards).
+- ``SynthBatchNorm1d``/``2d``: BatchNorm that accepts a batch of one value per channel (the side models
+  of DNI and DGL).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module):
+    """Inside, BatchNorm layers normalize with batch statistics but leave their running statistics alone.
+
+    For recomputations (FR's replay): the batch was already counted once, when
+    it was first played. Detaching the buffers is what ``F.batch_norm`` reads as
+    "no running statistics to update"; they are put back untouched.
+    """
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
+            saved.append((m, m.running_mean, m.running_var, m.num_batches_tracked))
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    try:
+        yield
+    finally:
+        for m, mean, var, count in saved:
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+
+
+def forward_on_snapshot(module: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict, torch.Tensor]:
+    """A forward that stays backpropagatable after the module's weights move on: ``(weights, buffers, out)``.
+
+    It runs on a snapshot of the current weights and of the BatchNorm buffers
+    (``functional_call``), so the optimizer's in-place updates cannot
+    invalidate its graph (autograd's version check). BatchNorm's backward reads
+    the running statistics it was given, so the graph gets copies of the
+    buffers too; the updated copies then become the module's statistics (one
+    update per batch, as in BP). ``buffers`` are the statistics as they were
+    before: with ``x`` and ``weights`` they rebuild the same graph on resume.
+    """
+    weights = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
+    before = {n: b.clone() for n, b in module.named_buffers()}
+    out, after = forward_with(module, x, weights, before)
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            b.copy_(after[name])
+    return weights, before, out
+
+
+def forward_with(module: torch.nn.Module, x: torch.Tensor, weights: dict, buffers: dict) -> tuple[torch.Tensor, dict]:
+    """Forward on given weights and on copies of given buffers; returns the output and the updated copies."""
+    copies = {n: b.clone() for n, b in buffers.items()}
+    return functional_call(module, {**weights, **copies}, (x,)), copies
+
+
+def rebuild_stored(module: torch.nn.Module, saved: list[dict], device: torch.device, input_grad: bool) -> list[tuple]:
+    """``(x, weights, buffers, out)`` of each saved forward, its graph built again from what a checkpoint kept.
+
+    A graph cannot be saved; its input, weights and buffers can, and give the same graph (the same ops on
+    the same values), in training mode as it was built. ``input_grad``: the input needs a gradient (the
+    module sends one down).
+    """
+    rebuilt = []
+    was_training = module.training
+    module.train()
+    try:
+        for s in saved:
+            x = s["x"].to(device)
+            if input_grad:
+                x.requires_grad_()
+            weights = {n: w.to(device).requires_grad_() for n, w in s["weights"].items()}
+            buffers = {n: b.to(device) for n, b in s["buffers"].items()}
+            out, _ = forward_with(module, x, weights, buffers)
+            rebuilt.append((x, weights, buffers, out))
+    finally:
+        module.train(was_training)
+    return rebuilt
+
+
+class _SingleValueSafe:
+    """BatchNorm that, in training mode, normalizes a batch holding one value per channel with its running
+    statistics, as in evaluation mode.
+
+    The synthesizer is trained on every batch a module sees, also a batch of one sample of flat features
+    (batch size 1, or an epoch's last batch of one). Batch statistics of a single value are undefined (its
+    variance is 0, and torch refuses it), so such a batch is normalized with the statistics of the batches
+    seen before it, which is what those statistics estimate; with none seen yet they are BatchNorm's initial
+    (mean 0, variance 1), which leaves only the affine part: BatchNorm skipped. Running statistics are left
+    untouched by such a batch, since it gives no estimate of a variance. Any batch with more than one value
+    per channel is normalized exactly as ``nn.BatchNorm`` does, so the numbers of every other run are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.numel() == x.shape[1]:  # one value per channel
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, momentum=0.0, eps=self.eps)
+        return super().forward(x)
+
+
+class SynthBatchNorm1d(_SingleValueSafe, nn.BatchNorm1d):
+    pass
+
+
+class SynthBatchNorm2d(_SingleValueSafe, nn.BatchNorm2d):
+    pass
