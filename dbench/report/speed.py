@@ -34,7 +34,7 @@ SHARED_NOTE = ("Modules that shared one GPU (--devices cuda:0,cuda:0, or `dbench
                "their seconds are costs on that GPU, not parallel time, so no speedup is shown for them ("
                + NOT_PARALLEL + "); benchmarks/breakdown.py says where their time goes.")
 EXACT_NOTE = ("Fastest exact baseline: of the exact-gradient ways to use the same devices (the model on one "
-              "device, ddp, gpipe, 1f1b) that were measured for the same model, data set and batch size, the one "
+              "device, and every method of the exact-gradient family) that were measured for the same model, data set and batch size, the one "
               "with the fewest seconds per epoch; × fastest exact is its seconds per epoch over the method's, beside "
               "the ideal of the two cost models' ratio (one device: the ideal of model-parallel BP, 1).")
 
