@@ -1,25 +1,17 @@
 """The command line: thin wrappers that parse flags and call dbench's functions."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import sys
+import typing
 from pathlib import Path
 
 import click
 
-from dbench.config import ENGINES, PROBES_PER_EPOCH, RunConfig
+from dbench.config import RunConfig
 from dbench.errors import DbenchError, RunInterrupted
-from dbench.optim import OPTIMIZERS, SCHEDULES
 from dbench import interrupts
-
-# Flags that change what a run computes; --resume takes them from the run instead.
-_RUN_FLAGS = (
-    "method", "opt", "model", "dataset", "data_dir", "download", "gpus", "devices", "engine", "split",
-    "epochs", "batch_size", "lr", "lr_schedule", "milestones", "lr_gamma", "momentum", "nesterov",
-    "weight_decay", "optimizer", "context", "seed", "out", "sigma_every", "sigma_batches", "comm_timeout",
-    "checkpoint_every",
-)
-
 
 def _int_list(ctx, param, value: str | None) -> list[int] | None:
     if value is None:
@@ -28,6 +20,10 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers (e.g. 150,225)") from None
+
+
+def _str_list(ctx, param, value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",")]
 
 
 def _options(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
@@ -40,66 +36,49 @@ def _options(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+# How the command line writes a RunConfig value that is not a plain number, string or flag (config.setting).
+_TEXTS = {"key=value": dict(multiple=True, callback=_options), "int list": dict(callback=_int_list),
+          "str list": dict(callback=_str_list)}
+_TYPES = {int: int, float: float, str: str}
+
+
+def _setting_option(f: dataclasses.Field):
+    """``dbench run``'s option for RunConfig field ``f``, from what the field declares (config.setting)."""
+    meta = f.metadata
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    kind = typing.get_type_hints(RunConfig)[f.name]
+    plain = next((k for k in typing.get_args(kind) or (kind,) if k is not type(None)), kind)
+    help_text = meta["help"] + (f" [default: {meta['shown_default']}]" if meta["shown_default"] else "")
+    kw: dict = dict(help=help_text, metavar=meta["metavar"])
+    if meta["text"]:
+        kw.update(_TEXTS[meta["text"]], default=None)
+    elif plain is bool:
+        kw.update(is_flag=True)
+    else:
+        kw.update(type=click.Choice(meta["choices"]) if meta["choices"] else _TYPES[plain], default=f.default,
+                  show_default=f.default is not None and not meta["shown_default"])
+    return click.option(flag, f.name, **kw)
+
+
+def _setting_options(command):
+    """Every RunConfig field as an option of ``command``, in the dataclass's order."""
+    for f in reversed(dataclasses.fields(RunConfig)):
+        command = _setting_option(f)(command)
+    return command
+
+
+# The settings that change what a run computes: --resume takes them from the run instead.
+_RUN_FLAGS = tuple(f.name for f in dataclasses.fields(RunConfig)) + ("out",)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dbench", message="dbench %(version)s")
 def main() -> None:
     """dbench: compare decoupled backpropagation methods in time, memory and accuracy."""
 
 
-D = RunConfig()  # the defaults, shown in --help
-
-
 @main.command()
-@click.option("--method", default=D.method, show_default=True, help="Training method (see `dbench list`).")
-@click.option("--opt", "opt", multiple=True, callback=_options, metavar="KEY=VALUE",
-              help="A method option, repeatable (see `dbench list`).")
-@click.option("--model", default=D.model, show_default=True, help="Model (see `dbench list`).")
-@click.option("--dataset", default=D.dataset, show_default=True, help="Data set (see `dbench list`).")
-@click.option("--data-dir", type=click.Path(path_type=str), default=None, help="Folder holding the data set's files.")
-@click.option("--download", is_flag=True, help="Fetch the data set into --data-dir (needs internet).")
-@click.option("--context", type=int, default=None, metavar="TOKENS",
-              help="Text data: tokens (bytes) per training sequence, at most the model's context. "
-                   "[default: the model's context]")
-@click.option("--gpus", type=int, default=D.gpus, show_default=True,
-              help="N: number of devices, K = N/D modules per replica; module k of replica d on device d*K+k.")
-@click.option("--replicas", type=int, default=None, metavar="D",
-              help="D copies of the K modules, each on a shard of every batch, gradients averaged over the copies "
-                   "of each module. [default: 1; ddp: one per device]")
-@click.option("--devices", default=None, metavar="LIST",
-              help="Explicit device per module, e.g. cuda:0,cuda:0 (the only way to share a device).")
-@click.option("--engine", type=click.Choice(ENGINES), default=D.engine, show_default=True,
-              help="local: every module in this process; distributed: one process per module (and replica) "
-                   "(torch.distributed: NCCL when each module has a GPU of its own, else gloo); auto: distributed when the N "
-                   "devices are distinct GPUs or each holds a whole replica, else local.")
-@click.option("--comm-timeout", type=float, default=D.comm_timeout, show_default=True, metavar="SECONDS",
-              help="Distributed engine: how long a module process waits on a message before it fails.")
-@click.option("--split", default=D.split, show_default=True,
-              help="How to cut the model: blocks, params, counted, time (balanced by this machine's measured time: "
-                   "an explicit, recorded choice), from:RUN_DIR (a recorded run's cut), or cut points like 4,8; "
-                   "auto: counted (FLOPs and elements written, from the model alone: the same cut on every machine and "
-                   "engine).")
-@click.option("--epochs", type=int, default=D.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
-@click.option("--lr", type=float, default=D.lr, show_default=True, help="Initial learning rate.")
-@click.option("--lr-schedule", type=click.Choice(SCHEDULES), default=D.lr_schedule, show_default=True)
-@click.option("--milestones", callback=_int_list, default=None, metavar="E1,E2",
-              help="Epochs where the step schedule multiplies the lr by --lr-gamma [default: 50%,75% of epochs].")
-@click.option("--lr-gamma", type=float, default=D.lr_gamma, show_default=True)
-@click.option("--momentum", type=float, default=D.momentum, show_default=True)
-@click.option("--nesterov", is_flag=True, help="Nesterov momentum.")
-@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True,
-              help="sgd (the papers'), or adamw (transformers: betas (--momentum, 0.95), decoupled weight decay).")
-@click.option("--seed", type=int, default=D.seed, show_default=True)
-@click.option("--sigma-every", type=int, default=None, metavar="N",
-              help=f"Measure σ every N steps; 0 turns the probe off. [default: {PROBES_PER_EPOCH} probes an epoch]")
-@click.option("--sigma-batches", type=int, default=D.sigma_batches, show_default=True,
-              help="Batches in the σ probe's fixed set (the true gradient is taken on them).")
-@click.option("--checkpoint-every", type=int, default=D.checkpoint_every, metavar="STEPS",
-              help="Also checkpoint every STEPS steps inside an epoch, so a stop loses at most that much "
-                   "(resumed to the same numbers). [default: 0, at the end of each epoch only]")
-@click.option("--trace", is_flag=True,
-              help="Local engine: record the first epoch's trace (each module's compute segments and messages) "
-                   "in trace.json, for `dbench project`.")
+@_setting_options
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory [default: results/<method>-<model>-<dataset>-k<K>-s<seed>-<time>].")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, metavar="RUN_DIR",
@@ -111,17 +90,14 @@ def run(ctx: click.Context, resume: Path | None, quiet: bool, **flags) -> None:
     if resume is not None:
         given = [f for f in _RUN_FLAGS if ctx.get_parameter_source(f) == click.core.ParameterSource.COMMANDLINE]
         if given:
-            raise DbenchError(
-                f"--resume takes every setting from {resume / 'config.json'}; drop --{given[0].replace('_', '-')}"
-            )
+            flag = next((p.opts[0] for p in ctx.command.params if p.name == given[0]), given[0])
+            raise DbenchError(f"--resume takes every setting from {resume / 'config.json'}; drop {flag}")
         from dbench import run as runner  # heavy imports (torch) only once the settings are known to be good
 
         path = runner.resume(resume, quiet=quiet)
     else:
         out = flags.pop("out")
-        flags["method_options"] = flags.pop("opt")
-        flags["milestones"] = flags["milestones"] or []
-        flags["devices"] = flags["devices"].split(",") if flags["devices"] else None
+        flags["milestones"] = flags["milestones"] or []  # given none: the schedule's own (RunConfig's default)
         cfg = RunConfig(**flags)
         cfg.validate()  # a bad number fails here, before torch is loaded (the plan validates it again)
         from dbench import catalog
@@ -331,7 +307,8 @@ def project(paths: tuple[Path, ...], link_name: str, device_memory: float | None
 @main.command("probe-link")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cpu: two processes over gloo; cuda: two GPUs over NCCL (needs two).")
-@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed round trips per message size, after two warm-up ones (medians are kept).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to store the profile [default: results/links/probe-<backend>-<device>.json].")
 def probe_link(device: str, repeats: int, out: Path | None) -> None:

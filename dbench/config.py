@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbench.errors import DbenchError
-from dbench.optim import SCHEDULES, LRSchedule, OptimConfig
+from dbench.optim import OPTIMIZERS, SCHEDULES, LRSchedule, OptimConfig
 
 ENGINES = ("auto", "local", "distributed")
 PROBES_PER_EPOCH = 4  # the default σ probe frequency
@@ -21,46 +21,97 @@ MAX_INT = 2**63 - 1
 MAX_COMM_TIMEOUT = 1e9
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+            flag: str | None = None, metavar: str | None = None, choices: tuple[str, ...] | None = None,
+            text: str | None = None, shown_default: str | None = None) -> Any:
+    """A RunConfig field and its command-line option, declared once: ``dbench run``'s options are generated
+    from these fields (dbench.cli), bench.toml's values are checked against their types (dbench.suites),
+    and ``RunConfig.validate`` checks every value whichever of the two gave it.
+
+    ``flag``: the option's name when not ``--field-name``; ``text``: how the command line writes a value
+    that is not a plain number, string or flag ("key=value": repeatable KEY=VALUE pairs; "int list",
+    "str list": comma-separated); ``shown_default``: the default as help shows it where the field's own is
+    None or computed (None: the field's default, shown as it is)."""
+    return field(default=default, default_factory=default_factory, metadata={
+        "help": help, "flag": flag, "metavar": metavar, "choices": choices, "text": text,
+        "shown_default": shown_default})
+
+
 @dataclass
 class RunConfig:
-    """Defaults here are the defaults of ``dbench run`` (one place to read them).
+    """Defaults here are the defaults of ``dbench run`` (one place to read them, and its options' help).
 
     The default run trains the small ``cnn`` on the built-in ``synthetic`` data
     with BP on one device: about a minute on a 2-core CPU.
     """
 
-    method: str = "bp"
-    method_options: dict[str, str] = field(default_factory=dict)
-    model: str = "cnn"
-    dataset: str = "synthetic"
-    data_dir: str | None = None
-    download: bool = False
-    context: int | None = None  # tokens per sequence of a text data set; None: the model's context
-    gpus: int = 1  # N devices: K = N / replicas modules per replica
+    method: str = setting("bp", help="Training method (see `dbench list`).")
+    method_options: dict[str, str] = setting(
+        default_factory=dict, flag="--opt", metavar="KEY=VALUE", text="key=value",
+        help="A method option, repeatable (see `dbench list`).")
+    model: str = setting("cnn", help="Model (see `dbench list`).")
+    dataset: str = setting("synthetic", help="Data set (see `dbench list`).")
+    data_dir: str | None = setting(None, help="Folder holding the data set's files.")
+    download: bool = setting(False, help="Fetch the data set into --data-dir (needs internet).")
+    context: int | None = setting(  # tokens per sequence of a text data set; None: the model's context
+        None, metavar="TOKENS", shown_default="the model's context",
+        help="Text data: tokens (bytes) per training sequence, at most the model's context.")
+    gpus: int = setting(1, help="N: number of devices, K = N/D modules per replica; module k of replica d on "
+                                "device d*K+k.")
     # D replicas of the K modules, each on a shard of every batch (ALGORITHMS.md, "At scale"). None: 1, or
     # one per device for a method whose layout is whole-model replicas (ddp).
-    replicas: int | None = None
-    devices: list[str] | None = None
-    engine: str = "auto"
-    comm_timeout: float = 300.0  # seconds a module process waits on a message before it gives up
-    split: str = "auto"  # dbench.partition.resolve_auto: by FLOPs (from the model alone, the same everywhere)
-    epochs: int = 8
-    batch_size: int = 128
-    lr: float = 0.05
-    lr_schedule: str = "cosine"
-    milestones: list[int] = field(default_factory=list)
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    seed: int = 0
-    sigma_every: int | None = None  # None: PROBES_PER_EPOCH probes an epoch; 0: no σ probe
-    sigma_batches: int = 2
-    checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
+    replicas: int | None = setting(
+        None, metavar="D", shown_default="1; ddp: one per device",
+        help="D copies of the K modules, each on a shard of every batch, gradients averaged over the copies "
+             "of each module.")
+    devices: list[str] | None = setting(
+        None, metavar="LIST", text="str list",
+        help="Explicit device per module, e.g. cuda:0,cuda:0 (the only way to share a device).")
+    engine: str = setting(
+        "auto", choices=ENGINES,
+        help="local: every module in this process; distributed: one process per module (and replica) "
+             "(torch.distributed: NCCL when each module has a GPU of its own, else gloo); auto: distributed when "
+             "the N devices are distinct GPUs or each holds a whole replica, else local.")
+    comm_timeout: float = setting(300.0, metavar="SECONDS",
+                                  help="Distributed engine: how long a module process waits on a message before "
+                                       "it fails.")
+    split: str = setting(  # dbench.partition.resolve_auto: by FLOPs (from the model alone, the same everywhere)
+        "auto",
+        help="How to cut the model: blocks, params, counted, time (balanced by this machine's measured time: an "
+             "explicit, recorded choice), from:RUN_DIR (a recorded run's cut), or cut points like 4,8; auto: "
+             "counted (FLOPs and elements written, from the model alone: the same cut on every machine and "
+             "engine).")
+    epochs: int = setting(8, help="Passes over the training set.")
+    batch_size: int = setting(128, help="Samples per step, the whole batch (replicas train on shards of it, "
+                                        "pipelines on micro-batches of it).")
+    lr: float = setting(0.05, help="Initial learning rate.")
+    lr_schedule: str = setting("cosine", choices=SCHEDULES,
+                               help="The learning rate over the epochs: step (× --lr-gamma at each of "
+                                    "--milestones), cosine (to 0 at the last step), or constant.")
+    milestones: list[int] = setting(
+        default_factory=list, metavar="E1,E2", text="int list", shown_default="50%,75% of epochs",
+        help="Epochs where the step schedule multiplies the lr by --lr-gamma.")
+    lr_gamma: float = setting(0.1, help="What the step schedule multiplies the lr by at each milestone.")
+    momentum: float = setting(0.9, help="SGD's momentum (adamw: its first beta).")
+    nesterov: bool = setting(False, help="Nesterov momentum.")
+    weight_decay: float = setting(5e-4, help="Weight decay (sgd: L2 added to the gradient; adamw: decoupled).")
+    optimizer: str = setting("sgd", choices=OPTIMIZERS,
+                             help="sgd (the papers'), or adamw (transformers: betas (--momentum, 0.95), "
+                                  "decoupled weight decay).")
+    seed: int = setting(0, help="Seed of the initial weights, the data's order and augmentation and the methods' "
+                                "own draws: the same seed gives the same numbers.")
+    sigma_every: int | None = setting(  # None: PROBES_PER_EPOCH probes an epoch; 0: no σ probe
+        None, metavar="N", shown_default=f"{PROBES_PER_EPOCH} probes an epoch",
+        help="Measure σ every N steps; 0 turns the probe off.")
+    sigma_batches: int = setting(2, help="Batches in the σ probe's fixed set (the true gradient is taken on them).")
+    checkpoint_every: int = setting(
+        0, metavar="STEPS", shown_default="0, at the end of each epoch only",
+        help="Also checkpoint every STEPS steps inside an epoch, so a stop loses at most that much (resumed to "
+             "the same numbers).")
     # Record the first epoch's trace (every stage's compute segments and messages, dbench.engine.trace) for
     # `dbench project`: the local engine only.
-    trace: bool = False
+    trace: bool = setting(False, help="Local engine: record the first epoch's trace (each module's compute "
+                                      "segments and messages) in trace.json, for `dbench project`.")
 
     def resolved_engine(self, devices: list, modules: int | None = None,
                         engines: tuple[str, ...] = ("local", "distributed")) -> str:

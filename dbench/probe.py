@@ -1,7 +1,8 @@
 """``dbench probe-link``: latency, bandwidth and posting cost between two processes of this machine.
 
 Measured through dbench's own transport (``dbench.engine.transport``: a
-header then the payload, per message), so that a projection of dbench's
+header then the payload, per message, received ahead where the stream's
+previous message had the same size), so that a projection of dbench's
 distributed engine charges what its messages really cost here: two processes
 ping-pong a message up and back down, for sizes from 8 bytes to ``max_bytes``,
 ``repeats`` times each after a warm-up. The one-way time of the smallest
@@ -43,7 +44,7 @@ def _worker(rank: int, port: int, device: str, sizes: list[int], repeats: int, c
     devices = ["cpu", "cpu"] if device == "cpu" else ["cuda:0", "cuda:1"]
     dev = torch.device(devices[rank])
     init(rank, 2, dev, 120, data_backend(devices))
-    transport = Transport(rank, 2, dev)
+    transport = Transport(rank, 2, dev, streams=dist.new_group())  # as the engine: streams of their own
     one_way, posting = {}, []
     for size in sizes:
         payload = torch.zeros(max(1, size // 4), dtype=torch.float32, device=dev)

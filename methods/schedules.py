@@ -155,6 +155,9 @@ class TorchSchedule(Stage):
 
     @classmethod
     def check_run(cls, options: Any, num_stages: int, batch_size: int, devices: list) -> None:
+        if not hasattr(schedules, cls.schedule):  # pyproject's torch bound is pipelining's (2.4), older than some
+            raise DbenchError(f"method {cls.name!r} runs torch's {cls.schedule}, which torch {torch.__version__} "
+                              f"does not have: install a newer torch (dbench is tested with 2.14)")
         m = microbatch_count(options, num_stages)
         if m > batch_size:
             raise DbenchError(f"bad microbatches {m}: a batch of {batch_size} splits into at most {batch_size} "

@@ -107,6 +107,46 @@ def test_resume_refuses_new_settings(tmp_path, monkeypatch, capsys):
     assert code == 2 and "drop --lr" in err
 
 
+def _run_options():
+    from dbench.cli import run
+
+    return {p.name: p for p in run.params if p.name not in ("resume", "quiet", "out")}
+
+
+def test_every_run_setting_is_an_option_and_resume_refuses_each(tmp_path, monkeypatch, capsys):
+    """The run options are RunConfig's fields, each once; none can be changed on --resume (each a setting
+    the run recorded)."""
+    import dataclasses
+
+    from dbench.config import RunConfig
+
+    options = _run_options()
+    assert sorted(options) == sorted(f.name for f in dataclasses.fields(RunConfig))
+    for name, option in options.items():
+        value = [] if option.is_flag else ["cpu" if name == "devices" else "k=v" if name == "method_options" else
+                                           option.type.choices[0] if option.type.name == "choice" else "3"]
+        code, _, err = run_cli(["run", "--resume", str(tmp_path), option.opts[0], *value], monkeypatch, capsys)
+        assert code == 2 and f"drop {option.opts[0]}" in err, (name, err)
+
+
+def test_every_option_of_every_command_has_help():
+    import click
+
+    from dbench.cli import main
+
+    commands = [(name, main.commands[name]) for name in main.commands]
+    missing = [f"{name} {p.opts[0]}" for name, command in commands for p in command.params
+               if isinstance(p, click.Option) and not (p.help or "").strip()]
+    assert not missing
+
+
+def test_version(monkeypatch, capsys):
+    from importlib.metadata import version
+
+    code, out, _ = run_cli(["--version"], monkeypatch, capsys)
+    assert code == 0 and out.strip() == f"dbench {version('dbench')}"
+
+
 def test_resume_of_a_non_run_directory(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["run", "--resume", str(tmp_path)], monkeypatch, capsys)
     assert code == 2 and "not a dbench run directory" in err
