@@ -44,12 +44,18 @@ def _text(path: Path) -> str:
         raise Unreadable(path, f"cannot be read ({e.strerror or e})") from None
 
 
-def read_object(path: Path) -> dict:
-    """The JSON object in file ``path``; Unreadable (a DbenchError) if missing, unreadable or damaged."""
+def read_json(path: Path) -> Any:
+    """The JSON value in file ``path`` (its shape is the caller's to check); Unreadable (a DbenchError) if
+    missing, unreadable or not JSON."""
     try:
-        data = json.loads(_text(path))
+        return json.loads(_text(path))
     except json.JSONDecodeError as e:
         raise Unreadable(path, f"is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_object(path: Path) -> dict:
+    """The JSON object in file ``path``; Unreadable (a DbenchError) if missing, unreadable or damaged."""
+    data = read_json(path)
     if not isinstance(data, dict):
         raise Unreadable(path, f"is not a JSON object (it holds a {type(data).__name__})")
     return data

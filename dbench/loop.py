@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import click
@@ -19,6 +20,7 @@ from dbench.build import Built
 from dbench.devices import synchronize
 from dbench.errors import DbenchError, RunInterrupted
 from dbench.meters import SigmaResult, merge_records
+from dbench.method import StepOutput
 from dbench.progress import Progress
 from dbench.engine.trace import TRACE
 from dbench.record import CONFIG, SUMMARY, RunDir
@@ -119,6 +121,61 @@ def _record_end(run: RunDir, rows: list[dict], saved: int, status: str, error: s
         raise DbenchError(f"{first}the run could not be marked {status} either: {e}") from None
 
 
+@dataclass
+class EpochSums:
+    """What an epoch's steps add up to, and what a mid-epoch checkpoint keeps of them (``partial``).
+
+    ``seen``: samples trained on (throughput counts these). ``scored``: the predictions (samples, or tokens)
+    whose loss the top module reported (a StepOutput's batch), what the train loss and accuracy average over:
+    a method whose top module scores an earlier batch than the iteration's, or none in its first iterations
+    (FDG), scores fewer than it trains on; every other method scores what it trains on. ``train_s``,
+    ``measured_s``, ``measured_samples``: the training seconds, and the seconds and samples after the
+    warm-up that samples/s is taken over, of the epoch's parts before a resumed one.
+    """
+
+    step: int  # the epoch's next step
+    loss_sum: torch.Tensor  # on the top module's device
+    correct: torch.Tensor
+    seen: int = 0
+    scored: int = 0
+    probes: list[dict] = field(default_factory=list)  # σ probe rows
+    segments: list[list[dict]] = field(default_factory=list)  # the module records of the epoch's parts (writer)
+    train_s: float = 0.0
+    measured_s: float = 0.0
+    measured_samples: int = 0
+
+    @classmethod
+    def start(cls, partial: dict | None, device: torch.device) -> "EpochSums":
+        """A fresh epoch's (``partial`` None), or those a mid-epoch checkpoint kept."""
+        if partial is None:
+            return cls(0, torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device))
+        timing = partial["timing"]
+        # A mid-epoch checkpoint written before ``scored`` existed comes from a method that scores what it
+        # trains on: its seen is the count.
+        return cls(partial["step"], partial["loss_sum"].to(device), partial["correct"].to(device), partial["seen"],
+                   partial.get("scored", partial["seen"]), list(partial["probes"]), list(partial["segments"]),
+                   timing["train_s"], timing["measured_s"], timing["measured_samples"])
+
+    def score(self, out: StepOutput, y: torch.Tensor, device: torch.device) -> None:
+        """Add a step's reported loss and accuracy, per prediction (a sample of an image batch, a token of a
+        language model's: dbench.objective)."""
+        labels = out.labels if out.labels is not None else y  # the labels of the batch it scored
+        self.loss_sum += out.loss * objective.predictions(labels)
+        self.correct += objective.correct(out.logits, labels.to(device))
+        self.scored += objective.predictions(labels)
+
+    def partial(self, step: int, segment: list[dict], train_s: float, measured_s: float,
+                measured_samples: int) -> dict:
+        """The checkpoint's record at ``step`` (its format, read back by ``start``), with this part's module
+        records and times added to the earlier parts'."""
+        return {
+            "step": step, "loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
+            "scored": self.scored, "probes": self.probes, "segments": [*self.segments, segment],
+            "timing": {"train_s": self.train_s + train_s, "measured_s": self.measured_s + measured_s,
+                       "measured_samples": self.measured_samples + measured_samples},
+        }
+
+
 def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None = None,
               checkpoint: Callable[[int, dict], None] | None = None) -> tuple[dict, list[dict]]:
     """Train one epoch and evaluate; returns the epoch's row and its σ probe rows.
@@ -130,20 +187,8 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
     meters = trainer.meters
     top = trainer.devices[-1]
     every = built.plan.config.checkpoint_every
-    first = partial["step"] if partial else 0
-    loss_sum = partial["loss_sum"].to(top) if partial else torch.zeros((), device=top)
-    correct = partial["correct"].to(top) if partial else torch.zeros((), dtype=torch.long, device=top)
-    seen = seen_at_start = partial["seen"] if partial else 0  # samples trained on: throughput counts these
-    # Predictions (samples, or tokens) whose loss the top module reported (a StepOutput's batch), what the
-    # train loss and accuracy average over. A method whose top module scores an earlier batch than the
-    # iteration's, or none in its first iterations (FDG), scores fewer than it trains on; every other
-    # method scores what it trains on.
-    # A mid-epoch checkpoint written before this count existed comes from a method of the second kind:
-    # its seen is the count.
-    scored = partial.get("scored", partial["seen"]) if partial else 0
-    probes: list[dict] = list(partial["probes"]) if partial else []
-    segments: list[list[dict]] = list(partial["segments"]) if partial else []  # module records, writer only
-    before = partial["timing"] if partial else {"train_s": 0.0, "measured_s": 0.0, "measured_samples": 0}
+    sums = EpochSums.start(partial, top)
+    first, seen_at_start = sums.step, sums.seen
     # Throughput counts from the end of the warm-up; a resumed epoch warms up again from where it resumed.
     warmup, warm_seen, warm_start = built.plan.warmup_steps, 0, None
     paused = 0.0  # wall-clock of σ probes' extra passes and checkpoints, after warm-up: not training
@@ -165,7 +210,7 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
     for i, (x, y) in enumerate(batches, start=first):
         if i == first + warmup:
             synchronize(*trainer.devices)  # throughput counts from here: the warm-up's work must be done
-            warm_start, warm_seen = time.perf_counter(), seen
+            warm_start, warm_seen = time.perf_counter(), sums.seen
         lr = built.schedule.lr_at(trainer.iteration)
         trainer.set_lr(lr)
         probing = built.plan.sigma_every > 0 and (i + 1) % built.plan.sigma_every == 0
@@ -182,18 +227,14 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
         if probing:
             sigma = trainer.take_sigma()  # .item(): a sync per probe (and a gather, distributed)
             if sigma is not None:
-                probes.append(_probe_row(epoch, i, iteration, *sigma))
+                sums.probes.append(_probe_row(epoch, i, iteration, *sigma))
         if out is not None:  # None: another module's process, or no batch scored in this iteration
-            labels = out.labels if out.labels is not None else y  # the labels of the batch it scored
-            # Per prediction: a sample of an image batch, a token of a language model's (dbench.objective).
-            loss_sum += out.loss * objective.predictions(labels)
-            correct += objective.correct(out.logits, labels.to(top))
-            scored += objective.predictions(labels)
-        seen += len(y)
+            sums.score(out, y, top)
+        sums.seen += len(y)
         progress.advance(1)
-        if trainer.is_writer and (i + 1) % SHOW_EVERY == 0 and scored:
+        if trainer.is_writer and (i + 1) % SHOW_EVERY == 0 and sums.scored:
             # .item() waits for the device: one sync every SHOW_EVERY steps.
-            progress.show(loss_sum.item() / scored, seen / (time.perf_counter() - start))
+            progress.show(sums.loss_sum.item() / sums.scored, sums.seen / (time.perf_counter() - start))
         if checkpoint is not None and every and (i + 1) % every == 0 and i + 1 < len(loader):
             # Every process reaches this step boundary (the same i): the state is gathered at it.
             synchronize(*trainer.devices)
@@ -202,18 +243,12 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
             parts = trainer.gather(meters.stop_epoch())
             segment = [record for part in parts for record in part] if parts is not None else []
             measured = t0 - warm_start - paused if warm_start is not None else 0.0
-            checkpoint(epoch, {
-                "step": i + 1, "loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen, "scored": scored,
-                "probes": probes, "segments": [*segments, segment],
-                "timing": {"train_s": before["train_s"] + t0 - start - stopped,
-                           "measured_s": before["measured_s"] + measured,
-                           "measured_samples": before["measured_samples"]
-                           + (seen - warm_seen if warm_start is not None else 0)},
-            })
+            checkpoint(epoch, sums.partial(i + 1, segment, t0 - start - stopped, measured,
+                                           sums.seen - warm_seen if warm_start is not None else 0))
             synchronize(*trainer.devices)
             trainer.barrier()
             meters.start_epoch()  # the clocks and peaks go on as a new segment of this epoch
-            segments.append(segment)
+            sums.segments.append(segment)
             took = time.perf_counter() - t0
             stopped += took
             if warm_start is not None:
@@ -228,15 +263,15 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
         trace = trainer.take_trace()
         trace["epoch"], trace["train_seconds"] = epoch + 1, end - start
         built.trace = trace  # written with the epoch's files (dbench.loop.train)
-    if modules and segments:
-        modules = merge_records([*segments, modules])
-    train_seconds = before["train_s"] + end - start - stopped
+    if modules and sums.segments:
+        modules = merge_records([*sums.segments, modules])
+    train_seconds = sums.train_s + end - start - stopped
     warmed_up = warm_start is not None
     if not warmed_up:  # an epoch (or its resumed part) shorter than the warm-up: measure it all
         warm_start, warm_seen, paused = start, seen_at_start, stopped
-    measured_s = before["measured_s"] + end - warm_start - paused
-    measured_samples = before["measured_samples"] + seen - warm_seen
-    if trainer.is_writer and not scored:
+    measured_s = sums.measured_s + end - warm_start - paused
+    measured_samples = sums.measured_samples + sums.seen - warm_seen
+    if trainer.is_writer and not sums.scored:
         # Only a method whose top module scores a later batch than it trains on, in a first epoch shorter
         # than that lag, gets here: there is no train loss to record (and a NaN would read as divergence).
         raise DbenchError(f"epoch {epoch + 1} scored no batch: method {built.plan.config.method!r} reports its "
@@ -247,8 +282,8 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
         "epoch": epoch + 1,
         "lr": lr,
         # Over the scored samples; in another module's process (nothing scored) the row is not written.
-        "train_loss": loss_sum.item() / scored if scored else math.nan,
-        "train_acc": correct.item() / scored if scored else math.nan,
+        "train_loss": sums.loss_sum.item() / sums.scored if sums.scored else math.nan,
+        "train_acc": sums.correct.item() / sums.scored if sums.scored else math.nan,
         "test_loss": test_loss,
         "test_acc": test_acc,
         "train_seconds": train_seconds,
@@ -256,14 +291,14 @@ def run_epoch(built: Built, epoch: int, progress: Progress, partial: dict | None
         "epoch_seconds": train_seconds + eval_seconds,
         "warmup_steps": warmup if warmed_up else 0,
         "samples_per_s": measured_samples / measured_s if measured_s > 0 and measured_samples > 0 else None,
-        "probes": len(probes),
+        "probes": len(sums.probes),
         # How busy the machine was (1-minute load average, the run's own processes included, and the cores
         # it has): speed compared between runs means little when one of them shared the machine.
         "load_avg_1m": os.getloadavg()[0],
         "cpu_count": run_cpus(),
         "modules": modules,
     }
-    return row, probes
+    return row, sums.probes
 
 
 def _timed(batches, tell: Callable[[float], None]):

@@ -27,7 +27,8 @@ from typing import Any
 from dbench.errors import DbenchError
 
 from dbench.files import (CHECKPOINT, CONFIG, ENVIRONMENT, METRICS, SUMMARY, Unreadable, atomic_write_bytes,
-                          atomic_write_json, cannot_write, read_object, read_rows)
+                          atomic_write_json, cannot_write, read_rows)
+from dbench.files import read_json as read_any
 
 __all__ = ["CHECKPOINT", "CONFIG", "ENVIRONMENT", "METRICS", "SUMMARY", "RunDir", "atomic_write_bytes",
            "atomic_write_json", "cannot_write", "read_json", "writable_folder"]
@@ -87,9 +88,10 @@ def writable_folder(path: Path, what: str) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """A run's JSON object file, its damage said as a one-line DbenchError with what to do."""
+    """A run's JSON file (its shape checked by the reader: dbench.plan, dbench.run), its damage said as a
+    one-line DbenchError with what to do."""
     try:
-        return read_object(path)
+        return read_any(path)
     except Unreadable as e:
         if e.reason == "is missing":
             raise DbenchError(f"{path} is missing: not a dbench run directory") from None
