@@ -405,23 +405,19 @@ def run_command(command: click.Command) -> None:
     """
     try:
         command(standalone_mode=False)
-    except DbenchError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help() if e.ctx else str(e))
         sys.exit(0)
-    except click.UsageError as e:
-        click.echo(f"error: {e.format_message()}", err=True)
-        sys.exit(2)
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+        # dbench's own (DbenchError: exit 2; RunInterrupted: 130) show themselves; click's usage errors
+        # (exit 2) and others are given dbench's one-line form.
+        if isinstance(e, (DbenchError, RunInterrupted)):
+            e.show()
+        else:
+            click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
-        sys.exit(130)
-    except RunInterrupted as e:
-        click.echo(str(e), err=True)
         sys.exit(130)
     except OSError as e:
         # A path the user gave that the system cannot even look up (a name too long for the file system, a

@@ -31,6 +31,7 @@ class Unreadable(DbenchError):
         super().__init__(f"{path} {reason}")
         self.path = path
         self.reason = reason
+        self.args = (path, reason)  # it pickles with the arguments it is built from
 
 
 def _text(path: Path) -> str:

@@ -12,6 +12,7 @@ from typing import Mapping
 
 import matplotlib
 import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
 # A label missing from the table order given to order_labels goes last, as a method that leaves
@@ -33,7 +34,9 @@ def theme() -> matplotlib.rc_context:
 
 
 def new_figure(width: float, height: float) -> MplFigure:
-    return MplFigure(figsize=(width, height), layout="constrained")
+    fig = MplFigure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # a canvas that can draw and measure text (no pyplot, no GUI backend)
+    return fig
 
 
 def order_labels(labels, table_order: Mapping[str, float]) -> list[str]:

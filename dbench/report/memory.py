@@ -130,7 +130,7 @@ def _stacked_bars(group, categories, data: ReportData, out, stem, title, runs) -
             ax.set_xticks(ticks, labels=[str(m) for _, m, _ in positions])
             methods = ax.secondary_xaxis("bottom")
             methods.set_xticks(centers, labels=labels_of[k])
-            methods.tick_params(length=0, pad=18)
+            methods.tick_params(length=0, pad=22)  # below the module numbers, clear of them
             for text in methods.get_xticklabels():
                 text.set_fontweight("bold")
             methods.spines["bottom"].set_visible(False)

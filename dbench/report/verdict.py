@@ -569,6 +569,36 @@ def _point_names(group: pd.DataFrame) -> pd.Series:
     return group["method"].where(~repeated, group["method"] + setting)
 
 
+def _label_column(fig, ax, labels: list[tuple[float, float, str]]) -> None:
+    """Each point's label in a column right of the plot, at its point's height where it can be, joined to
+    the point by a thin line: points of a comparison are often close (the same speed, the same error, the
+    methods that never reached the target drawn at one x), and labels beside them would print over each
+    other. Labels are spread apart by their own height, from the top down, then moved up as a block if the
+    lowest left the plot, so no two overlap (tests/test_figure_text.py checks every report figure)."""
+    if not labels:
+        return
+    # Reserve the column's width (the longest label), let the layout settle, then freeze it: the labels
+    # are spaced in the axes' height, which must not change once they are placed.
+    longest = max((text for *_, text in labels), key=len)
+    room = ax.annotate(longest, (1.0, 0.5), xycoords="axes fraction", xytext=(1.03, 0.5),
+                       textcoords="axes fraction", fontsize="small", va="center", annotation_clip=False)
+    fig.canvas.draw()
+    height = room.get_window_extent(fig.canvas.get_renderer()).height
+    room.remove()
+    fig.set_layout_engine("none")
+    gap = 1.25 * height / ax.get_window_extent().height  # one label's height, in axes fraction, and a margin
+    to_axes = ax.transData + ax.transAxes.inverted()
+    wanted = sorted(((to_axes.transform((px, py))[1], px, py, text) for px, py, text in labels), reverse=True)
+    placed: list[float] = []
+    for target, *_ in wanted:  # top down: each at its point's height, or a gap below the label above
+        placed.append(min(target, placed[-1] - gap) if placed else min(target, 1.0))
+    lift = max(0.0, -placed[-1])  # the lowest below the plot: lift the column, keeping the gaps
+    for (_, px, py, text), at in zip(wanted, placed):
+        ax.annotate(text, (px, py), xytext=(1.03, at + lift), textcoords="axes fraction", fontsize="small",
+                    va="center", ha="left", annotation_clip=False,
+                    arrowprops={"arrowstyle": "-", "color": "0.55", "linewidth": 0.6, "shrinkA": 2, "shrinkB": 4})
+
+
 def _figure(group: pd.DataFrame, keys, data: ReportData, runs, out: Path) -> figures.Figure:
     """x: time to the target (or seconds per epoch where no method reached it), y: best test error (a language
     model's: best test loss in bits per byte); marker area and label: peak memory of the largest device; the
@@ -598,12 +628,11 @@ def _figure(group: pd.DataFrame, keys, data: ReportData, runs, out: Path) -> fig
     mib = group["peak_mib_largest_device"]
     largest = mib.max() if mib.notna().any() else 1.0
     with theme():
-        fig = new_figure(7.5, 5.0)
+        fig = new_figure(9.5, max(5.0, 1.6 + 0.32 * len(group)))  # room for one label line per point
         ax = fig.subplots()
         edge = x[x.notna()].max() * 1.15 if x.notna().any() else 1.0  # where methods that never reached it go
         shown_x = x.fillna(edge) if reached.any() else x
-        # labels of neighbouring points alternate above and below their marker, so that they overlap less
-        rank = shown_x.rank(method="first")
+        labels: list[tuple[float, float, str]] = []  # (x, y, label) of each point, placed once all are drawn
         for i in group.index:
             if pd.isna(shown_x[i]) or pd.isna(y[i]):
                 continue
@@ -615,8 +644,7 @@ def _figure(group: pd.DataFrame, keys, data: ReportData, runs, out: Path) -> fig
                        **({"facecolor": "none", "edgecolor": data.colors[label], "linewidth": 1.5} if hollow else
                           {"color": data.colors[label], "edgecolor": "black", "linewidth": 0.6}))
             name = f"{names[i]} ({NOT_REACHED})" if hollow else names[i]
-            ax.annotate(f"{name}\n{memory}", (shown_x[i], y[i]), textcoords="offset points", fontsize="small",
-                        xytext=(9, 6) if rank[i] % 2 else (9, -24))
+            labels.append((shown_x[i], y[i], f"{name} · {memory}"))
         front = group[optimal].assign(_x=x[optimal], _y=y[optimal]).sort_values("_x")
         if len(front) > 1:
             ax.plot(front["_x"], front["_y"], color="0.3", linestyle="--", linewidth=1.2,
@@ -628,6 +656,7 @@ def _figure(group: pd.DataFrame, keys, data: ReportData, runs, out: Path) -> fig
         ax.set_ylabel(ylabel)
         ax.margins(x=0.2, y=0.15)
         fig.suptitle(f"What each method buys: {model} · {dataset} · N={k} devices")
+        _label_column(fig, ax, labels)
         listed = ", ".join(names[optimal]) or tables.DASH
         never = ", ".join(names[~reached]) if reached.any() and (~reached).any() else ""
         caption = (f"One point per method: x: {xlabel}; y: its {quality}, mean over seeds; marker area and "
