@@ -32,6 +32,7 @@ every block once, in order. It is saved with the run.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -289,7 +290,11 @@ def count_work(run: Callable[[], object]) -> float:
 
 
 def time_forward_backward(module: nn.Module, x: torch.Tensor, device: torch.device) -> BlockTime:
-    """Seconds of one forward and one backward (of a gradient of ones) of ``module`` on ``x``."""
+    """Seconds of one forward and one backward (of a gradient of ones) of ``module`` on ``x``.
+
+    Host clocks around device synchronizations, not ``torch.utils.benchmark.Timer``: the two phases are
+    timed apart within one call (the backward needs that forward's graph), where a Timer times a statement
+    as a whole."""
     # Synchronize around each phase so the host clock measures finished GPU work, not launches.
     synchronize(device)
     start = time.perf_counter()
@@ -315,7 +320,8 @@ def median_seconds(run: Callable[[], object], device: torch.device, repeats: int
 
 
 def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+    # The higher of the two middle values for an even count, as the cuts recorded so far were taken with.
+    return statistics.median_high(values)
 
 
 

@@ -18,6 +18,17 @@ failed with the module that failed first: no orphan processes and no half
 state, since every file of the run is replaced atomically. A worker stuck on a
 message from a peer that hangs without dying fails on the process group's
 timeout (``--comm-timeout``).
+
+Why not ``torch.distributed.elastic.multiprocessing.start_processes`` (evaluated against torch 2.14): it
+starts, watches and stops workers as this module does (SIGTERM, then SIGKILL after a grace period) and
+finds the first failure from error files the workers write under ``@record``. What dbench needs beyond it:
+each module's process pinned to its own share of the CPUs before any thread starts (elastic binds to NUMA
+nodes by device index, which on one socket gives every module the same cores); a stop that is an
+interruption, not a failure (SIGTERM marks the run interrupted and resumable; the echo of a peer's stop is
+no failure of its own); a root cause that prefers a worker killed by a signal over the peers that failed on
+its broken connection; the run directory marked from outside when the launcher dies (``watch_launcher``).
+These would be wrapped around its context rather than replace code, so this module keeps its own
+supervision (about 150 lines) and uses torch's ``multiprocessing`` spawn context underneath.
 """
 from __future__ import annotations
 
