@@ -67,9 +67,6 @@ def _setting_options(command):
     return command
 
 
-# The settings that change what a run computes: --resume takes them from the run instead.
-_RUN_FLAGS = tuple(f.name for f in dataclasses.fields(RunConfig)) + ("out",)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dbench", message="dbench %(version)s")
@@ -88,10 +85,11 @@ def main() -> None:
 def run(ctx: click.Context, resume: Path | None, quiet: bool, **flags) -> None:
     """Train one model with one method on K devices and record the run."""
     if resume is not None:
-        given = [f for f in _RUN_FLAGS if ctx.get_parameter_source(f) == click.core.ParameterSource.COMMANDLINE]
+        # Every option but these two changes what a run computes: --resume takes them from the run instead.
+        given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "quiet")
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
         if given:
-            flag = next((p.opts[0] for p in ctx.command.params if p.name == given[0]), given[0])
-            raise DbenchError(f"--resume takes every setting from {resume / 'config.json'}; drop {flag}")
+            raise DbenchError(f"--resume takes every setting from {resume / 'config.json'}; drop {given[0]}")
         from dbench import run as runner  # heavy imports (torch) only once the settings are known to be good
 
         path = runner.resume(resume, quiet=quiet)

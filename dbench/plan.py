@@ -272,8 +272,7 @@ def recorded_cut(run_dir: Path, model: str, k: int) -> list[int]:
             raise DbenchError(f"bad --split from:{run_dir}: {path} does not exist (name a run folder dbench "
                               f"wrote)") from None
         raise DbenchError(f"bad --split from:{run_dir}: cannot read {path}: it {e.reason}") from None
-    run = record.get("run") if isinstance(record, dict) else None
-    ranges = record.get("partition") if isinstance(record, dict) else None
+    run, ranges = record.get("run"), record.get("partition")
     if not isinstance(run, dict) or not isinstance(ranges, list) or not all(
             isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) for r in ranges):
         raise DbenchError(f"bad --split from:{run_dir}: {path} holds no run settings and partition (not a run "

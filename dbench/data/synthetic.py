@@ -59,10 +59,10 @@ nearest class mean on raw pixels 20.5% (chance is 10%).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import pickle
-import io
 from pathlib import Path
 
 import torch

@@ -105,7 +105,7 @@ class Transport:
     def _post_message(self, dst: int, code: int, payload: torch.Tensor | None, tag: tuple) -> None:
         """Header, slot (the payload, or a filler when it does not fit), then the payload if it did not."""
         slot = self._slot_out.get(dst, 0)
-        nbytes = -1 if payload is None else payload.numel() * payload.element_size()  # None: the end marker
+        nbytes = -1 if payload is None else payload.nbytes  # None: the end marker
         fits = nbytes == slot
         self._post(dst, _header(code, payload, tag, self.wire, fits))
         if slot:
@@ -113,6 +113,7 @@ class Transport:
         if not fits and payload is not None:
             self._post(dst, payload)
         self._slot_out[dst] = max(nbytes, 0)  # after the end marker: no slot, as the stream's start
+
     def all_reduce(self, op: AllReduce, meter=None) -> "Transport":
         """Average ``op.tensors`` in place over this module's copies (one all-reduce of them flattened, as
         DDP's buckets); returns when done (``self.done`` is always True: this port blocks)."""
@@ -186,7 +187,7 @@ class Transport:
     def _pump(self) -> None:
         """Without blocking: every source whose next header is in gets its payload's receive (where the
         slot did not hold it) and its next message's receives posted."""
-        for src in self.sources():
+        for src in list(self._ahead):  # the sources with a header posted ahead (a hot path: every send and poll)
             while src in self._ahead and self._ahead[src][0].is_completed():
                 self._wait(self._ahead[src][0], src)  # done: raises if the receive failed
                 self._take_header(src)
@@ -210,14 +211,14 @@ class Transport:
             self._ended.add(src)  # nothing posted ahead: the stream is quiet until the next epoch
             return
         channel, dtype, shape, tag, fits = parse_header(fields)
+        works = [slot_work] if slot_work is not None else []  # the slot: the payload, or a filler
         if fits:
-            works = [slot_work] if slot_work is not None else []
             payload = (slot if slot is not None else torch.empty(0, dtype=torch.uint8, device=self.wire))
             payload = payload.view(dtype).view(shape)  # its storage is the payload's bytes exactly
         else:
             work, payload = self._post_recv(torch.empty(shape, dtype=dtype, device=self.wire), src)
-            works = ([slot_work] if slot_work is not None else []) + [work]  # the filler, then the payload
-            self._slot_in[src] = payload.numel() * payload.element_size()
+            works.append(work)  # after the filler
+            self._slot_in[src] = payload.nbytes
         self._landing.setdefault(src, deque()).append((works, payload, channel, tag))
         self._post_ahead(src)  # after this message's own receives: stream order (NCCL matches in order)
 
