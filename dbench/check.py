@@ -6,10 +6,11 @@ suite and hardware kind ("cpu", or the CUDA device's name such as
 (accounted bytes on the CPU, the allocator's peak allocated bytes on CUDA).
 A run regresses when its best accuracy falls below golden minus the accuracy
 tolerance, or a module's peak memory rises above golden times (1 + the memory
-tolerance). A language-model run (its summary says ``"task": "language
-model"``) is judged by its best test loss in bits per byte instead, with
-``"task"`` and ``best_test_bpb`` in its golden entry: it regresses when that
-rises above golden plus the bits-per-byte tolerance.
+tolerance). A run of another task (its summary names it: ``"task": "language
+model"``) is judged by that task's criterion (dbench.task.Criterion: a language
+model's best test loss in bits per byte, with ``"task"`` and ``best_test_bpb``
+in its golden entry, regressing when it rises above golden plus the
+bits-per-byte tolerance).
 A planned run that is missing or not complete fails the check too.
 ``--update`` writes the current figures as the new golden ones.
 """
@@ -21,23 +22,15 @@ from datetime import date
 from pathlib import Path
 
 from dbench import summary as summaries
-from dbench.summary import CLASSIFICATION, LANGUAGE_MODEL
+from dbench import task as tasks
 from dbench.errors import DbenchError
 from dbench.files import atomic_write_json
 from dbench.suites import Suite, status
 
 GOLDEN_ROOT = Path("results/golden")
-# Accuracy: absolute, in accuracy units (0.03 = 3 points). The runs are
-# deterministic on one machine; the margin absorbs other CPUs' float rounding.
-ACCURACY_TOLERANCE = 0.03
-MEMORY_TOLERANCE = 0.05  # relative: accounted bytes are exact, measured CUDA peaks move a little
-# A language model's best test loss: absolute, in bits per byte (a higher loss is worse). As with accuracy,
-# the runs are deterministic on one machine and the margin absorbs other CPUs' float rounding (not yet
-# measured for LM runs; expected well below it). 0.05 bpb is a factor 2^0.05 ≈ 1.035 in per-byte perplexity,
-# so a change that costs a method 3.5% of perplexity per byte is caught, and it is under 1% of the 8 bits
-# per byte of an untrained model (uniform over 256 bytes), the scale a smoke run's losses are on. No LM suite
-# had golden figures when this was chosen: revisit it once one has run on two machines.
-BPB_TOLERANCE = 0.05
+# Relative: accounted bytes are exact, measured CUDA peaks move a little. Each task's own tolerance (and why
+# it is what it is) is its criterion's: dbench/tasks/.
+MEMORY_TOLERANCE = 0.05
 
 
 @dataclass
@@ -83,8 +76,8 @@ def figures(run_path: Path) -> dict:
     """The figures of one complete run that the check compares."""
     summary = summaries.read(run_path)
     modules = summary.get("modules") or []
-    language_model = summary.get("task") == LANGUAGE_MODEL
-    quality = "best_test_bpb" if language_model else "best_test_acc"
+    kind = tasks.of_summary(summary)
+    quality = kind.criterion.key
     # A complete run's summary has these; without them it is damaged, and a KeyError would not say where.
     damaged = DbenchError(f"{run_path / summaries.SUMMARY} says complete but lacks a number {quality} or "
                           f"each module's peak bytes: {DAMAGED_RUN}")
@@ -96,14 +89,13 @@ def figures(run_path: Path) -> dict:
     if not all(_number(m.get(key)) for m in modules):
         raise damaged
     memory = {"memory_kind": "cuda peak allocated" if cuda else "accounted", "peak_bytes": [m[key] for m in modules]}
-    if language_model:
-        return {"task": LANGUAGE_MODEL, "best_test_bpb": summary["best_test_bpb"], **memory}
-    return {"best_test_acc": summary["best_test_acc"], **memory}  # a classification's, as golden files hold it
+    # the default task's entry has no "task", as golden files recorded before tasks hold it
+    return {**tasks.recorded(kind), quality: summary[quality], **memory}
 
 
-def task_of(figures: dict) -> str:
-    """The task of a run's figures or golden entry (none recorded: a classification, as before "task" existed)."""
-    return figures.get("task") or CLASSIFICATION
+def task_of(figures: dict) -> tasks.Task:
+    """The task of a run's figures or golden entry (none recorded: the default, as before "task" existed)."""
+    return tasks.of_summary(figures)
 
 
 def read_golden(path: Path, suite: str) -> dict:
@@ -117,16 +109,18 @@ def read_golden(path: Path, suite: str) -> dict:
         raise DbenchError(f"{path} holds the golden figures of " + (f"suite {recorded!r}" if isinstance(recorded, str)
                           else "no named suite (no \"suite\" key)") + f", not of {suite!r}: {fix}")
     tolerance = golden.get("tolerance")
-    if not isinstance(tolerance, dict) or not all(_number(tolerance.get(k)) for k in ("accuracy", "memory")):
-        raise DbenchError(f"{path} has no \"tolerance\" with numbers \"accuracy\" and \"memory\": {fix}")
-    if "bits_per_byte" in tolerance and not _number(tolerance["bits_per_byte"]):
-        raise DbenchError(f"{path}: \"tolerance\" has a \"bits_per_byte\" that is not a number: {fix}")
+    required = (tasks.default().criterion.tolerance_key, "memory")  # every golden file has had these
+    if not isinstance(tolerance, dict) or not all(_number(tolerance.get(k)) for k in required):
+        raise DbenchError(f"{path} has no \"tolerance\" with numbers " + " and ".join(f'"{k}"' for k in required)
+                          + f": {fix}")
+    for key in sorted(set(tolerance) - set(required)):  # another task's, where the suite runs one
+        if not _number(tolerance[key]):
+            raise DbenchError(f"{path}: \"tolerance\" has a \"{key}\" that is not a number: {fix}")
     runs = golden.get("runs")
     if not isinstance(runs, dict):
         raise DbenchError(f"{path} has no \"runs\" object: {fix}")
     for name, want in runs.items():
-        lm = isinstance(want, dict) and want.get("task") == LANGUAGE_MODEL
-        quality = "best_test_bpb" if lm else "best_test_acc"
+        quality = task_of(want).criterion.key if isinstance(want, dict) else tasks.default().criterion.key
         if not (isinstance(want, dict) and _number(want.get(quality)) and isinstance(want.get("memory_kind"), str)
                 and isinstance(want.get("peak_bytes"), list) and all(_number(b) for b in want["peak_bytes"])):
             raise DbenchError(f"{path}: run {name} lacks a number {quality}, a memory_kind or a list "
@@ -162,9 +156,10 @@ def update(suite: Suite, results: Path, golden_root: Path = GOLDEN_ROOT) -> Path
                           f"finish the suite first (dbench suite {suite.name})")
     path = golden_path(suite, kind, golden_root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tolerance = {"accuracy": ACCURACY_TOLERANCE, "memory": MEMORY_TOLERANCE}
-    if any(task_of(f) == LANGUAGE_MODEL for f in found.values()):  # an image suite's file stays as it was
-        tolerance["bits_per_byte"] = BPB_TOLERANCE
+    # the default task's tolerance always (every golden file has it), then each other task's the suite runs
+    criteria = [tasks.default().criterion, *(task_of(f).criterion for f in found.values())]
+    tolerance = {criteria[0].tolerance_key: criteria[0].tolerance, "memory": MEMORY_TOLERANCE}
+    tolerance.update((c.tolerance_key, c.tolerance) for c in criteria[1:] if c.tolerance_key not in tolerance)
     atomic_write_json(path, {
         "suite": suite.name,
         "hardware": kind,
@@ -191,18 +186,14 @@ def check(suite: Suite, results: Path, golden_root: Path = GOLDEN_ROOT) -> tuple
         if want is None:
             findings.append(Finding(name, "golden", None, None, None, False, f"no golden figures for this run in {path}"))
             continue
-        if task_of(now) != task_of(want):
+        if task_of(now) is not task_of(want):
             findings.append(Finding(name, "task", None, None, None, False,
-                                    f"golden has a {task_of(want)} run, the run is a {task_of(now)}"))
-        elif task_of(now) == LANGUAGE_MODEL:
-            # a higher loss is worse: the limit is above golden (NaN, a diverged loss, fails it too)
-            limit = want["best_test_bpb"] + tol.get("bits_per_byte", BPB_TOLERANCE)
-            findings.append(Finding(name, "best test bits per byte", want["best_test_bpb"], now["best_test_bpb"],
-                                    limit, now["best_test_bpb"] <= limit))
+                                    f"golden has a {task_of(want).kind} run, the run is a {task_of(now).kind}"))
         else:
-            limit = want["best_test_acc"] - tol["accuracy"]
-            findings.append(Finding(name, "best test accuracy", want["best_test_acc"], now["best_test_acc"], limit,
-                                    now["best_test_acc"] >= limit))
+            criterion = task_of(now).criterion
+            limit = criterion.limit(want[criterion.key], tol.get(criterion.tolerance_key, criterion.tolerance))
+            findings.append(Finding(name, criterion.name, want[criterion.key], now[criterion.key], limit,
+                                    criterion.passes(now[criterion.key], limit)))
         if now["memory_kind"] != want["memory_kind"] or len(now["peak_bytes"]) != len(want["peak_bytes"]):
             findings.append(Finding(name, "peak memory", None, None, None, False,
                                     f"golden has {want['memory_kind']} of {len(want['peak_bytes'])} modules, "

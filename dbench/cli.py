@@ -147,21 +147,22 @@ def _ints(ctx, param, values: tuple[str, ...]) -> list[int]:
         raise click.BadParameter(f"{','.join(values)!r} is not a list of integers (e.g. --k 2,4)") from None
 
 
-def _target_acc(ctx, param, value: float | None) -> float | None:
-    if value is not None and not 0 < value <= 1:  # NaN fails this too
-        raise click.BadParameter(f"{value} is not a test accuracy in (0, 1]: give e.g. 0.9 for 90%")
-    return value
+def _target_options() -> list:
+    """One option per task's target (dbench.task.Target: --target-acc, --target-loss, a plug-in task's),
+    checked by the task's own rule."""
+    from dbench import task as tasks
 
+    def option(rule):
+        def check(ctx, param, value: float | None) -> float | None:
+            problem = rule.problem(value) if value is not None else None
+            if problem:
+                raise click.BadParameter(problem)
+            return value
 
-def _target_loss(ctx, param, value: float | None) -> float | None:
-    if value is None:
-        return None
-    from dbench.report.verdict import target_loss_problem  # the verdict's own rule (infinity and NaN fail it)
+        return click.option(rule.option, rule.keyword, type=float, default=None, callback=check,
+                            metavar=rule.metavar, help=rule.help)
 
-    problem = target_loss_problem(value)
-    if problem:
-        raise click.BadParameter(problem)
-    return value
+    return [option(task.target) for task in tasks.every()]
 
 
 def _engines(ctx, param, values: tuple[str, ...]) -> list[str]:
@@ -198,13 +199,7 @@ def _selection_options(command):
         click.option("--include-unfinished", is_flag=True,
                      help="Also use runs that are not complete (running, interrupted, failed, diverged) "
                           "and finished at least one epoch."),
-        click.option("--target-acc", type=float, default=None, callback=_target_acc, metavar="ACC",
-                     help="Time to accuracy: training seconds until the test accuracy reaches ACC, in (0, 1] "
-                          "[default: 0.99 × model-parallel bp's mean best accuracy in each comparison]."),
-        click.option("--target-loss", type=float, default=None, callback=_target_loss, metavar="BPB",
-                     help="Time to target loss, for language models: training seconds until the test loss falls "
-                          "to BPB bits per byte, a finite number above 0 [default: 1.01 × model-parallel bp's mean best "
-                          "test bits per byte in each comparison]."),
+        *_target_options(),
     )
     for option in reversed(options):  # the first listed is the outermost decorator, as when stacked
         command = option(command)
@@ -236,8 +231,7 @@ def _check_memory(device_memory: float | None) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
               help="Folder to write the report into (created if needed; files of the same name are replaced).")
 def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, engines, epochs,
-           include_unfinished: bool, target_acc: float | None, target_loss: float | None, link: str | None,
-           device_memory: float | None) -> None:
+           include_unfinished: bool, link: str | None, device_memory: float | None, **targets: float | None) -> None:
     """Figures and tables comparing the runs under PATHS [default: results/]: the verdict (which method buys
     what), convergence, memory, generalization, σ and speed, with index.md and a self-contained index.html."""
     _check_memory(device_memory)
@@ -245,8 +239,8 @@ def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, en
 
     written = build_report(
         list(paths) or [Path("results")], out, methods=methods, models=models, datasets=datasets, ks=ks,
-        engines=engines, epochs=epochs, include_unfinished=include_unfinished, target_acc=target_acc,
-        target_loss=target_loss, warn=_warn, link=link, device_memory=device_memory,
+        engines=engines, epochs=epochs, include_unfinished=include_unfinished, targets=targets,
+        warn=_warn, link=link, device_memory=device_memory,
     )
     click.echo(f"report of {len(written.runs)} run(s) written to {written.out}: "
                f"open {written.index_html} (or {written.index_md.name})")
@@ -256,8 +250,7 @@ def report(paths: tuple[Path, ...], out: Path, methods, models, datasets, ks, en
 @_selection_options
 @_projection_options
 def compare(paths: tuple[Path, ...], methods, models, datasets, ks, engines, epochs, include_unfinished: bool,
-            target_acc: float | None, target_loss: float | None, link: str | None,
-            device_memory: float | None) -> None:
+            link: str | None, device_memory: float | None, **targets: float | None) -> None:
     """Which method buys what, per model, data set and K, for the runs under PATHS [default: results/]:
     speedups beside their ideals, peak memory, best test error and time to accuracy (a language model's: best
     test bits per byte and time to a target loss) (the report's verdict)."""
@@ -266,8 +259,8 @@ def compare(paths: tuple[Path, ...], methods, models, datasets, ks, engines, epo
     chosen = build.select_runs(list(paths) or [Path("results")], methods=methods, models=models,
                                datasets=datasets, ks=ks, engines=engines, epochs=epochs,
                                include_unfinished=include_unfinished, warn=_warn)
-    numbers = verdict.table(chosen.data, target_acc, target_loss)
-    click.echo(verdict.text(numbers, target_acc, target_loss=target_loss), nl=False)
+    numbers = verdict.table(chosen.data, targets)
+    click.echo(verdict.text(numbers, targets), nl=False)
     if link is not None:  # after the measured verdict, in a block of its own that says PROJECTED
         from dbench import projection
 

@@ -25,6 +25,7 @@ from dbench.data.base import Splits
 from dbench.data.loader import DeviceLoader
 from dbench.devices import resolve_devices
 from dbench import placement
+from dbench import task as tasks
 from dbench.errors import DbenchError
 from dbench.files import Unreadable, read_object
 from dbench.method import DATA_PARALLEL, Stage, parse_options
@@ -58,7 +59,7 @@ class Plan:
     device_note: str | None = None  # said once to the user (e.g. no CUDA: modules on the CPU); not recorded
     split_note: str | None = None  # what --split auto chose, and why; not recorded (the partition is)
     balance: dict | None = None  # --split time: predicted and measured seconds per step of each module
-    task: dict = dataclasses.field(default_factory=lambda: {"kind": "classification"})  # what the metrics mean
+    task: dict = dataclasses.field(default_factory=lambda: {"kind": tasks.default().kind})  # what the metrics mean
     replicas: int = 1  # D: copies of the K modules, each on a shard of every batch
 
     @property
@@ -144,7 +145,7 @@ class Plan:
             sigma_every=record["sigma_every"], sigma_probe_samples=record["sigma_probe_samples"],
             train_samples=record["train_samples"], test_samples=record["test_samples"],
             balance=record.get("balance"),
-            task=record.get("task", {"kind": "classification"}),  # runs recorded before tasks were classifiers
+            task=record.get("task", {"kind": tasks.default().kind}),  # runs recorded before tasks: the default task
         )
 
 

@@ -1,10 +1,11 @@
-"""Name -> object registries for methods, models and data sets.
+"""Name -> object registries for methods, models, data sets and tasks.
 
 Everything registers itself with a decorator (``@MODELS.register("resnet20")``).
 A duplicate name is an error; an unknown name is an error that lists the known
 ones. Methods are discovered from the ``methods`` package shipped with dbench and
-from the ``dbench.methods`` entry-point group, so that another installed package
-can add a method without touching this repository.
+from the ``dbench.methods`` entry-point group, tasks from ``dbench.tasks`` and
+the group of the same name, so that another installed package can add a method
+or a task without touching this repository.
 
 Registration does not depend on import order. The decorator also notes the
 object in its defining module (``__dbench_registered__``), and a registry's
@@ -111,18 +112,22 @@ def _package_modules(package: str) -> list[ModuleType]:
     return [root] + [importlib.import_module(f"{package}.{info.name}") for info in pkgutil.iter_modules(root.__path__)]
 
 
-def _load_methods() -> list[Any]:
-    sources: list[Any] = _package_modules("methods")  # the built-in methods, one module each
-    # Methods from other installed packages: each entry point names a module
-    # (or object) whose import registers the method.
-    for ep in entry_points(group="dbench.methods"):
+def _with_plugins(package: str, group: str, kind: str) -> list[Any]:
+    """The modules of ``package`` (the built-in ones), then what the entry points of ``group`` name: each a
+    module (or object) from another installed package whose import registers its objects."""
+    sources: list[Any] = _package_modules(package)
+    for ep in entry_points(group=group):
         try:
             sources.append(ep.load())
         except Exception as e:
-            package = ep.dist.name if getattr(ep, "dist", None) is not None else ep.value
-            raise DbenchError(f"method plug-in {ep.name!r} from package {package!r} failed to load "
+            package_name = ep.dist.name if getattr(ep, "dist", None) is not None else ep.value
+            raise DbenchError(f"{kind} plug-in {ep.name!r} from package {package_name!r} failed to load "
                               f"({type(e).__name__}: {e}); fix or uninstall that package") from e
     return sources
+
+
+def _load_methods() -> list[Any]:
+    return _with_plugins("methods", "dbench.methods", "method")
 
 
 def _load_models() -> list[ModuleType]:
@@ -133,6 +138,11 @@ def _load_datasets() -> list[ModuleType]:
     return _package_modules("dbench.data")
 
 
+def _load_tasks() -> list[Any]:
+    return _with_plugins("dbench.tasks", "dbench.tasks", "task")
+
+
 METHODS: Registry = Registry("method", _load_methods)
 MODELS: Registry = Registry("model", _load_models)
 DATASETS: Registry = Registry("dataset", _load_datasets)
+TASKS: Registry = Registry("task", _load_tasks)

@@ -24,6 +24,7 @@ from typing import Iterable
 import pandas as pd
 
 from dbench import summary as summaries
+from dbench import task as tasks
 from dbench.errors import DbenchError
 from dbench.files import CONFIG, ENVIRONMENT, METRICS, SUMMARY, Unreadable, read_object, read_rows
 from dbench.run_paths import check_given
@@ -142,12 +143,12 @@ class Run:
 
     @property
     def task_kind(self) -> str:
-        """"classification" or "language model" (dbench.summary.task_kind)."""
-        return summaries.task_kind(self.task)
+        """Its task's kind ("classification", "language model", or a plug-in's: dbench.task)."""
+        return self.task_object.kind
 
     @property
-    def language_model(self) -> bool:
-        return summaries.is_language_model(self.task)
+    def task_object(self) -> tasks.Task:
+        return tasks.of(self.task)
 
     @property
     def engine(self) -> str:
@@ -374,7 +375,7 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
         done = summ.get("epochs_done") or 0
         train_seconds = summ.get("train_seconds")
         facts = run.facts
-        lm = run.language_model
+        kind = run.task_object
         rows.append({
             **_ids(run),
             "family": facts["family"],
@@ -396,18 +397,13 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             "best_epoch": summ.get("best_epoch"),
             "final_test_error": 1 - summ["final_test_acc"] if summ.get("final_test_acc") is not None else None,
             "final_train_loss": summ.get("final_train_loss"),
-            # the data set's task, and a language model's figures as its summary holds them (None for a
-            # classification): the best epoch is its lowest test loss; bits per byte = loss (nats) / ln 2
-            "task": run.task_kind,
-            "context": (run.task or {}).get("context") if lm else None,
+            # the data set's task (dbench.task); the columns of every task's own figures follow, filled by
+            # the run's task (None in the others')
+            "task": kind.kind,
             "best_test_acc": summ.get("best_test_acc"),
-            **{key: summ.get(key) if lm else None
-               for key in ("best_test_loss", "best_test_bpb", "final_test_bpb", "final_train_bpb")},
             "train_seconds": train_seconds,
             "seconds_per_epoch": train_seconds / done if train_seconds is not None and done else None,
             "samples_per_s": summ.get("samples_per_s"),
-            # a language model's samples are sequences of `context` tokens (summary.compute multiplies them)
-            "tokens_per_s": summ.get("tokens_per_s") if lm else None,
             # mean over epochs of the machine's 1-minute load average at each epoch's end (None: not recorded)
             "load_avg": _mean([r.get("load_avg_1m") for r in run.epoch_rows]),
             "cpu_count": next((r["cpu_count"] for r in run.epoch_rows if r.get("cpu_count")), None),
@@ -425,6 +421,7 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             "host": run.environment.get("host"),
             "time_utc": run.environment.get("time_utc"),
             "path": str(run.path),
+            **dict.fromkeys(tasks.run_columns()), **kind.run_fields(summ, tasks.spec_of(run.task)),
         })
     frame = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
     if rows:
@@ -443,13 +440,13 @@ def epochs_frame(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for run in runs:
         wall = 0.0
-        lm = run.language_model
+        kind = run.task_object
         for r in run.epoch_rows:
             wall += r.get("train_seconds") or 0.0
             rows.append({
                 **_ids(run),
                 "engine": run.engine,
-                "task": run.task_kind,
+                "task": kind.kind,
                 "epoch": r["epoch"],
                 "lr": r.get("lr"),
                 "train_loss": r.get("train_loss"),
@@ -457,13 +454,12 @@ def epochs_frame(runs: list[Run]) -> pd.DataFrame:
                 "test_loss": r.get("test_loss"),
                 "test_acc": r.get("test_acc"),
                 "test_error": 1 - r["test_acc"] if r.get("test_acc") is not None else None,
-                # a language model's losses in bits per byte (None for a classification)
-                "train_bpb": summaries.bits_per_byte(r.get("train_loss")) if lm else None,
-                "test_bpb": summaries.bits_per_byte(r.get("test_loss")) if lm else None,
                 "train_seconds": r.get("train_seconds"),
                 "wall_seconds": wall,
                 "eval_seconds": r.get("eval_seconds"),
                 "samples_per_s": r.get("samples_per_s"),
+                # every task's per-epoch figures, filled by the run's task (a language model's bits per byte)
+                **dict.fromkeys(tasks.epoch_columns()), **kind.epoch_fields(r),
             })
     return pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + ["epoch"])
 

@@ -1,7 +1,8 @@
 """summary.md: a run's per-module time, memory and σ as tables a reader can use without the code."""
 from __future__ import annotations
 
-from dbench.summary import LANGUAGE_MODEL, is_language_model, method_label
+from dbench import task as tasks
+from dbench.summary import method_label
 
 SUMMARY_MD = "summary.md"
 
@@ -92,24 +93,6 @@ def memory_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _quality(summary: dict) -> str:
-    """A language model's line: its best (lowest) test loss in bits per byte, and the final losses."""
-    return (f"Best test loss {summary['best_test_bpb']:.3f} bits per byte ({summary['best_test_loss']:.4f} nats per "
-            f"byte; next-token accuracy {100 * summary['best_test_acc']:.2f}%) (epoch {summary['best_epoch']}); "
-            f"final test loss {summary['final_test_bpb']:.3f} bits per byte, final train loss "
-            f"{summary['final_train_bpb']:.3f} bits per byte (bits per byte = loss in nats / ln 2).")
-
-
-def _rate(config: dict, summary: dict, language_model: bool) -> str:
-    """Samples/s; a language model's samples are sequences of `context` tokens, so tokens/s beside them."""
-    rate = summary.get("samples_per_s")
-    if not language_model:
-        return f"{_num(rate, '{:.0f}')} samples/s"
-    context = (config.get("task") or {}).get("context")
-    tokens = f" ({rate * context:.0f} tokens/s)" if rate is not None and isinstance(context, int) else ""
-    return f"{_num(rate, '{:.0f}')} sequences/s{tokens}"
-
-
 def markdown(config: dict, summary: dict) -> str:
     run = config["run"]
     title = f"# {method_label(config)} · {run['model']} · {run['dataset']} · K={run['gpus']} · seed {run['seed']}"
@@ -118,14 +101,13 @@ def markdown(config: dict, summary: dict) -> str:
     if summary.get("error"):
         status += f" Error: {summary['error']}"
     out.append(status)
-    language_model = is_language_model(config.get("task")) or summary.get("task") == LANGUAGE_MODEL
+    # config.json's task; a summary that names another (written by hand, or older) is read as its own
+    kind = tasks.of_summary(summary) if "task" in summary else tasks.of(config.get("task"))
     if summary.get("epochs_done"):
         out += [
             "",
-            _quality(summary) if language_model else
-            f"Best test error {100 * summary['best_test_error']:.2f}% (epoch {summary['best_epoch']}); "
-            f"final test accuracy {100 * summary['final_test_acc']:.2f}%, final train loss {summary['final_train_loss']:.4f}.",
-            f"Training {summary['train_seconds']:.1f} s, {_rate(config, summary, language_model)} "
+            kind.summary_line(summary),
+            f"Training {summary['train_seconds']:.1f} s, {kind.rate_text(summary, tasks.spec_of(config.get('task')))} "
             f"(the first {config.get('warmup_steps', 0)} steps of each epoch left out as warm-up, and the σ probes). "
             f"Network σ, mean over probes: {_num(summary.get('mean_sigma'))} "
             f"(corrected for the probe's noise: {_corrected(summary)}).",

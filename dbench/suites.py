@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dbench import summary as summaries
+from dbench import task as tasks
 from dbench.config import RunConfig
 from dbench.errors import DbenchError
 
@@ -319,7 +320,6 @@ def run_suite(suite: Suite, root: Path, *, quiet: bool = True, data_dir: str | N
                 raise
         final[planned.name] = status(planned, root)
         result = summaries.read(path)
-        best, bpb = result.get("best_test_error"), result.get("best_test_bpb")  # bpb: a language model's quality
-        echo(f"{label}: {final[planned.name]}" + (f", best test loss {bpb:.3f} bits per byte" if bpb is not None else
-                                                  f", best test error {100 * best:.2f}%" if best is not None else ""))
+        best = tasks.of_summary(result).best_text(result)  # in the words of the run's task
+        echo(f"{label}: {final[planned.name]}" + (f", {best}" if best else ""))
     return final

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
+from dbench import task as tasks
 from dbench.files import SUMMARY, Unreadable, read_object
 
 
@@ -94,60 +95,23 @@ def probe_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["kind"] == "probe"]
 
 
-# --- the task: what a run's data set asks of its model ------------------------------------------
-
-# config.json's "task": {"kind": CLASSIFICATION} for image runs, {"kind": LANGUAGE_MODEL, "vocab": 256,
-# "context": T, "unit": "byte"} for byte-level text. A run recorded before "task" existed is a classification.
-CLASSIFICATION = "classification"
-LANGUAGE_MODEL = "language model"
-LN2 = math.log(2)
-
-
-def task_kind(task: dict | None) -> str:
-    """The kind of a config's "task" (None or without a kind: a classification, as every run before it)."""
-    kind = task.get("kind") if isinstance(task, dict) else None
-    return kind if isinstance(kind, str) and kind else CLASSIFICATION
-
-
-def is_language_model(task: dict | str | None) -> bool:
-    """Whether ``task`` (a config's "task", or its kind) is a language model: quality is its test loss."""
-    return (task if isinstance(task, str) else task_kind(task)) == LANGUAGE_MODEL
-
-
-def bits_per_byte(loss_nats: float | None) -> float | None:
-    """A byte-level model's cross-entropy per token (nats) in bits per byte: one token is one byte."""
-    return None if loss_nats is None else loss_nats / LN2
-
-
-def best_epoch_row(done: list[dict], language_model: bool) -> dict:
-    """The best of the epoch rows ``done``, the first among equals: the highest test accuracy for a
-    classification, the lowest test loss for a language model (a non-finite loss only where every epoch has one)."""
-    if not language_model:
-        return max(done, key=lambda r: r["test_acc"])
-    finite = [r for r in done if r.get("test_loss") is not None and math.isfinite(r["test_loss"])]
-    return min(finite, key=lambda r: r["test_loss"]) if finite else done[0]
-
-
 def compute(rows: list[dict], status: str, epochs: int, error: str | None = None,
             task: dict | None = None) -> dict:
     """summary.json of a run with metric ``rows`` (metrics.jsonl, in order) that plans ``epochs`` epochs.
 
-    ``task`` is the run's config.json "task" (None: a classification). For a language model the best
-    epoch is the one with the lowest test loss, and the summary adds ``task`` ("language model"),
-    ``best_test_loss`` (nats per token) and ``best_test_bpb``, ``final_test_bpb``, ``final_train_bpb``
-    (bits per byte = loss / ln 2), and ``tokens_per_s`` (samples/s × the task's context) where the task
-    gives its context; best_test_acc and best_test_error are then the next-token accuracy (and 1 minus
-    it) at that epoch. A classification's summary has no "task" key, as before.
+    ``task`` is the run's config.json "task" (None: the default task, a classification). The task
+    (dbench.task) picks the best epoch and adds its own figures (a language model: ``best_test_loss``,
+    ``best_test_bpb``, ``final_test_bpb``, ``final_train_bpb``, ``tokens_per_s``); best_test_acc and
+    best_test_error are the accuracy at that epoch (a language model's: next-token). A task other than the
+    default is named in the summary's ``task``; a classification's summary has none, as before tasks.
     """
     done = epoch_rows(rows)
-    language_model = is_language_model(task)
-    summary: dict[str, Any] = {"status": status, "epochs_done": len(done), "epochs": epochs}
-    if language_model:
-        summary["task"] = LANGUAGE_MODEL
+    kind = tasks.of(task)
+    summary: dict[str, Any] = {"status": status, "epochs_done": len(done), "epochs": epochs, **tasks.recorded(kind)}
     if error:
         summary["error"] = error
     if done:
-        best = best_epoch_row(done, language_model)  # first epoch among equals
+        best = kind.best_epoch(done)  # first epoch among equals
         last = done[-1]
         rates = [r["samples_per_s"] for r in done if r.get("samples_per_s")]
         summary.update(
@@ -162,16 +126,7 @@ def compute(rows: list[dict], status: str, epochs: int, error: str | None = None
             seconds=sum(r["epoch_seconds"] for r in done),
             samples_per_s=sum(rates) / len(rates) if rates else None,
         )
-        if language_model:
-            summary.update(
-                best_test_loss=best["test_loss"],
-                best_test_bpb=bits_per_byte(best["test_loss"]),
-                final_test_bpb=bits_per_byte(last["test_loss"]),
-                final_train_bpb=bits_per_byte(last["train_loss"]),
-            )
-            context = task.get("context") if isinstance(task, dict) else None
-            if summary["samples_per_s"] is not None and isinstance(context, int) and context > 0:
-                summary["tokens_per_s"] = summary["samples_per_s"] * context  # samples are sequences of T tokens
+        summary.update(kind.summary_fields(best, last, summary["samples_per_s"], tasks.spec_of(task)))
         probes = probe_rows(rows)
         if all("modules" in r for r in done):
             summary["modules"] = module_summary(done, probes)

@@ -21,6 +21,7 @@ import torch
 
 from dbench.data.loader import DeviceLoader
 from dbench.errors import DbenchError
+from dbench.tasks.classification import CLASSIFICATION
 
 IMAGE_SHAPE = (3, 32, 32)
 
@@ -76,7 +77,7 @@ class DataSplits:
 
     def task(self, context: int | None) -> dict:
         """What a model trained on these splits does, for config.json."""
-        return {"kind": "classification"}
+        return {"kind": CLASSIFICATION.kind}
 
     def loader(self, *, train: bool, batch_size: int, device: torch.device, seed: int,
                context: int | None = None) -> DeviceLoader:

@@ -84,6 +84,7 @@ from dbench.data.base import DatasetSpec
 from dbench.data.loader import epoch_generator
 from dbench.errors import DbenchError
 from dbench.registry import DATASETS
+from dbench.tasks.language_model import LANGUAGE_MODEL
 
 VOCAB = 256  # byte-level tokens: no tokenizer
 TEXT_NAME = "text"
@@ -159,7 +160,7 @@ class TextSplits:
 
     def task(self, context: int | None) -> dict:
         """What a model trained on these splits does, for config.json."""
-        return {"kind": "language model", "vocab": VOCAB, "context": context, "unit": "byte"}
+        return {"kind": LANGUAGE_MODEL.kind, "vocab": VOCAB, "context": context, "unit": "byte"}
 
     def loader(self, *, train: bool, batch_size: int, device: torch.device, seed: int,
                context: int | None = None) -> TextLoader:

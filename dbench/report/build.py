@@ -31,26 +31,26 @@ class Report:
 def build_report(paths: Iterable[Path | str], out: Path | str, *, methods: Iterable[str] = (),
                  models: Iterable[str] = (), datasets: Iterable[str] = (), ks: Iterable[int] = (),
                  engines: Iterable[str] = (), epochs: Iterable[int] = (),
-                 include_unfinished: bool = False, target_acc: float | None = None,
-                 target_loss: float | None = None, warn: Callable[[str], None] | None = None,
-                 link: str | None = None, device_memory: float | None = None) -> Report:
+                 include_unfinished: bool = False, targets: dict | None = None,
+                 warn: Callable[[str], None] | None = None, link: str | None = None,
+                 device_memory: float | None = None, **given: float | None) -> Report:
     """Write the report of the runs under ``paths`` into ``out``.
 
-    ``target_acc`` is the test accuracy the verdict's time to accuracy is measured to (default: 99% of
-    model-parallel BP's mean best accuracy in each comparison); ``target_loss`` the test loss in bits per byte
-    a language-model comparison's is measured to (default: 1.01 × BP's mean best bits per byte). ``warn`` is called with each warning (a run
+    ``targets`` (or keywords, one per task: ``target_acc``, ``target_loss``, see dbench.task.Target) are
+    what the verdict's time to target is measured to: ``target_acc`` the test accuracy of a classification
+    (default: 99% of model-parallel BP's mean best accuracy in each comparison), ``target_loss`` the test
+    loss in bits per byte of a language model (default: 1.01 × BP's mean best bits per byte). ``warn`` is called with each warning (a run
     left out, runs averaged although their settings differ) as soon as it is known, so a caller can show
     them even when no run is left and this raises DbenchError.
     """
-    verdict.check_target(target_acc)  # before anything is read or written
-    verdict.check_target_loss(target_loss)
+    targets = verdict.check_targets(targets, **given)  # before anything is read or written
     profile = projection.link(link) if link is not None else None
     out = Path(out)
     chosen = select_runs(paths, methods=methods, models=models, datasets=datasets, ks=ks, engines=engines,
                          epochs=epochs, include_unfinished=include_unfinished, warn=warn)
     writable_folder(out, "the report's --out")  # before any work: a read-only place fails at once
     # the verdict alone takes an option; every other section is built from the runs alone
-    options = {verdict: {"target_acc": target_acc, "target_loss": target_loss}}
+    options = {verdict: {"targets": targets}}
     sections = [module.build(chosen.data, out, **options.get(module, {})) for module in SECTIONS]
     if profile is not None:  # asked for: the projected section, after every measured one
         sections.append(projected.build(chosen.data, out, profile, device_memory))

@@ -2,28 +2,24 @@
 
 One figure per (model, data set, K), one line per method: the mean over
 seeds, with a band from the lowest to the highest seed when there are several.
-A language model's figure (byte-level text) shows its training and test loss
-in bits per byte (loss / ln 2) instead: its quality is the test loss.
+The curves are the task's (dbench.task): a language model's figure (byte-level
+text) shows its training and test loss in bits per byte (loss / ln 2) instead.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from dbench import task as tasks
 from dbench.report import figures
-from dbench.summary import LANGUAGE_MODEL
 from dbench.report.figures import new_figure, save, theme
 from dbench.report.section import ReportData, Section
 
-METRICS = (("train_loss", "training loss", 1.0), ("test_error", "test error (%)", 100.0))
-LM_METRICS = (("train_bpb", "training loss (bits per byte)", 1.0), ("test_bpb", "test loss (bits per byte)", 1.0))
 AXES = (("epoch", "epoch"), ("wall_seconds", "training wall-clock (s)"))
 
 LOG_SCALE_RATIO = 30  # training losses spanning more than this factor are drawn on a log scale
 
 CAPTION = ("Lines: mean over seeds; band: lowest to highest seed. Wall-clock: training seconds summed up to the end "
            "of each epoch, averaged over seeds (σ probes and the first steps included, evaluation left out).")
-LM_CAPTION = (" A byte-level language model: training and test loss in bits per byte, the mean cross-entropy per "
-              "byte in nats / ln 2 (lower is better).")
 LOCAL_NOTE = ("Runs on the local engine ran their modules one after another: their wall-clock is total "
               "compute, not what K devices working at once would take (each figure's caption names its engine).")
 
@@ -46,8 +42,11 @@ def build(data: ReportData, out: Path) -> Section:
 
 def _figure(group, model, dataset, k, data: ReportData, out: Path) -> figures.Figure:
     colors = data.colors
-    lm = "task" in group.columns and (group["task"] == LANGUAGE_MODEL).all()
-    metrics = LM_METRICS if lm else METRICS
+    # the task's curves (a classification's training loss and test error; a language model's in bits per
+    # byte); runs of several tasks in one figure (not written by dbench) are read as the default task's
+    kinds = set(group["task"]) if "task" in group.columns else set()
+    task = tasks.named(kinds.pop()) if len(kinds) == 1 else tasks.default()
+    metrics = [(m.column, m.name, m.scale) for m in task.curves]
     with theme():
         fig = new_figure(10, 7)
         axes = fig.subplots(2, 2, sharex="col", sharey="row")
@@ -86,4 +85,4 @@ def _figure(group, model, dataset, k, data: ReportData, out: Path) -> figures.Fi
         engines = ", ".join(sorted(set(group["engine"])))
         return save(fig, out, "convergence/" + figures.file_stem(model, dataset, f"k{k}"),
                     title=f"Convergence: {model}, {dataset}, K={k}",
-                    caption=f"{CAPTION}{LM_CAPTION if lm else ''} Engine: {engines}.", runs=group["run"])
+                    caption=f"{CAPTION}{task.curves_caption} Engine: {engines}.", runs=group["run"])

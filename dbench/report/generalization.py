@@ -5,10 +5,11 @@ that table for the runs given. The CSV has the exact numbers (long form, one
 row per cell); the Markdown and LaTeX files have the paper's layout, one
 column per method, the lowest mean of each row in bold.
 
-A language model (byte-level text) is judged by its test loss: its table
+Each task (dbench.task) has its own table, of its own quality: a language
+model (byte-level text) is judged by its test loss, so its table
 (``generalization-lm``) shows the best test loss in bits per byte (the lowest
 epoch's), with the next-token accuracy at that epoch in the CSV. A data set is
-one task, so a report of both kinds has one table per kind rather than one
+one task, so a report of several tasks has one table per task rather than one
 table with half its cells empty.
 """
 from __future__ import annotations
@@ -17,76 +18,55 @@ from pathlib import Path
 
 import pandas as pd
 
+from dbench import task as tasks
 from dbench.report import tables
 from dbench.report.section import ReportData, Section
-from dbench.summary import CLASSIFICATION, LANGUAGE_MODEL
 
 ROW = ["model", "dataset", "k"]
-BPB_DIGITS = 3  # as the verdict shows bits per byte
-STEMS = {CLASSIFICATION: "generalization/generalization", LANGUAGE_MODEL: "generalization/generalization-lm"}
-TITLES = {CLASSIFICATION: "Best test error (%)", LANGUAGE_MODEL: "Best test loss (bits per byte): language models"}
+STEM = "generalization/generalization"  # and the task's suffix
 
 
-def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, data set, K, method): seeds, mean and std (sample, ddof=1) of best test error in %."""
-    pct = table.assign(best_test_error_pct=table["best_test_error"] * 100,
-                       final_test_error_pct=table["final_test_error"] * 100)
-    out = pct.groupby([*ROW, "label"], sort=True).agg(
+def summarize(table: pd.DataFrame, task: tasks.Task | None = None) -> pd.DataFrame:
+    """One row per (model, data set, K, method) of ``task``'s runs (default: the default task's): seeds, runs,
+    mean and std (sample, ddof=1) of its quality (a classification's best test error in %, a language model's
+    best test bits per byte), the mean of its extras (final test error %; next-token accuracy % and final test
+    bpb), the mean best epoch and the epochs."""
+    task = task or tasks.default()
+    q = task.quality
+    scaled = table.assign(**{m.stem: table[m.column].astype(float) * m.scale
+                             for m in (q, *task.generalization_extras)})
+    out = scaled.groupby([*ROW, "label"], sort=True).agg(
         seeds=("seed", "nunique"),
         runs=("run", "count"),
-        best_test_error_mean=("best_test_error_pct", "mean"),
-        best_test_error_std=("best_test_error_pct", "std"),  # NaN for one run: no spread to report
+        **{f"{q.stem}_mean": (q.stem, "mean"),
+           f"{q.stem}_std": (q.stem, "std")},  # NaN for one run: no spread to report
         best_epoch_mean=("best_epoch", "mean"),
-        final_test_error_mean=("final_test_error_pct", "mean"),
+        **{f"{m.stem}_mean": (m.stem, "mean") for m in task.generalization_extras},
         epochs=("epochs_done", "max"),
     ).reset_index()
     return out.rename(columns={"label": "method"})
 
 
-def summarize_lm(table: pd.DataFrame) -> pd.DataFrame:
-    """A language model's cells: one row per (model, data set, K, method): seeds, mean and std of the best test
-    loss in bits per byte, the next-token accuracy (%) at the best epoch, and the final test loss (bpb)."""
-    lm = table.assign(best_test_bpb=table["best_test_bpb"].astype(float),
-                      final_test_bpb=table["final_test_bpb"].astype(float),
-                      best_next_token_acc_pct=(1 - table["best_test_error"].astype(float)) * 100)
-    out = lm.groupby([*ROW, "label"], sort=True).agg(
-        seeds=("seed", "nunique"),
-        runs=("run", "count"),
-        best_test_bpb_mean=("best_test_bpb", "mean"),
-        best_test_bpb_std=("best_test_bpb", "std"),  # NaN for one run: no spread to report
-        best_next_token_acc_mean=("best_next_token_acc_pct", "mean"),
-        best_epoch_mean=("best_epoch", "mean"),
-        final_test_bpb_mean=("final_test_bpb", "mean"),
-        epochs=("epochs_done", "max"),
-    ).reset_index()
-    return out.rename(columns={"label": "method"})
-
-
-def by_kind(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """The runs table split by task (classification first); a table without a task column is classifications."""
+def by_task(table: pd.DataFrame) -> list[tuple[tasks.Task, pd.DataFrame]]:
+    """The runs table split by task (the default first); a table without a task column is the default's."""
     if "task" not in table.columns:
-        return [(CLASSIFICATION, table)]
-    return [(kind, table[table["task"] == kind]) for kind in (CLASSIFICATION, LANGUAGE_MODEL)
-            if (table["task"] == kind).any()]
+        return [(tasks.default(), table)]
+    return [(task, table[table["task"] == task.kind]) for task in tasks.every() if (table["task"] == task.kind).any()]
 
 
 def build(data: ReportData, out: Path) -> Section:
-    kinds = by_kind(data.table)
-    intro = "Best test error (%) over the epochs of each run: mean ± standard deviation over seeds."
-    if any(kind == LANGUAGE_MODEL for kind, _ in kinds):
-        intro += (" Language models (byte-level text): the best (lowest) test loss in bits per byte instead, "
-                  "in a table of their own.")
+    parts = by_task(data.table)
+    intro = " ".join(["Best test error (%) over the epochs of each run: mean ± standard deviation over seeds.",
+                      *(task.generalization_intro for task, _ in parts if task.generalization_intro)])
     section = Section("generalization", "Generalization", intro)
-    for kind, table in kinds:
-        section.items.append(_table(data, table, kind, out))
+    for task, table in parts:
+        section.items.append(_table(data, table, task, out))
     return section
 
 
-def _table(data: ReportData, table: pd.DataFrame, kind: str, out: Path) -> tables.Table:
-    lm = kind == LANGUAGE_MODEL
-    numbers = summarize_lm(table) if lm else summarize(table)
-    quality = "best_test_bpb" if lm else "best_test_error"
-    digits = BPB_DIGITS if lm else 2
+def _table(data: ReportData, table: pd.DataFrame, task: tasks.Task, out: Path) -> tables.Table:
+    numbers = summarize(table, task)
+    quality, digits = task.quality.stem, task.quality.digits
     methods = data.order_labels(numbers["method"])
     order = data.label_rank(numbers["method"])
     numbers = numbers.assign(_o=numbers["method"].map(order)).sort_values([*ROW, "_o"]).drop(columns="_o")
@@ -101,7 +81,8 @@ def _table(data: ReportData, table: pd.DataFrame, kind: str, out: Path) -> table
         rows.append({"model": model, "data set": dataset, "K": k, **{m: cells.get(m, tables.DASH) for m in methods}})
     shown = pd.DataFrame(rows)
     counts = sorted(set(numbers["runs"]))
-    csv = f"{Path(STEMS[kind]).name}.csv"
+    stem = STEM + task.suffix
+    csv = f"{Path(stem).name}.csv"
     if counts == [1]:  # a standard deviation over one seed does not exist: say so rather than "± over 1 seed"
         spread = "One run per cell, so no spread is shown: run more seeds for a standard deviation"
     elif len(counts) == 1:
@@ -109,12 +90,6 @@ def _table(data: ReportData, table: pd.DataFrame, kind: str, out: Path) -> table
     else:
         spread = (f"Mean ± sample standard deviation over the seeds of each cell ({', '.join(map(str, counts))}; "
                   f"see the runs column of {csv}); a cell of one run has no spread")
-    if lm:
-        caption = (f"{spread}; bold: lowest mean in the row; {tables.DASH}: no run. Each run's best epoch: its "
-                   "lowest test loss, in bits per byte (the mean cross-entropy per byte in nats / ln 2; lower is "
-                   f"better); {csv} also has the next-token accuracy at that epoch (best_next_token_acc_mean, %).")
-    else:
-        caption = (f"{spread}; bold: lowest mean in the row; {tables.DASH}: no run. Each run's best epoch, as in the "
-                   "FR paper's Table 2.")
-    return tables.write(out, STEMS[kind], title=TITLES[kind], shown=shown, numbers=numbers, runs=table["run"],
+    caption = f"{spread}; bold: lowest mean in the row; {tables.DASH}: no run. {task.generalization_caption(csv)}"
+    return tables.write(out, stem, title=task.generalization_title, shown=shown, numbers=numbers, runs=table["run"],
                         caption=caption)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from dbench import task as tasks
 from dbench.report import tables
 from dbench.report.figures import Figure
 from dbench.report.section import ReportData, Section
-from dbench.summary import CLASSIFICATION, LANGUAGE_MODEL
 
 INDEX_MD = "index.md"
 INDEX_HTML = "index.html"
@@ -27,16 +27,13 @@ def run_anchor(name: str) -> str:
     return "run-" + "".join(c if c.isalnum() else "-" for c in name)
 
 
-RUN_TITLES = {CLASSIFICATION: "Classification runs", LANGUAGE_MODEL: "Language-model runs"}
-
-
-def runs_table(data: ReportData, kind: str | None = None) -> pd.DataFrame:
-    """The runs, one row each, as the index lists them: those of task ``kind`` (None: every run, each with its
-    best test error %). A language model's quality is its best test loss in bits per byte, with the next-token
-    accuracy at that epoch."""
+def runs_table(data: ReportData, task: tasks.Task | None = None) -> pd.DataFrame:
+    """The runs, one row each, as the index lists them: those of ``task`` with its quality columns (None: every
+    run, with the default task's). A language model's quality is its best test loss in bits per byte, with the
+    next-token accuracy at that epoch."""
     t = data.table
-    if kind is not None and "task" in t.columns:
-        t = t[t["task"] == kind]
+    if task is not None and "task" in t.columns:
+        t = t[t["task"] == task.kind]
     frame = pd.DataFrame({
         "run": t["run"], "method": t["label"], "model": t["model"], "data set": t["dataset"], "K": t["k"],
         "seed": t["seed"], "status": t["status"],
@@ -45,11 +42,8 @@ def runs_table(data: ReportData, kind: str | None = None) -> pd.DataFrame:
         # the blocks of each module: for a decoupled method the cut is part of the algorithm
         "cut": t["partition"],
     })
-    if kind == LANGUAGE_MODEL:
-        frame["best test bpb"] = t["best_test_bpb"].astype(float).map(lambda v: tables.num(v, 3))
-        frame["next-token acc %"] = ((1 - t["best_test_error"].astype(float)) * 100).map(tables.num)
-    else:
-        frame["best test error %"] = (t["best_test_error"] * 100).map(tables.num)
+    for m in (task or tasks.default()).runs_columns:
+        frame[m.name] = (t[m.column].astype(float) * m.scale).map(lambda v, d=m.digits: tables.num(v, d))
     frame["git"] = [_git(r, d) for r, d in zip(t["git_revision"], t["git_dirty"])]
     return frame
 
@@ -57,11 +51,11 @@ def runs_table(data: ReportData, kind: str | None = None) -> pd.DataFrame:
 def runs_tables(data: ReportData) -> list[tuple[str | None, pd.DataFrame]]:
     """The index's runs tables: one (without a title) where every run is of one task, else one per task with
     its title, so that no column is half empty."""
-    kinds = [k for k in (CLASSIFICATION, LANGUAGE_MODEL)
-             if "task" in data.table.columns and (data.table["task"] == k).any()] or [CLASSIFICATION]
-    if len(kinds) == 1:
-        return [(None, runs_table(data, kinds[0]))]
-    return [(RUN_TITLES[k], runs_table(data, k)) for k in kinds]
+    present = [t for t in tasks.every() if "task" in data.table.columns and (data.table["task"] == t.kind).any()]
+    present = present or [tasks.default()]
+    if len(present) == 1:
+        return [(None, runs_table(data, present[0]))]
+    return [(t.runs_title, runs_table(data, t)) for t in present]
 
 
 def _git(revision, dirty) -> str:

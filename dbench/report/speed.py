@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dbench import task as tasks
 from dbench.report import figures, tables
 from dbench.report.figures import new_figure, save, theme
 from dbench.report.section import ReportData, Section
@@ -39,6 +40,11 @@ EXACT_NOTE = ("Fastest exact baseline: of the exact-gradient ways to use the sam
               "the ideal of the two cost models' ratio (one device: the ideal of model-parallel BP, 1).")
 
 
+def rate_columns() -> dict[str, tuple[str, str]]:
+    """Every task's own rates (dbench.task.Task.rates): runs column -> (the speed table's title, caption words)."""
+    return {column: (title, words) for task in tasks.every() for column, title, words in task.rates}
+
+
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, data set, K, engine, batch size, method): seconds per epoch, samples/s, and speedups.
 
@@ -49,15 +55,16 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     Rows that are not parallel measurements (the local engine at K > 1) get no speedup (NaN) and
     ``parallel`` False.
     """
-    if "tokens_per_s" not in table.columns:  # a table without any language model (or from before them)
-        table = table.assign(tokens_per_s=float("nan"))
+    rates = rate_columns()
+    # a task's own rate (a language model's tokens/s) is NaN in other tasks' runs, and in tables made without it
+    table = table.assign(**{c: table[c].astype(float) if c in table.columns else float("nan") for c in rates})
     if "shared_gpu" not in table.columns:  # a table made without the column (no GPU shared)
         table = table.assign(shared_gpu=False)
     means = table.groupby([*GROUP, "label", "method_label", "method"], sort=True).agg(
         seeds=("seed", "nunique"), seconds_per_epoch=("seconds_per_epoch", "mean"),
         samples_per_s=("samples_per_s", "mean"), table_order=("table_order", "first"),
-        # a language model's samples are sequences: its tokens (bytes) per second beside them (NaN for images)
-        tokens_per_s=("tokens_per_s", "mean"),
+        # a task's own rates beside samples/s (a language model's samples are sequences: tokens/s)
+        **{c: (c, "mean") for c in rates},
         shared_gpu=("shared_gpu", "any"),
         reference=("reference", "first"), family=("family", "first"),
         # facts are recorded per run for its K and options, which the label and K fix: the same for every seed
@@ -170,8 +177,8 @@ def build(data: ReportData, out: Path) -> Section:
         "batch": numbers["batch_size"], "method": numbers["method"], "seeds": numbers["seeds"],
         "s/epoch": numbers["seconds_per_epoch"].map(tables.num),
         "samples/s": numbers["samples_per_s"].map(lambda v: tables.num(v, 0)),
-        **({"tokens/s": numbers["tokens_per_s"].map(lambda v: tables.num(v, 0))}
-           if numbers["tokens_per_s"].notna().any() else {}),
+        **{title: numbers[c].map(lambda v: tables.num(v, 0)) for c, (title, _) in rate_columns().items()
+           if numbers[c].notna().any()},
         f"× {reference}": [_ratio(v, p) for v, p in zip(numbers["speedup_epoch_time"], numbers["parallel"])],
         "ideal": numbers["ideal_speedup"].map(tables.num),
         "fastest exact": numbers["fastest_exact"].fillna(tables.DASH),
@@ -202,8 +209,7 @@ def build(data: ReportData, out: Path) -> Section:
         shown=shown, numbers=numbers, runs=data.table["run"],
         caption=(f"Means over seeds. × {reference}: its training seconds per epoch over the method's (σ probes "
                  "included; speed.csv also has the ratio of samples/s, warm-up steps and σ probes left out); "
-                 + ("samples/s of a language model counts sequences, tokens/s its bytes; "
-                    if numbers["tokens_per_s"].notna().any() else "") +
+                 + "".join(words for c, (_, words) in rate_columns().items() if numbers[c].notna().any()) +
                  "ideal: ALGORITHMS.md's cost model for the method at that K with the options it ran with, as the "
                  f"run recorded it{_no_ideal(numbers)}. " + " ".join(notes)),
     ))

@@ -14,13 +14,13 @@ batch size, where a label ran with several):
 - time to accuracy: training wall-clock until the test accuracy first reaches
   a target (given, or 99% of the reference's mean best accuracy).
 
-A language-model comparison (its runs' config.json "task" says "language
-model": byte-level text) measures quality by the test loss instead: best test
-loss in bits per byte (the lowest epoch's mean cross-entropy per byte / ln 2),
-its difference from the reference's in bits per byte, and the time to a target
-loss (``--target-loss``, or 1.01 × the reference's mean best bits per byte). A
-data set is one task, so each comparison has one kind; tables that would mix
-kinds are written once per kind (``verdict`` and ``verdict-lm``).
+Quality, its difference and the target are the comparison's task's
+(dbench.task): a classification's as above; a language model's (byte-level
+text) the best test loss in bits per byte, its difference from the
+reference's, and the time to a target loss (``--target-loss``, or 1.01 × the
+reference's mean best bits per byte). A data set is one task, so each
+comparison has one; tables that would mix tasks are written once per task
+(``verdict``, ``verdict-lm``: the task's suffix).
 
 ``table`` computes it (the report's section and ``dbench compare`` both use it),
 ``shown`` and ``text`` format it, ``build`` writes the section with one Pareto
@@ -35,17 +35,13 @@ from pathlib import Path
 import pandas as pd
 
 from dbench import results
-from dbench.errors import DbenchError
-from dbench.summary import CLASSIFICATION, LANGUAGE_MODEL
+from dbench import task as tasks
 from dbench.report import figures, speed, tables
 from dbench.report.figures import new_figure, save, theme
 from dbench.report.section import ReportData, Section
 
 COMPARISON = ["model", "dataset", "k"]
 ROW = [*COMPARISON, "engine", "batch_size", "method"]  # speed.summarize's rows; its "method" is the label
-DEFAULT_SHARE = 0.99  # the default target: this share of the reference's mean best test accuracy
-DEFAULT_LOSS_FACTOR = 1.01  # a language model's default target: this times the reference's mean best test bpb
-BPB_DIGITS = 3  # bits per byte are shown to 3 decimals: 0.01 bpb is a difference between methods that matters
 NOT_REACHED = "not reached"
 ACCOUNTED = "accounted"
 CUDA = "CUDA peak allocated"
@@ -56,71 +52,61 @@ TITLE = "Verdict: which method buys what"
 INTRO = ("Per model, data set and K, what each method buys and costs: seconds per epoch and speedups (each beside "
          "its ideal), peak memory of the largest device and of all devices, best test error and its difference "
          "from model-parallel BP's, and the training time until the test accuracy reaches a target.")
-LM_INTRO = ("For a language model (byte-level text) quality is the test loss in bits per byte (the mean "
-            "cross-entropy per byte / ln 2, lower is better) instead of the error, and the time is until the test "
-            "loss first falls to a target: its own table (verdict-lm).")
 LOCAL_NOTE = ("Local engine at K > 1: the modules ran one after another, so its seconds per epoch and its time to "
               "accuracy are total compute, not the time K devices working at once take.")
 
 
-def check_target(target_acc: float | None) -> None:
-    """A target accuracy must be a fraction in (0, 1]; None means the default."""
-    if target_acc is None:
-        return
-    if not 0 < target_acc <= 1:  # NaN fails this too
-        raise DbenchError(f"--target-acc {target_acc} is not a test accuracy in (0, 1]: give e.g. 0.9 for 90%")
-
-
-def target_loss_problem(target_loss: float) -> str | None:
-    """Why ``target_loss`` is no target test loss (a finite number of bits per byte above 0); None if it is one."""
-    if isinstance(target_loss, bool) or not isinstance(target_loss, (int, float)) \
-            or not (math.isfinite(target_loss) and target_loss > 0):
-        return (f"{target_loss} is not a test loss in bits per byte: give a finite number above 0, "
-                "e.g. 1.5")
-    return None
-
-
-def check_target_loss(target_loss: float | None) -> None:
-    """A language model's target test loss must be a finite number of bits per byte above 0; None: the default."""
-    if target_loss is None:
-        return
-    problem = target_loss_problem(target_loss)
-    if problem:
-        raise DbenchError(f"--target-loss {problem}")
+def check_targets(targets: dict | None = None, **given) -> dict[str, float | None]:
+    """The targets of every task by keyword (``target_acc``, ``target_loss``, a plug-in task's), None where
+    the task's default applies; a DbenchError in the CLI's words for a bad value or an unknown keyword."""
+    return tasks.targets_given({**(targets or {}), **given})
 
 
 # --- the numbers ----------------------------------------------------------------------------------
 
-def table(data: ReportData, target_acc: float | None = None, target_loss: float | None = None) -> pd.DataFrame:
+def table(data: ReportData, targets: dict | None = None, **given) -> pd.DataFrame:
     """One row per comparison (model, data set, K) and method label (and engine, batch size).
 
     Columns: speed.summarize's (``seconds_per_epoch``, ``speedup_epoch_time``, ``ideal_speedup``,
     ``fastest_exact``, ``speedup_vs_exact``, ``ideal_vs_exact``, ``parallel``, ...), then
-    ``runs``, ``memory_source``, ``peak_mib_largest_device``, ``peak_mib_all_devices``,
-    ``best_test_error_mean``/``_std`` (%), ``reference`` (the comparison's reference label),
-    ``error_vs_reference`` (percentage points), ``target_acc``, ``target_from``, ``time_to_target_s``
-    (mean over the runs that reached the target) and ``runs_reached``.
+    ``runs``, ``memory_source``, ``peak_mib_largest_device``, ``peak_mib_all_devices``, ``task`` (the
+    comparison's task kind), ``reference`` (its reference label), ``target_from``, ``time_to_target_s``
+    (mean over the runs that reached the target) and ``runs_reached``; and per task (dbench.task), filled in
+    its comparisons' rows and NaN in the others': ``{quality}_mean``/``_std``, ``reference_{short}_mean``,
+    ``{short}_vs_reference`` and the target (a classification: ``best_test_error_mean``/``_std`` in %,
+    ``reference_error_mean``, ``error_vs_reference`` in percentage points, ``target_acc``; a language model:
+    ``best_test_bpb_mean``/``_std``, ``reference_bpb_mean``, ``bpb_vs_reference``, ``target_bpb``, and
+    ``best_test_acc_mean``, the next-token accuracy in %).
 
-    ``task`` is the comparison's kind. A language model's rows also have ``best_test_bpb_mean``/``_std``
-    (bits per byte), ``best_test_acc_mean`` (%, the next-token accuracy at the best epoch),
-    ``reference_bpb_mean``, ``bpb_vs_reference`` and ``target_bpb`` (``target_from`` says where it came
-    from); their ``time_to_target_s`` is to that test loss, and ``target_acc`` is NaN. ``target_acc``
-    applies to classification comparisons only, ``target_loss`` (bits per byte) to language models only.
+    ``targets`` (or keywords: ``target_acc=0.9``, ``target_loss=1.5``) give a task's target; each applies to
+    its task's comparisons only.
     """
-    check_target(target_acc)
-    check_target_loss(target_loss)
-    targets = _targets(data.table, target_acc, target_loss)
-    per_run = _per_run(data, targets)
+    chosen = check_targets(targets, **given)
+    per_comparison = _targets(data.table, chosen)
+    per_run = _per_run(data, per_comparison)
     # dropna=False: a run without a batch size still gets its row here (speed.summarize leaves it out)
     rows = pd.DataFrame([_row(key, group) for key, group in per_run.groupby(ROW, sort=True, dropna=False)])
     numbers = speed.summarize(data.table).merge(rows, on=ROW, how="left", validate="one_to_one")
-    numbers = numbers.merge(targets, on=COMPARISON, how="left", validate="many_to_one")
-    numbers["error_vs_reference"] = numbers["best_test_error_mean"] - numbers["reference_error_mean"]
-    numbers["bpb_vs_reference"] = numbers["best_test_bpb_mean"] - numbers["reference_bpb_mean"]
+    numbers = numbers.merge(per_comparison, on=COMPARISON, how="left", validate="many_to_one")
+    numbers = numbers.reindex(columns=list(dict.fromkeys([*numbers.columns, *_every_task_column()])))
+    for task in tasks.every():
+        q = task.quality
+        numbers[f"{q.short}_vs_reference"] = numbers[f"{q.stem}_mean"] - numbers[f"reference_{q.short}_mean"]
     order = data.label_rank(numbers["method"])
     numbers = numbers.assign(_o=numbers["method"].map(order)).sort_values(
         [*COMPARISON, "_o", "engine", "batch_size"]).drop(columns="_o")
     return numbers.reset_index(drop=True)
+
+
+def task_columns(task: tasks.Task) -> list[str]:
+    """The columns of ``table`` that ``task``'s rows fill and other tasks' leave NaN."""
+    q = task.quality
+    return [f"{q.stem}_mean", f"{q.stem}_std", *(f"{m.stem}_mean" for m in task.verdict_extras),
+            f"reference_{q.short}_mean", task.target.column, f"{q.short}_vs_reference"]
+
+
+def _every_task_column() -> list[str]:
+    return list(dict.fromkeys(c for task in tasks.every() for c in task_columns(task)))
 
 
 def _reference_label(group: pd.DataFrame) -> str | None:
@@ -135,67 +121,58 @@ def _reference_label(group: pd.DataFrame) -> str | None:
     return ref["label"].iloc[0]
 
 
-def comparison_kind(group: pd.DataFrame) -> str:
-    """The task of a comparison's runs (runs_frame rows): a data set is one task, so they share it; a run
-    without a task column is a classification."""
-    kinds = set(group["task"]) if "task" in group.columns else {CLASSIFICATION}
-    return LANGUAGE_MODEL if kinds == {LANGUAGE_MODEL} else CLASSIFICATION
+def comparison_task(group: pd.DataFrame) -> tasks.Task:
+    """The task of a comparison's runs (runs_frame rows): a data set is one task, so they share it; runs
+    without a task column, or of several, are read as the default task's."""
+    kinds = set(group["task"]) if "task" in group.columns else set()
+    return tasks.named(kinds.pop()) if len(kinds) == 1 else tasks.default()
 
 
-def _targets(table: pd.DataFrame, target_acc: float | None, target_loss: float | None = None) -> pd.DataFrame:
-    """Per comparison: its task, its reference label, the reference's mean best test error (%) or, for a language
-    model, mean best test bits per byte, and the target accuracy or test loss (bits per byte) with where it comes
-    from (NaN and None: no target)."""
+def _targets(table: pd.DataFrame, targets: dict[str, float | None]) -> pd.DataFrame:
+    """Per comparison: its task, its reference label, the reference's mean best quality (a classification's
+    error in %, a language model's bits per byte), and the target with where it comes from (NaN and None: no
+    target): the one given for its task, else the task's factor × the reference's mean best."""
     rows = []
     for (model, dataset, k), group in table.groupby(COMPARISON, sort=True):
-        kind = comparison_kind(group)
+        task = comparison_task(group)
+        q, target = task.quality, task.target
         reference = _reference_label(group)
-        of_reference = group["label"] == reference
-        ref_error = group.loc[of_reference, "best_test_error"].mean() * 100 if reference else math.nan
-        ref_bpb, target_bpb = math.nan, math.nan
-        if kind == LANGUAGE_MODEL:
-            target = math.nan  # no accuracy target: a language model's quality is its test loss
-            ref_bpb = group.loc[of_reference, "best_test_bpb"].astype(float).mean() if reference else math.nan
-            if target_loss is not None:
-                target_bpb, source = target_loss, f"--target-loss {target_loss:g}"
-            elif reference is not None and not math.isnan(ref_bpb):
-                target_bpb = DEFAULT_LOSS_FACTOR * ref_bpb
-                source = f"{DEFAULT_LOSS_FACTOR:g} × {reference}'s mean best test bits per byte"
-            else:
-                source = None
-        elif target_acc is not None:
-            target, source = target_acc, f"--target-acc {target_acc:g}"
-        elif reference is not None:
-            target = DEFAULT_SHARE * (1 - ref_error / 100)  # the mean best accuracy is 1 - the mean best error
-            source = f"{DEFAULT_SHARE:g} × {reference}'s mean best test accuracy"
+        of_reference = group[group["label"] == reference]
+        ref_quality = of_reference[q.column].astype(float).mean() * q.scale if reference else math.nan
+        ref_value = target.reference_value(of_reference) if reference else math.nan
+        given = targets.get(target.keyword)
+        if given is not None:
+            value, source = given, f"{target.option} {given:g}"
+        elif reference is not None and not math.isnan(ref_value):
+            value, source = target.factor * ref_value, f"{target.factor:g} × {reference}'s {target.reference_name}"
         else:
-            target, source = math.nan, None
-        rows.append({"model": model, "dataset": dataset, "k": k, "task": kind, "reference": reference,
-                     "reference_error_mean": ref_error, "target_acc": target, "reference_bpb_mean": ref_bpb,
-                     "target_bpb": target_bpb, "target_from": source})
+            value, source = math.nan, None
+        rows.append({"model": model, "dataset": dataset, "k": k, "task": task.kind, "reference": reference,
+                     f"reference_{q.short}_mean": ref_quality, target.column: value, "target_from": source})
     return pd.DataFrame(rows)
 
 
 def _per_run(data: ReportData, targets: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: its row key, best test error (%), peak memory (both kinds) and time to the target."""
+    """One row per run: its row key, its task's quality (and extras), peak memory (both kinds) and time to
+    the target."""
     t = data.table
     frame = pd.DataFrame({c: t[c] for c in ("run", *COMPARISON, "engine", "batch_size", "seed")})
     frame["method"] = t["label"]
-    frame["best_test_error_pct"] = t["best_test_error"].astype(float) * 100
-    frame["best_test_bpb"] = (t["best_test_bpb"] if "best_test_bpb" in t.columns else math.nan)
-    frame["best_test_bpb"] = frame["best_test_bpb"].astype(float)  # None (a classification) → NaN
+    by_comparison = targets.set_index(COMPARISON)
+    kinds = [tasks.named(by_comparison.loc[(r.model, r.dataset, r.k), "task"]) for r in frame.itertuples()]
+    frame["task"] = [task.kind for task in kinds]
+    # each run's own task's figures, by their table names (NaN in the other tasks' runs)
+    for task in {task.kind: task for task in kinds}.values():
+        mine = frame["task"] == task.kind
+        for m in (task.quality, *task.verdict_extras):
+            frame.loc[mine, m.stem] = t.loc[mine, m.column].astype(float) * m.scale
     memory = pd.DataFrame([{"run": run.name, **run_memory(run)} for run in data.runs])
     frame = frame.merge(memory, on="run", how="left", validate="one_to_one")
-    by_comparison = targets.set_index(COMPARISON)
-    epochs = dict(tuple(data.epochs.groupby("run"))) if "test_acc" in data.epochs.columns else {}
-    times = []
-    for r in frame.itertuples():
-        target = by_comparison.loc[(r.model, r.dataset, r.k)]
-        if target["task"] == LANGUAGE_MODEL:
-            times.append(time_to_target_loss(epochs.get(r.run), target["target_bpb"]))
-        else:
-            times.append(time_to_target(epochs.get(r.run), target["target_acc"]))
-    frame["time_to_target_s"] = times
+    epochs = dict(tuple(data.epochs.groupby("run"))) if not data.epochs.empty else {}
+    frame["time_to_target_s"] = [
+        time_to_target(epochs.get(r.run), by_comparison.loc[(r.model, r.dataset, r.k), task.target.column],
+                       task.target)
+        for r, task in zip(frame.itertuples(), kinds)]
     return frame
 
 
@@ -214,23 +191,13 @@ def run_memory(run: results.Run) -> dict:
             "cuda_sum": sum(cuda) if has_cuda else math.nan}
 
 
-def time_to_target(epochs: pd.DataFrame | None, target: float) -> float:
-    """Training seconds up to the end of the first epoch whose test accuracy reaches ``target`` (NaN: none did,
-    or there is no target)."""
-    if epochs is None or math.isnan(target):
+def time_to_target(epochs: pd.DataFrame | None, target: float, rule: tasks.Target) -> float:
+    """Training seconds up to the end of the first epoch whose ``rule.epoch_column`` reaches ``target`` (at or
+    above it, or at or below it for a figure where lower is better); NaN: none did, or there is no target."""
+    if epochs is None or pd.isna(target) or rule.epoch_column not in epochs.columns:
         return math.nan
-    acc = pd.to_numeric(epochs["test_acc"])  # an epoch without a test accuracy (None) reaches nothing
-    reached = epochs[acc >= target].sort_values("epoch")
-    return float(reached["wall_seconds"].iloc[0]) if len(reached) else math.nan
-
-
-def time_to_target_loss(epochs: pd.DataFrame | None, target_bpb: float) -> float:
-    """Training seconds up to the end of the first epoch whose test loss, in bits per byte, is at or below
-    ``target_bpb`` (NaN: none was, or there is no target)."""
-    if epochs is None or math.isnan(target_bpb) or "test_bpb" not in epochs.columns:
-        return math.nan
-    bpb = pd.to_numeric(epochs["test_bpb"])  # an epoch without a test loss (None, NaN) reaches nothing
-    reached = epochs[bpb <= target_bpb].sort_values("epoch")
+    values = pd.to_numeric(epochs[rule.epoch_column])  # an epoch without the figure (None, NaN) reaches nothing
+    reached = epochs[rule.reached(values, target)].sort_values("epoch")
     return float(reached["wall_seconds"].iloc[0]) if len(reached) else math.nan
 
 
@@ -244,17 +211,16 @@ def _row(key: tuple, group: pd.DataFrame) -> dict:
     else:
         source, largest, total = None, group["accounted_largest"], group["accounted_sum"]
     times = group["time_to_target_s"].dropna()
+    task = tasks.named(group["task"].iloc[0])  # a row is one comparison's: one task
     return {
         **dict(zip(ROW, key)),
         "runs": len(group),
         "memory_source": source,
         "peak_mib_largest_device": largest.mean() / results.MIB,
         "peak_mib_all_devices": total.mean() / results.MIB,
-        "best_test_error_mean": group["best_test_error_pct"].mean(),
-        "best_test_error_std": group["best_test_error_pct"].std(),  # NaN for one run: no spread
-        "best_test_acc_mean": 100 - group["best_test_error_pct"].mean(),  # a language model's: next-token
-        "best_test_bpb_mean": group["best_test_bpb"].mean(),  # NaN for a classification
-        "best_test_bpb_std": group["best_test_bpb"].std(),
+        f"{task.quality.stem}_mean": group[task.quality.stem].mean(),
+        f"{task.quality.stem}_std": group[task.quality.stem].std(),  # NaN for one run: no spread
+        **{f"{m.stem}_mean": group[m.stem].mean() for m in task.verdict_extras},
         "time_to_target_s": times.mean() if len(times) else math.nan,
         "runs_reached": len(times),
     }
@@ -269,51 +235,42 @@ def one_name(names: pd.Series) -> str:
     return present.pop() if len(present) == 1 else REFERENCE
 
 
-def kind_of(numbers: pd.DataFrame) -> str:
-    """The one task of ``numbers``' rows (``table``'s, or a part of it); a frame without a task column holds
-    classifications. Several kinds: a ValueError, as one table never mixes them (see ``by_kind``)."""
-    kinds = set(numbers["task"]) if "task" in numbers.columns else {CLASSIFICATION}
+def task_of(numbers: pd.DataFrame) -> tasks.Task:
+    """The one task of ``numbers``' rows (``table``'s, or a part of it); a frame without a task column is the
+    default task's. Several: a ValueError, as one table never mixes them (see ``by_task``)."""
+    kinds = set(numbers["task"]) if "task" in numbers.columns else set()
     if len(kinds) > 1:
-        raise ValueError(f"verdict rows of several tasks ({', '.join(sorted(kinds))}): split them with by_kind")
-    return kinds.pop() if kinds else CLASSIFICATION
+        raise ValueError(f"verdict rows of several tasks ({', '.join(sorted(kinds))}): split them with by_task")
+    return tasks.named(kinds.pop()) if kinds else tasks.default()
 
 
-def by_kind(numbers: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """``numbers`` split by task, classification first: each part is shown as a table of its own, with its own
+def by_task(numbers: pd.DataFrame) -> list[tuple[tasks.Task, pd.DataFrame]]:
+    """``numbers`` split by task, the default first: each part is shown as a table of its own, with its own
     quality columns (a data set is one task, so a comparison is never split)."""
     if "task" not in numbers.columns:
-        return [(CLASSIFICATION, numbers)]
-    return [(kind, numbers[numbers["task"] == kind]) for kind in (CLASSIFICATION, LANGUAGE_MODEL)
-            if (numbers["task"] == kind).any()]
+        return [(tasks.default(), numbers)]
+    return [(task, numbers[numbers["task"] == task.kind]) for task in tasks.every()
+            if (numbers["task"] == task.kind).any()]
 
 
-# the columns of table() that only one kind's rows fill: left out of the other kind's CSV
-LM_ONLY = ["task", "best_test_acc_mean", "best_test_bpb_mean", "best_test_bpb_std", "reference_bpb_mean",
-           "target_bpb", "bpb_vs_reference"]
-CLASSIFICATION_ONLY = ["best_test_error_mean", "best_test_error_std", "reference_error_mean", "target_acc",
-                       "error_vs_reference"]
-
-
-def csv_numbers(numbers: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """One kind's rows of ``table`` with the columns that kind fills (a classification's as they always were)."""
-    drop = LM_ONLY if kind == CLASSIFICATION else [c for c in CLASSIFICATION_ONLY if c != "best_test_error_mean"]
+def csv_numbers(numbers: pd.DataFrame, task: tasks.Task) -> pd.DataFrame:
+    """One task's rows of ``table`` with the columns that task fills: other tasks' columns left out, and the
+    task named unless it is the default (a classification's CSV as it always was)."""
+    mine = set(task_columns(task))
+    drop = [c for c in _every_task_column() if c not in mine] + (["task"] if task.default else [])
     out = numbers.drop(columns=[c for c in drop if c in numbers.columns])
-    if kind == LANGUAGE_MODEL:
-        out = out.drop(columns=["best_test_error_mean"]).assign(task=LANGUAGE_MODEL)
-    return out
+    return out if task.default else out.assign(task=task.kind)
 
 
-def quality_columns(kind: str, reference: str) -> tuple[str, str, str]:
-    """The names of the quality, Δ and target columns of ``shown`` for tables of ``kind``."""
-    if kind == LANGUAGE_MODEL:
-        return "best test bpb", f"Δ bpb vs {reference}", "target bpb"
-    return "best test error %", f"Δ error vs {reference} (pp)", "target acc %"
+def quality_columns(task: tasks.Task, reference: str) -> tuple[str, str, str]:
+    """The names of the quality, Δ and target columns of ``shown`` for tables of ``task``."""
+    return task.quality.name, task.quality.delta.format(reference=reference), task.target.shown
 
 
 def shown(numbers: pd.DataFrame) -> pd.DataFrame:
     """The verdict table as text cells, one row per row of ``numbers`` (``table``'s, all of one task: see
-    ``by_kind``). A language model's quality columns are in bits per byte."""
-    kind = kind_of(numbers)
+    ``by_task``), with that task's quality columns (a language model's in bits per byte)."""
+    task = task_of(numbers)
     speed_ref, error_ref = one_name(numbers["baseline"]), one_name(numbers["reference"])
     out = pd.DataFrame({
         "model": numbers["model"], "data set": numbers["dataset"], "K": numbers["k"],
@@ -330,19 +287,13 @@ def shown(numbers: pd.DataFrame) -> pd.DataFrame:
     })
     if (numbers["memory_source"] == CUDA).any():  # else every row's memory is accounted, as the caption says
         out["memory"] = numbers["memory_source"].fillna(tables.DASH)
-    quality, delta, target = quality_columns(kind, error_ref)
-    if kind == LANGUAGE_MODEL:
-        out[quality] = [tables.mean_std(m, s, n, BPB_DIGITS) for m, s, n in
-                        zip(numbers["best_test_bpb_mean"], numbers["best_test_bpb_std"], numbers["runs"])]
-        out[delta] = numbers["bpb_vs_reference"].map(lambda v: signed(v, BPB_DIGITS))
-        out[target] = numbers["target_bpb"].map(lambda v: tables.num(v, BPB_DIGITS))
-        targets = numbers["target_bpb"]
-    else:
-        out[quality] = [tables.mean_std(m, s, n) for m, s, n in
-                        zip(numbers["best_test_error_mean"], numbers["best_test_error_std"], numbers["runs"])]
-        out[delta] = numbers["error_vs_reference"].map(signed)
-        out[target] = (numbers["target_acc"] * 100).map(tables.num)
-        targets = numbers["target_acc"]
+    q, rule = task.quality, task.target
+    quality, delta, target = quality_columns(task, error_ref)
+    out[quality] = [tables.mean_std(m, s, n, q.digits) for m, s, n in
+                    zip(numbers[f"{q.stem}_mean"], numbers[f"{q.stem}_std"], numbers["runs"])]
+    out[delta] = numbers[f"{q.short}_vs_reference"].map(lambda v: signed(v, q.digits))
+    out[target] = (numbers[rule.column] * rule.scale).map(lambda v: tables.num(v, rule.digits))
+    targets = numbers[rule.column]
     out["time to target (s)"] = [time_cell(r.time_to_target_s, r.runs_reached, r.runs, t)
                                  for r, t in zip(numbers.itertuples(), targets)]
     return out
@@ -370,15 +321,14 @@ def time_cell(seconds, reached: int, runs: int, target) -> str:
     return tables.num(seconds)
 
 
-def caption(numbers: pd.DataFrame, target_acc: float | None, target_loss: float | None = None) -> str:
+def caption(numbers: pd.DataFrame, targets: dict | None = None, **given) -> str:
     """Defines every column of ``shown`` (``numbers`` all of one task)."""
-    common, quality = _caption_parts(numbers, kind_of(numbers), target_acc, target_loss)
+    common, quality = _caption_parts(numbers, task_of(numbers), check_targets(targets, **given))
     return common + quality
 
 
-def _caption_parts(numbers: pd.DataFrame, kind: str, target_acc: float | None,
-                   target_loss: float | None) -> tuple[str, str]:
-    """The caption's definitions of the columns every table has, and of ``kind``'s quality columns."""
+def _caption_parts(numbers: pd.DataFrame, task: tasks.Task, targets: dict[str, float | None]) -> tuple[str, str]:
+    """The caption's definitions of the columns every table has, and of ``task``'s quality columns."""
     speed_ref, error_ref = one_name(numbers["baseline"]), one_name(numbers["reference"])
     memory = ("memory: where the bytes come from, the CUDA allocator's peak allocated bytes where every run of the "
               "row has them, else summary.json's accounted bytes"
@@ -399,82 +349,58 @@ def _caption_parts(numbers: pd.DataFrame, kind: str, target_acc: float | None,
         "device's peak (module k of replica d on device d·K + k; MiB = 2^20 bytes); peak MiB, all devices: the sum of every "
         f"module's peak; both mean over seeds; {memory}. ")
     dashes = (f"{tables.DASH}: no such number (no reference run, no exact baseline, no closed-form ideal).")
-    if kind == LANGUAGE_MODEL:
-        quality, delta, target_name = quality_columns(kind, error_ref)
-        target = (f"the test loss given (--target-loss {target_loss:g})" if target_loss is not None else
-                  f"{DEFAULT_LOSS_FACTOR:g} × {error_ref}'s mean best test bits per byte in the same comparison")
-        return common, (
-            f"{quality}: the best epoch's (lowest) test loss in bits per byte (the mean cross-entropy per byte in "
-            f"nats / ln 2; a byte-level language model), mean ± sample standard deviation over seeds. {delta}: the "
-            f"method's mean minus {error_ref}'s in the same comparison, in bits per byte (negative: a better "
-            f"model). {target_name}: {target}. time to target (s): training seconds (evaluation left out) up to "
-            "the end of the first epoch whose test loss is at or below the target, mean over the seeds that "
-            f"reached it (k of n seeds where not all did); {NOT_REACHED}: no seed did. " + dashes)
-    target = (f"the accuracy given (--target-acc {target_acc:g})" if target_acc is not None else
-              f"{DEFAULT_SHARE:g} × {error_ref}'s mean best test accuracy in the same comparison")
-    return common, (
-        f"best test error %: the best epoch's test error, mean ± "
-        f"sample standard deviation over seeds. Δ error vs {error_ref} (pp): the method's mean minus "
-        f"{error_ref}'s in the same comparison, in percentage points (negative: more accurate). target acc %: "
-        f"{target}. time to target (s): training seconds (evaluation left out) up to the end of the first epoch "
-        "whose test accuracy reaches the target, mean over the seeds that reached it (k of n seeds where not all "
-        f"did); {NOT_REACHED}: no seed did. " + dashes)
+    rule, given = task.target, targets.get(task.target.keyword)
+    target = (f"the {rule.given_name} given ({rule.option} {given:g})" if given is not None else
+              f"{rule.factor:g} × {error_ref}'s {rule.reference_name} in the same comparison")
+    return common, task.verdict_caption(error_ref, target, NOT_REACHED, tables.DASH) + dashes
 
 
-def notes(numbers: pd.DataFrame, target_acc: float | None, target_loss: float | None = None) -> list[str]:
+def notes(numbers: pd.DataFrame, targets: dict | None = None, **given) -> list[str]:
+    chosen = check_targets(targets, **given)
     out = []
     if (~numbers["parallel"]).any():
         out.append(LOCAL_NOTE)
     columns = [*COMPARISON, "task"] if "task" in numbers.columns else COMPARISON
     without = numbers[numbers["reference"].isna()][columns].drop_duplicates()
     for r in without.itertuples():
-        if getattr(r, "task", CLASSIFICATION) == LANGUAGE_MODEL:
-            what = (f"its Δ bpb is {tables.DASH}" if target_loss is not None
-                    else f"its Δ bpb and time to target are {tables.DASH} (give --target-loss for a time)")
-        else:
-            what = (f"its Δ error is {tables.DASH}" if target_acc is not None
-                    else f"its Δ error and time to target are {tables.DASH} (give --target-acc for a time)")
+        task = tasks.named(getattr(r, "task", None))
+        short, rule = task.quality.short, task.target
+        what = (f"its Δ {short} is {tables.DASH}" if chosen.get(rule.keyword) is not None
+                else f"its Δ {short} and time to target are {tables.DASH} (give {rule.option} for a time)")
         out.append(f"{r.model} · {r.dataset} · N={r.k} devices has no run of a reference method (model-parallel bp): {what}.")
     return out
 
 
-KIND_NAMES = {CLASSIFICATION: "Classifications", LANGUAGE_MODEL: "Language models"}
-
 # Shorter column names and cells for a terminal, so that a comparison fits in about 130 columns.
 TERMINAL_NAMES = {"× fastest exact (ideal)": "× exact (ideal)", "peak MiB, largest device": "MiB largest",
-                  "peak MiB, all devices": "MiB all", "best test error %": "error %",
-                  "best test bpb": "bpb", "time to target (s)": "to target (s)"}
+                  "peak MiB, all devices": "MiB all", "time to target (s)": "to target (s)"}
 TERMINAL_NOT_PARALLEL = "not parallel"
 TERMINAL_CUDA = "CUDA"
 
 
-def _terminal_names(columns) -> dict:
-    names = dict(TERMINAL_NAMES)
-    for column in columns:
-        if column.startswith("Δ error vs "):
-            names[column] = column.replace("Δ error vs ", "Δ vs ").replace(" (pp)", "")
-        elif column.startswith("Δ bpb vs "):
-            names[column] = column  # short already
-    return names
+def _terminal_names(task: tasks.Task, reference: str) -> dict:
+    q = task.quality
+    return {**TERMINAL_NAMES, q.name: q.terminal or q.name,
+            q.delta.format(reference=reference): (q.terminal_delta or q.delta).format(reference=reference)}
 
 
-def text(numbers: pd.DataFrame, target_acc: float | None = None, width: int = 110,
-         target_loss: float | None = None) -> str:
+def text(numbers: pd.DataFrame, targets: dict | None = None, width: int = 110, **given) -> str:
     """The verdict for a terminal: one aligned block per comparison (each with its task's quality columns),
     then what the columns mean."""
+    chosen = check_targets(targets, **given)
     parts = []
-    for kind, part in by_kind(numbers):
+    for task, part in by_task(numbers):
         cells = shown(part).replace({speed.NOT_PARALLEL: TERMINAL_NOT_PARALLEL, CUDA: TERMINAL_CUDA})
-        parts.append((kind, part, cells, _terminal_names(cells.columns)))
+        parts.append((task, part, cells, _terminal_names(task, one_name(part["reference"]))))
     blocks = []
     for (model, dataset, k), _ in numbers.groupby(COMPARISON, sort=False):
-        kind, part, cells, names = next(p for p in parts if ((p[1]["model"] == model) & (p[1]["dataset"] == dataset)
+        task, part, cells, names = next(p for p in parts if ((p[1]["model"] == model) & (p[1]["dataset"] == dataset)
                                                              & (p[1]["k"] == k)).any())
         group = cells[(part["model"] == model).to_numpy() & (part["dataset"] == dataset).to_numpy()
                       & (part["k"] == k).to_numpy()]
         first = part.loc[group.index[0]]
         header = [f"{model} · {dataset} · N={k} devices"]
-        drop = ["model", "data set", "K", quality_columns(kind, "")[2]]
+        drop = ["model", "data set", "K", task.target.shown]
         # a column with one value for the whole block is said once, in the header
         for column, name in (("engine", "engine"), ("batch", "batch"), ("fastest exact", "fastest exact"),
                              ("memory", "memory")):
@@ -482,23 +408,20 @@ def text(numbers: pd.DataFrame, target_acc: float | None = None, width: int = 11
                 header.append(f"{name} {group[column].iloc[0]}")
                 drop.append(column)
         lines = [" · ".join(header)]
-        if kind == LANGUAGE_MODEL and pd.notna(first["target_bpb"]):
-            lines.append(f"target: {first['target_bpb']:.{BPB_DIGITS}f} bits per byte test loss "
-                         f"({first['target_from']})")
-        elif kind != LANGUAGE_MODEL and pd.notna(first["target_acc"]):
-            lines.append(f"target: {first['target_acc'] * 100:.2f}% test accuracy ({first['target_from']})")
+        if pd.notna(first[task.target.column]):
+            lines.append(f"target: {task.target.text(first[task.target.column])} ({first['target_from']})")
         lines.append(aligned(group.drop(columns=drop).rename(columns=names)))
         blocks.append("\n".join(lines))
-    legend = list(notes(numbers, target_acc, target_loss))
+    legend = list(notes(numbers, chosen))
     shorts: dict[str, str] = {}
     # the columns every block has are defined once; then each task's quality columns
-    definitions = [_caption_parts(part, kind, target_acc, target_loss) for kind, part, _, _ in parts]
+    definitions = [_caption_parts(part, task, chosen) for task, part, _, _ in parts]
     if len(parts) == 1:
         legend.append("".join(definitions[0]))
     else:
-        legend.append(_caption_parts(numbers, CLASSIFICATION, target_acc, target_loss)[0] + " ".join(
-            f"{KIND_NAMES[kind]}: {quality}" for (kind, _, _, _), (_, quality) in zip(parts, definitions)))
-    for kind, part, cells, names in parts:
+        legend.append(definitions[0][0] + " ".join(
+            f"{task.plural}: {quality}" for (task, _, _, _), (_, quality) in zip(parts, definitions)))
+    for task, part, cells, names in parts:
         shorts.update({long: s for long, s in names.items() if long != s and long in cells.columns})
     short = "; ".join(f"{s} = {long}" for long, s in shorts.items())
     legend.append(f"Short names above: {short}; {TERMINAL_NOT_PARALLEL} = {speed.NOT_PARALLEL}; "
@@ -522,25 +445,18 @@ def aligned(frame: pd.DataFrame) -> str:
 
 # --- the section ----------------------------------------------------------------------------------
 
-# The table's file per task (under the report folder): a report of both kinds has both.
-STEMS = {CLASSIFICATION: "verdict/verdict", LANGUAGE_MODEL: "verdict/verdict-lm"}
-TABLE_TITLES = {CLASSIFICATION: "What each method buys and costs, per model, data set and K",
-                LANGUAGE_MODEL: "What each method buys and costs, per model, data set and K: language models"}
-
-
-def build(data: ReportData, out: Path, target_acc: float | None = None,
-          target_loss: float | None = None) -> Section:
+def build(data: ReportData, out: Path, targets: dict | None = None, **given) -> Section:
+    chosen = check_targets(targets, **given)
     section = Section("verdict", TITLE, INTRO)
-    numbers = table(data, target_acc, target_loss)
-    kinds = by_kind(numbers)
-    if any(kind == LANGUAGE_MODEL for kind, _ in kinds):
-        section.intro = INTRO + " " + LM_INTRO
-    section.notes.extend(notes(numbers, target_acc, target_loss))
-    for kind, part in kinds:
+    numbers = table(data, chosen)
+    parts = by_task(numbers)
+    section.intro = " ".join([INTRO, *(task.verdict_intro for task, _ in parts if task.verdict_intro)])
+    section.notes.extend(notes(numbers, chosen))
+    for task, part in parts:  # one table per task (its file: verdict/verdict{suffix})
         runs = data.table.merge(part[COMPARISON].drop_duplicates(), on=COMPARISON)["run"]
         section.items.append(tables.write(
-            out, STEMS[kind], title=TABLE_TITLES[kind], shown=shown(part), numbers=csv_numbers(part, kind),
-            runs=runs, caption=caption(part, target_acc, target_loss)))
+            out, "verdict/verdict" + task.suffix, title=task.verdict_title, shown=shown(part),
+            numbers=csv_numbers(part, task), runs=runs, caption=caption(part, chosen)))
     for keys, group in numbers.groupby(COMPARISON, sort=True):
         runs = data.table.merge(group[COMPARISON].drop_duplicates(), on=COMPARISON)["run"]
         section.items.append(_figure(group, keys, data, runs, out))
@@ -604,26 +520,20 @@ def _figure(group: pd.DataFrame, keys, data: ReportData, runs, out: Path) -> fig
     model's: best test loss in bits per byte); marker area and label: peak memory of the largest device; the
     Pareto front joined by a line."""
     model, dataset, k = keys
-    lm = kind_of(group) == LANGUAGE_MODEL
+    task = task_of(group)
+    q, rule = task.quality, task.target
     names = _point_names(group)
     reached = group["time_to_target_s"].notna()
-    targets = group["target_bpb"] if lm else group["target_acc"]
+    targets = group[rule.column]
     if reached.any():
         x = group["time_to_target_s"]
-        if lm:
-            xlabel = (f"time to {targets.iloc[0]:.{BPB_DIGITS}f} bits per byte test loss "
-                      "(s, mean over the seeds that reached it)")
-        else:
-            xlabel = f"time to {targets.iloc[0] * 100:.2f}% test accuracy (s, mean over the seeds that reached it)"
+        xlabel = f"time to {rule.text(targets.iloc[0])} (s, mean over the seeds that reached it)"
     else:
         x = group["seconds_per_epoch"]
         why = "no target: no reference run" if targets.isna().all() else "no method reached the target"
         xlabel = f"seconds per epoch ({why})"
-    y = group["best_test_bpb_mean"] if lm else group["best_test_error_mean"]
-    ylabel = ("best test loss (bits per byte), mean over seeds" if lm
-              else "best test error (%), mean over seeds")
-    quality = "best test loss in bits per byte" if lm else "best test error"
-    better = "as low a loss" if lm else "as accurate"
+    y = group[f"{q.stem}_mean"]
+    ylabel, quality, better = q.axis, q.words, q.better
     optimal = pareto(x, y)
     mib = group["peak_mib_largest_device"]
     largest = mib.max() if mib.notna().any() else 1.0
