@@ -16,7 +16,8 @@ instead, and keeps only what torchvision does not give someone running a benchma
   nothing either. So dbench first walks the same list itself -- the data directory, the folder, each file there,
   each md5 (torchvision's ``calculate_md5``) -- and says in one line which one is wrong and what would help;
   then torchvision reads. What torchvision still raises (a file unreadable, or changed since dbench's check; a
-  failed download) becomes one line naming the file where it can be known. The price is hashing the files
+  failed download; a file it cannot unpickle) becomes one line naming the file, or the split's folder where
+  torchvision's exception names none. The price is hashing the files
   three times (dbench's md5, then torchvision's for each split): about a second more to load CIFAR-10.
 * ``_present``: the cheap check a suite makes before any run is written (the files are there; no md5).
 * dbench's in-memory form: uint8 (N, 3, 32, 32) tensors and int64 labels (torchvision holds (N, 32, 32, 3)
@@ -29,9 +30,7 @@ refuse it, as a bug rather than a user error.
 """
 from __future__ import annotations
 
-import io
 import pickle
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,17 +127,6 @@ def _check_files(layout: _Layout, data_dir: Path, checksums: bool = True) -> Non
             )
 
 
-def _file_in_hand(error: BaseException) -> Path | None:
-    """The file torchvision was reading when it raised ``error``, which its exceptions do not name: the open
-    file its frame held (``with open(path) as f``), where that frame is the one the error was raised in."""
-    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
-    if not frames or not frames[-1].f_globals.get("__name__", "").startswith("torchvision."):
-        return None  # raised deeper (in numpy, putting the files together): not one file's fault
-    files = [v.name for v in frames[-1].f_locals.values() if isinstance(v, io.IOBase)
-             and isinstance(getattr(v, "name", None), str)]
-    return Path(files[-1]) if files else None
-
-
 def _read_split(layout: _Layout, data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One split through torchvision, as dbench holds it: uint8 (N, 3, 32, 32) and int64 labels."""
     folder = data_dir / layout.folder
@@ -152,11 +140,11 @@ def _read_split(layout: _Layout, data_dir: Path, train: bool) -> tuple[torch.Ten
         raise DbenchError(f"{layout.title} files in {folder} changed while being read ({_one_line(e)}); if another "
                           f"run is downloading into {data_dir}, let it finish and run again") from e
     except _UNPICKLE_ERRORS as e:
-        path = _file_in_hand(e)
+        # Only files whose md5 matched reach torchvision, so this is a file that matches a changed md5 list:
+        # torchvision's exceptions name no file, and the split's folder is as near as dbench can say.
         split = "train" if train else "test"
-        what = f"unpickle {path}" if path else f"read the {layout.title} {split} files in {folder}"
-        raise DbenchError(f"cannot {what}: {type(e).__name__}: {_one_line(e)}; expected a CIFAR python-version "
-                          f"file") from e
+        raise DbenchError(f"cannot read the {layout.title} {split} files in {folder}: {type(e).__name__}: "
+                          f"{_one_line(e)}; expected CIFAR python-version files") from e
     # torchvision's (N, 32, 32, 3) is a view of the files' (N, 3, 32, 32) rows: permuted back, no copy.
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(dataset.targets, dtype=torch.int64)
