@@ -1,6 +1,7 @@
 """Tests for dbench.data: the synthetic set, the CIFAR reader and the device loader."""
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import os
@@ -250,24 +251,39 @@ def test_cuda_loader_matches_cpu():
 # --------------------------------------------------------------------------- CIFAR reader
 
 
-def test_checksums_match_torchvision():
-    tv = torchvision.datasets
-    for name, cls in (("cifar10", tv.CIFAR10), ("cifar100", tv.CIFAR100)):
-        theirs = {f"{cls.base_folder}/{f}": md5 for f, md5 in cls.train_list + cls.test_list}
-        theirs[f"{cls.base_folder}/{cls.meta['filename']}"] = cls.meta["md5"]
-        assert cifar.CHECKSUMS[name] == theirs
+def _use_sums(monkeypatch, cls, sums: dict[str, str]) -> None:
+    """Give torchvision's md5 list for ``cls`` (the one dbench checks too) the sums of generated files:
+    ``sums`` is {path relative to the data directory: md5}, for some or all of the archive's files."""
+    def md5(name, old):
+        return sums.get(f"{cls.base_folder}/{name}", old)
+
+    monkeypatch.setattr(cls, "train_list", [[f, md5(f, m)] for f, m in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[f, md5(f, m)] for f, m in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"], cls.meta["md5"])})
 
 
 @pytest.fixture
 def cifar10_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setitem(cifar.CHECKSUMS, "cifar10", cifar_archive.write_cifar10(tmp_path))
+    _use_sums(monkeypatch, torchvision.datasets.CIFAR10, cifar_archive.write_cifar10(tmp_path))
     return tmp_path
 
 
 @pytest.fixture
 def cifar100_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setitem(cifar.CHECKSUMS, "cifar100", cifar_archive.write_cifar100(tmp_path))
+    _use_sums(monkeypatch, torchvision.datasets.CIFAR100, cifar_archive.write_cifar100(tmp_path))
     return tmp_path
+
+
+def test_the_files_checked_are_torchvisions():
+    tv = torchvision.datasets
+    files = cifar.expected_files(cifar.CIFAR10)
+    assert list(files) == [f"cifar-10-batches-py/{f}" for f in
+                           ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                            "test_batch", "batches.meta")]
+    assert files["cifar-10-batches-py/test_batch"] == tv.CIFAR10.test_list[0][1]
+    assert cifar.expected_files(cifar.CIFAR100) == {
+        "cifar-100-python/train": tv.CIFAR100.train_list[0][1], "cifar-100-python/test": tv.CIFAR100.test_list[0][1],
+        "cifar-100-python/meta": tv.CIFAR100.meta["md5"]}
 
 
 def _md5(data: bytes) -> str:
@@ -295,8 +311,11 @@ def test_read_cifar10(cifar10_dir):
     batches = [_raw(folder / f"data_batch_{i}") for i in range(1, 6)]
     data = np.concatenate([b["data"] for b in batches])
     labels = sum((b["labels"] for b in batches), [])
+    # The files' rows exactly, as uint8 (N, 3, 32, 32) and int64 labels.
+    assert splits.train_x.dtype == torch.uint8 and splits.train_x.is_contiguous()
     assert torch.equal(splits.train_x, torch.from_numpy(data).view(-1, 3, 32, 32))
-    assert splits.train_y.tolist() == labels
+    assert splits.train_y.dtype == torch.int64 and splits.train_y.tolist() == labels
+    assert torch.equal(splits.test_x, torch.from_numpy(_raw(folder / "test_batch")["data"]).view(-1, 3, 32, 32))
     assert splits.test_y.tolist() == _raw(folder / "test_batch")["labels"]
     # Channel-major rows: the first 1024 bytes are the red plane.
     assert torch.equal(splits.train_x[0, 0].flatten(), torch.from_numpy(data[0, :1024]))
@@ -312,15 +331,8 @@ def test_read_cifar100(cifar100_dir):
     assert torch.equal(splits.train_x, torch.from_numpy(raw["data"]).view(-1, 3, 32, 32))
 
 
-def test_torchvision_reads_generated_archive(cifar10_dir, monkeypatch):
-    # torchvision checks its own md5 list; give it the generated files' sums.
-    sums = cifar.CHECKSUMS["cifar10"]
-    cls = torchvision.datasets.CIFAR10
-    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", sums[f"cifar-10-batches-py/data_batch_{i}"]]
-                                            for i in range(1, 6)])
-    monkeypatch.setattr(cls, "test_list", [["test_batch", sums["cifar-10-batches-py/test_batch"]]])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": sums["cifar-10-batches-py/batches.meta"]})
-    theirs = cls(root=str(cifar10_dir), train=True, download=False)
+def test_what_torchvision_reads_is_what_dbench_holds(cifar10_dir):
+    theirs = torchvision.datasets.CIFAR10(root=str(cifar10_dir), train=True, download=False)
     ours = cifar.read_cifar(cifar.CIFAR10, cifar10_dir)
     assert np.array_equal(theirs.data, ours.train_x.permute(0, 2, 3, 1).numpy())  # theirs is HWC
     assert theirs.targets == ours.train_y.tolist()
@@ -348,7 +360,7 @@ def test_missing_data_directory(tmp_path):
 
 def test_missing_archive_folder(tmp_path):
     message = _error(tmp_path)
-    assert "cifar-10-batches-py" in message and str(tmp_path) in message
+    assert "cifar-10-batches-py" in message and str(tmp_path) in message and "cifar-10-python.tar.gz" in message
 
 
 def test_missing_file(cifar10_dir):
@@ -356,6 +368,15 @@ def test_missing_file(cifar10_dir):
     path.unlink()
     message = _error(cifar10_dir)
     assert str(path) in message and "missing" in message
+    with pytest.raises(DbenchError, match="missing CIFAR-10 file"):  # the check before a run is written, too
+        DATASETS.get("cifar10").present(cifar10_dir, False)
+
+
+def test_present_takes_no_checksum(cifar10_dir, monkeypatch):
+    from torchvision.datasets import utils
+
+    monkeypatch.setattr(utils, "calculate_md5", lambda *a, **k: pytest.fail("present() took a checksum"))
+    DATASETS.get("cifar10").present(cifar10_dir, False)
 
 
 def test_checksum_mismatch(cifar10_dir):
@@ -365,83 +386,104 @@ def test_checksum_mismatch(cifar10_dir):
     path.write_bytes(bytes(data))
     message = _error(cifar10_dir)
     assert str(path) in message and "checksum mismatch" in message
-    assert cifar.CHECKSUMS["cifar10"]["cifar-10-batches-py/test_batch"] in message
+    assert dict(torchvision.datasets.CIFAR10.test_list)["test_batch"] in message and _md5(bytes(data)) in message
 
 
-def test_truncated_file(cifar10_dir, monkeypatch):
-    # With a matching checksum, so that the reader itself meets the damage.
-    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_2"
-    data = path.read_bytes()[:1000]
-    path.write_bytes(data)
-    monkeypatch.setitem(cifar.CHECKSUMS["cifar10"], "cifar-10-batches-py/data_batch_2", _md5(data))
+def test_a_file_changed_after_the_check_is_named(cifar10_dir, monkeypatch):
+    """Damaged between dbench's check and torchvision's (another run extracting into the same folder):
+    torchvision's RuntimeError names no file; dbench's check, run again, does."""
+    path = cifar10_dir / "cifar-10-batches-py" / "test_batch"
+    checked = cifar._check_files
+
+    def check_then_damage(*args, **kwargs):
+        checked(*args, **kwargs)
+        path.write_bytes(path.read_bytes()[:-1])
+
+    monkeypatch.setattr(cifar, "_check_files", check_then_damage)
     message = _error(cifar10_dir)
-    assert str(path) in message and "cannot unpickle" in message
+    assert str(path) in message and "checksum mismatch" in message
 
 
-def _replace(data_dir: Path, relative: str, obj: dict, monkeypatch, name="cifar10") -> Path:
+def test_torchvision_failing_its_own_check_alone_is_one_line(cifar10_dir, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: False)
+    message = _error(cifar10_dir)
+    assert "changed while being read" in message and "Dataset not found or corrupted" in message
+
+
+def _replace(data_dir: Path, relative: str, obj: dict, monkeypatch, cls=torchvision.datasets.CIFAR10) -> Path:
+    """Replace a file with ``obj`` pickled, and give torchvision its md5: what torchvision then meets reading it."""
     path = data_dir / relative
-    md5 = cifar_archive.rewrite(path, obj)
-    monkeypatch.setitem(cifar.CHECKSUMS[name], relative, md5)
+    _use_sums(monkeypatch, cls, {relative: cifar_archive.rewrite(path, obj)})
     return path
 
 
-@pytest.mark.parametrize("data, expected", [
-    (np.zeros((4, 3071), np.uint8), "(4, 3071)"),
-    (np.zeros((4, 3072), np.int16), "int16"),
-    (np.zeros((4, 32, 32, 3), np.uint8), "(4, 32, 32, 3)"),
-])
-def test_wrong_data_shape_or_dtype(cifar10_dir, monkeypatch, data, expected):
-    batch = {"batch_label": "x", "labels": [0, 1, 2, 3], "data": data, "filenames": ["a"] * 4}
-    path = _replace(cifar10_dir, "cifar-10-batches-py/data_batch_1", batch, monkeypatch)
+def test_truncated_file(cifar10_dir, monkeypatch):
+    # With a matching checksum, so that torchvision itself meets the damage.
+    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_2"
+    data = path.read_bytes()[:1000]
+    path.write_bytes(data)
+    _use_sums(monkeypatch, torchvision.datasets.CIFAR10, {"cifar-10-batches-py/data_batch_2": _md5(data)})
     message = _error(cifar10_dir)
-    assert str(path) in message and expected in message and "(N, 3072)" in message
-
-
-def test_wrong_labels(cifar10_dir, monkeypatch):
-    data = np.zeros((4, 3072), np.uint8)
-    path = _replace(cifar10_dir, "cifar-10-batches-py/data_batch_1",
-                    {"labels": [0, 1, 2, 10], "data": data}, monkeypatch)
-    assert "[0, 9]" in _error(cifar10_dir)
-    _replace(cifar10_dir, "cifar-10-batches-py/data_batch_1", {"labels": [0, 1, 2], "data": data}, monkeypatch)
-    assert "expected 4 integers" in _error(cifar10_dir)
-    _replace(cifar10_dir, "cifar-10-batches-py/data_batch_1", {"data": data}, monkeypatch)
-    message = _error(cifar10_dir)
-    assert str(path) in message and "'labels'" in message
-
-
-def test_wrong_meta(cifar100_dir, monkeypatch):
-    path = _replace(cifar100_dir, "cifar-100-python/meta", {"fine_label_names": ["a"] * 10}, monkeypatch, "cifar100")
-    message = _error(cifar100_dir, "cifar100")
-    assert str(path) in message and "100 class names" in message
+    assert message.startswith(f"cannot read the CIFAR-10 train files in {path.parent}: ") and "truncated" in message
 
 
 def test_not_a_pickle(cifar10_dir, monkeypatch):
     path = cifar10_dir / "cifar-10-batches-py" / "batches.meta"
     path.write_bytes(b"<html>404 not found</html>\n")
-    monkeypatch.setitem(cifar.CHECKSUMS["cifar10"], "cifar-10-batches-py/batches.meta",
-                        _md5(path.read_bytes()))
-    assert "cannot unpickle" in _error(cifar10_dir)
+    _use_sums(monkeypatch, torchvision.datasets.CIFAR10, {"cifar-10-batches-py/batches.meta": _md5(path.read_bytes())})
+    message = _error(cifar10_dir)
+    assert message.startswith(f"cannot read the CIFAR-10 train files in {path.parent}: ")
+
+
+@pytest.mark.parametrize("relative, obj, expected", [
+    ("cifar-10-batches-py/data_batch_3", {"labels": [0]}, "KeyError: 'data'"),
+    ("cifar-100-python/train", {"fine_labels": [0] * 4, "data": np.zeros((4, 3071), np.uint8)}, "(3,32,32)"),
+    ("cifar-100-python/meta", {"coarse_label_names": []}, "KeyError: 'fine_label_names'"),
+], ids=["no-data-entry", "rows-not-3072", "no-class-names"])
+def test_what_torchvision_cannot_read_is_named(tmp_path, monkeypatch, relative, obj, expected):
+    """What torchvision raises inside one file (its exceptions name none) is one line naming the folder."""
+    if relative.startswith("cifar-10-"):
+        _use_sums(monkeypatch, torchvision.datasets.CIFAR10, cifar_archive.write_cifar10(tmp_path))
+        cls, name = torchvision.datasets.CIFAR10, "cifar10"
+    else:
+        _use_sums(monkeypatch, torchvision.datasets.CIFAR100, cifar_archive.write_cifar100(tmp_path))
+        cls, name = torchvision.datasets.CIFAR100, "cifar100"
+    path = _replace(tmp_path, relative, obj, monkeypatch, cls)
+    message = _error(tmp_path, name)
+    assert message.startswith(f"cannot read the {cls.__name__.replace('CIFAR', 'CIFAR-')} ") \
+        and str(path.parent) in message and expected in message
+
+
+def test_files_that_do_not_fit_together_name_the_folder(cifar10_dir, monkeypatch):
+    # numpy, not torchvision, raises while putting the batches together: no one file is to blame.
+    _replace(cifar10_dir, "cifar-10-batches-py/data_batch_1",
+             {"labels": [0] * 4, "data": np.zeros((4, 3071), np.uint8)}, monkeypatch)
+    message = _error(cifar10_dir)
+    assert message.startswith(f"cannot read the CIFAR-10 train files in {cifar10_dir / 'cifar-10-batches-py'}: "
+                              f"ValueError")
 
 
 def _refuse(monkeypatch, target: Path, method: str, allowed: int = 0) -> None:
-    """``target.<method>()`` raises PermissionError as an unreadable file does, after ``allowed`` calls that
-    work (as root, chmod 000 does not stop a read: the reader's own error path is exercised this way)."""
-    real = getattr(Path, method)
+    """``target.<method>()`` (or, for "open", the builtin ``open(target)`` torchvision calls) raises
+    PermissionError as an unreadable file does, after ``allowed`` calls that work (as root, chmod 000 does not
+    stop a read: the reader's own error path is exercised this way)."""
+    real = getattr(builtins if method == "open" else Path, method)
     calls = []
 
     def refusing(self, *args, **kwargs):
-        if self == target:
+        if isinstance(self, (str, Path)) and str(self) == str(target):
             calls.append(1)
             if len(calls) > allowed:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, method, refusing)
+    monkeypatch.setattr(builtins if method == "open" else Path, method, refusing)
 
 
-@pytest.mark.parametrize("allowed,step", [(0, "its checksum"), (1, "unpickling it")])
+@pytest.mark.parametrize("allowed,step", [(0, "dbench's checksum"), (1, "torchvision's checksum"),
+                                          (2, "torchvision unpickling it")])
 def test_unreadable_file_is_one_line_error(cifar10_dir, monkeypatch, allowed, step):
-    """A file that is there but cannot be read, when its checksum is taken or when it is unpickled."""
+    """A file that is there but cannot be read, at each of the three times it is opened."""
     path = cifar10_dir / "cifar-10-batches-py" / "data_batch_3"
     _refuse(monkeypatch, path, "open", allowed)
     message = _error(cifar10_dir)
@@ -466,29 +508,35 @@ def test_unreadable_file_on_disk_is_one_line_error(cifar10_dir):
 
 
 def test_download_failure_is_one_line_error(tmp_path, monkeypatch):
-    class Offline:
-        def __init__(self, root, train, download):
-            raise URLError(OSError(-3, "Temporary failure in name resolution\nmore"))
+    def offline(self):
+        raise URLError(OSError(-3, "Temporary failure in name resolution\nmore"))
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
     message = _error(tmp_path / "new", download=True)
     assert "download" in message and "www.cs.toronto.edu" in message and "name resolution" in message
+
+
+def test_download_of_a_corrupt_archive_is_one_line_error(tmp_path, monkeypatch):
+    def corrupt(self):
+        raise RuntimeError("File not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", corrupt)
+    message = _error(tmp_path / "new", "cifar100", download=True)
+    assert "gave a corrupt archive" in message and "cifar-100-python.tar.gz" in message
 
 
 def test_download_then_read(tmp_path, monkeypatch):
     # Stand-in for torchvision fetching the archive: it writes the same layout.
     calls = []
 
-    class FakeCIFAR100:
-        def __init__(self, root, train, download):
-            calls.append((root, train, download))
-            monkeypatch.setitem(cifar.CHECKSUMS, "cifar100", cifar_archive.write_cifar100(Path(root)))
+    def fetch(self):
+        calls.append((self.root, self.train))
+        _use_sums(monkeypatch, torchvision.datasets.CIFAR100, cifar_archive.write_cifar100(Path(self.root)))
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", fetch)
     splits = DATASETS.get("cifar100").load(tmp_path / "fresh", True)
-    assert calls == [(str(tmp_path / "fresh"), False, True)]
+    assert calls == [(str(tmp_path / "fresh"), False)]
     assert splits.train_x.shape == (20, 3, 32, 32)
-
 
 
 def test_the_synthetic_cache_returns_what_generating_returns(synth, tmp_path, monkeypatch):

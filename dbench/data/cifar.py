@@ -1,99 +1,78 @@
-"""CIFAR-10 and CIFAR-100 from the standard "python version" archives.
+"""CIFAR-10 and CIFAR-100, read through torchvision's ``CIFAR10``/``CIFAR100`` datasets.
 
-The layout is the one torchvision's ``CIFAR10``/``CIFAR100`` classes read and
-write, so a folder prepared for torchvision works here and vice versa::
+The folder is the one torchvision downloads and reads::
 
     <data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
     <data_dir>/cifar-100-python/{train, test, meta}
 
-Each file is a pickle written by Python 2: a dict with ``data`` (N x 3072
-uint8, each row the R, G, B planes of a 32x32 image) and ``labels`` (CIFAR-10)
-or ``fine_labels`` (CIFAR-100). Files are checked against torchvision's
-published md5 sums *before* they are unpickled, so only the known files are
-ever unpickled (unpickling runs code named in the file).
+torchvision owns the format: which files an archive holds and their md5 sums (the classes' ``base_folder``,
+``train_list``, ``test_list`` and ``meta``, the one list dbench checks too), where it is downloaded from, and
+how the Python 2 pickles are loaded and reshaped. dbench had its own copy of all of that; it wraps torchvision
+instead, and keeps only what torchvision does not give someone running a benchmark:
 
-Downloading goes through torchvision (``download=True``), which fetches and
-extracts the same layout; the files are then read by this module.
+* Errors that name the file. torchvision checks every file's md5 before it unpickles any (so only the published
+  files are ever unpickled: unpickling runs code named in the file), but for a missing or corrupt file it raises
+  ``RuntimeError("Dataset not found or corrupted...")`` naming none, and what it raises while reading names
+  nothing either. So dbench first walks the same list itself -- the data directory, the folder, each file there,
+  each md5 (torchvision's ``calculate_md5``) -- and says in one line which one is wrong and what would help;
+  then torchvision reads. What torchvision still raises (a file unreadable, or changed since dbench's check; a
+  failed download; a file it cannot unpickle) becomes one line naming the file, or the split's folder where
+  torchvision's exception names none. The price is hashing the files
+  three times (dbench's md5, then torchvision's for each split): about a second more to load CIFAR-10.
+* ``_present``: the cheap check a suite makes before any run is written (the files are there; no md5).
+* dbench's in-memory form: uint8 (N, 3, 32, 32) tensors and int64 labels (torchvision holds (N, 32, 32, 3)
+  numpy arrays and a list), with the per-channel mean and std.
+* torchvision is imported only when a CIFAR set is used: it takes a second or more.
+
+The content of the files is pinned by their md5, so dbench no longer checks the shapes and labels inside them;
+should a wrong one get through anyway, the checks of a loaded split (``channel_stats``, :class:`DataSplits`)
+refuse it, as a bug rather than a user error.
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dbench.data.base import DataSplits, DatasetSpec, channel_stats
 from dbench.errors import DbenchError
 from dbench.registry import DATASETS
 
-# md5 of every file, keyed by path relative to the data directory. These are
-# the sums torchvision publishes in ``torchvision.datasets.CIFAR10/CIFAR100``
-# (train_list, test_list, meta); a test checks they still agree.
-CHECKSUMS: dict[str, dict[str, str]] = {
-    "cifar10": {
-        "cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
-        "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-        "cifar-10-batches-py/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-        "cifar-10-batches-py/data_batch_4": "634d18415352ddfa80567beed471001a",
-        "cifar-10-batches-py/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-        "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
-        "cifar-10-batches-py/batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
-    },
-    "cifar100": {
-        "cifar-100-python/train": "16019d7e3df5f24257cddd939b257f8d",
-        "cifar-100-python/test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-        "cifar-100-python/meta": "7973b15100ade9c7d40fb424638fde48",
-    },
-}
-
-# What unpickling a damaged file can raise (see the pickle module docs), plus
-# what numpy raises when the array payload inside is cut short.
+# What unpickling a damaged file can raise (see the pickle module docs), plus what numpy raises when the array
+# payload inside is cut short and what torchvision raises on an entry it expects and does not find.
 _UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
-                    KeyError, ValueError, TypeError, UnicodeDecodeError)
+                    KeyError, ValueError, TypeError)
 
 
 @dataclass(frozen=True)
 class _Layout:
-    name: str  # registry name, also the key into CHECKSUMS
+    name: str  # registry name
     title: str  # for messages
-    folder: str
-    train_files: tuple[str, ...]
-    test_files: tuple[str, ...]
-    meta_file: str
-    label_key: str
-    names_key: str  # in the meta file: the class names
+    class_name: str  # in torchvision.datasets
     num_classes: int
-    url: str  # where torchvision downloads from; named in download errors
+
+    @property
+    def dataset_class(self):
+        import torchvision.datasets  # here: only a CIFAR run pays for the import
+
+        return getattr(torchvision.datasets, self.class_name)
+
+    @property
+    def folder(self) -> str:
+        return self.dataset_class.base_folder
 
 
-CIFAR10 = _Layout(
-    name="cifar10",
-    title="CIFAR-10",
-    folder="cifar-10-batches-py",
-    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
-    test_files=("test_batch",),
-    meta_file="batches.meta",
-    label_key="labels",
-    names_key="label_names",
-    num_classes=10,
-    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-)
+CIFAR10 = _Layout(name="cifar10", title="CIFAR-10", class_name="CIFAR10", num_classes=10)
+CIFAR100 = _Layout(name="cifar100", title="CIFAR-100", class_name="CIFAR100", num_classes=100)
 
-CIFAR100 = _Layout(
-    name="cifar100",
-    title="CIFAR-100",
-    folder="cifar-100-python",
-    train_files=("train",),
-    test_files=("test",),
-    meta_file="meta",
-    label_key="fine_labels",
-    names_key="fine_label_names",
-    num_classes=100,
-    url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-)
+
+def expected_files(layout: _Layout) -> dict[str, str]:
+    """{path relative to the data directory: md5} for every file of the archive, from torchvision's class."""
+    cls = layout.dataset_class
+    listed = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
+    return {f"{cls.base_folder}/{name}": md5 for name, md5 in listed}
 
 
 def _one_line(text: object) -> str:
@@ -107,17 +86,6 @@ def _unreadable(path: Path, error: OSError) -> DbenchError:
                        f"(or delete it and use --download)")
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    try:
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as e:
-        raise _unreadable(path, e) from e
-    return digest.hexdigest()
-
-
 def _is(path: Path, kind: str) -> bool:
     """Whether ``path`` is a directory (``kind`` "dir") or a file; a folder on the way that cannot be searched
     (permissions) is a one-line error rather than a traceback (pathlib raises it, not False)."""
@@ -129,23 +97,29 @@ def _is(path: Path, kind: str) -> bool:
 
 def _check_files(layout: _Layout, data_dir: Path, checksums: bool = True) -> None:
     """Directory, folder, every file present, every md5 right (``checksums``); else a one-line DbenchError."""
-    hint = f"pass --data-dir pointing to a folder that holds {layout.folder}/, or --download"
+    from torchvision.datasets.utils import calculate_md5
+
+    cls = layout.dataset_class
+    hint = f"pass --data-dir pointing to a folder that holds {cls.base_folder}/, or --download"
     if not _is(data_dir, "dir"):
         what = "not a directory" if data_dir.exists() else "missing data directory"
         raise DbenchError(f"{what} {data_dir}: {hint}")
-    folder = data_dir / layout.folder
+    folder = data_dir / cls.base_folder
     if not _is(folder, "dir"):
         raise DbenchError(
-            f"no {layout.folder}/ in data directory {data_dir}: expected the extracted {layout.title} "
-            f"python archive ({layout.url.rsplit('/', 1)[1]}) there; {hint}"
+            f"no {cls.base_folder}/ in data directory {data_dir}: expected the extracted {layout.title} "
+            f"python archive ({cls.filename}) there; {hint}"
         )
-    for relative, expected in CHECKSUMS[layout.name].items():
+    for relative, expected in expected_files(layout).items():
         path = data_dir / relative
         if not _is(path, "file"):
             raise DbenchError(
                 f"missing {layout.title} file {path}: the archive is incomplete; re-extract it or use --download"
             )
-        actual = _md5(path) if checksums else expected
+        try:
+            actual = calculate_md5(path) if checksums else expected
+        except OSError as e:
+            raise _unreadable(path, e) from e
         if actual != expected:
             raise DbenchError(
                 f"checksum mismatch for {path}: md5 {actual}, expected {expected} "
@@ -153,73 +127,34 @@ def _check_files(layout: _Layout, data_dir: Path, checksums: bool = True) -> Non
             )
 
 
-def _unpickle(path: Path) -> dict[str, object]:
-    """Load one archive file as a dict with str keys."""
+def _read_split(layout: _Layout, data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split through torchvision, as dbench holds it: uint8 (N, 3, 32, 32) and int64 labels."""
+    folder = data_dir / layout.folder
     try:
-        with path.open("rb") as f:
-            # latin1, as torchvision does: the files were pickled by Python 2, whose
-            # str keys then load as str and whose raw array bytes load in numpy.
-            obj = pickle.load(f, encoding="latin1")
-    except OSError as e:  # not among the unpickling errors: the file itself cannot be read
-        raise _unreadable(path, e) from e
+        dataset = layout.dataset_class(root=str(data_dir), train=train, download=False)
+    except OSError as e:  # not among the unpickling errors: a file itself cannot be read
+        raise _unreadable(Path(e.filename) if e.filename else folder, e) from e
+    except RuntimeError as e:
+        # torchvision's own md5 check failed after dbench's passed: a file changed in between. Say which.
+        _check_files(layout, data_dir)
+        raise DbenchError(f"{layout.title} files in {folder} changed while being read ({_one_line(e)}); if another "
+                          f"run is downloading into {data_dir}, let it finish and run again") from e
     except _UNPICKLE_ERRORS as e:
-        raise DbenchError(
-            f"cannot unpickle {path}: {type(e).__name__}: {_one_line(e)}; expected a CIFAR python-version file"
-        ) from e
-    if not isinstance(obj, dict):
-        raise DbenchError(f"bad CIFAR file {path}: holds a {type(obj).__name__}, expected a dict")
-    # Files re-pickled under Python 3 may carry bytes keys; accept them too.
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def _read_batch(layout: _Layout, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    entry = _unpickle(path)
-    for key in ("data", layout.label_key):
-        if key not in entry:
-            raise DbenchError(f"bad CIFAR file {path}: no {key!r} entry; keys are {sorted(map(str, entry))}")
-    data = entry["data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DbenchError(f"bad CIFAR file {path}: 'data' is {found}, expected a uint8 array of shape (N, 3072)")
-    labels = np.asarray(entry[layout.label_key])
-    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
-        raise DbenchError(
-            f"bad CIFAR file {path}: {layout.label_key!r} has shape {labels.shape} and dtype {labels.dtype}, "
-            f"expected {data.shape[0]} integers"
-        )
-    if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
-        raise DbenchError(
-            f"bad CIFAR file {path}: labels range over [{labels.min()}, {labels.max()}], "
-            f"expected [0, {layout.num_classes - 1}]"
-        )
-    # Rows are the R, G, B planes of a 32x32 image in turn, i.e. already (3, 32, 32) in C order.
-    images = torch.from_numpy(np.ascontiguousarray(data)).view(-1, 3, 32, 32)
-    return images, torch.from_numpy(labels.astype(np.int64))
-
-
-def _read_split(layout: _Layout, data_dir: Path, files: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [_read_batch(layout, data_dir / layout.folder / name) for name in files]
-    x = torch.cat([p[0] for p in parts]).contiguous()
-    y = torch.cat([p[1] for p in parts])
-    return x, y
-
-
-def _check_meta(layout: _Layout, data_dir: Path) -> None:
-    path = data_dir / layout.folder / layout.meta_file
-    meta = _unpickle(path)
-    names = meta.get(layout.names_key)
-    if not isinstance(names, list) or len(names) != layout.num_classes:
-        raise DbenchError(
-            f"bad CIFAR meta file {path}: {layout.names_key!r} should list {layout.num_classes} class names"
-        )
+        # Only files whose md5 matched reach torchvision, so this is a file that matches a changed md5 list:
+        # torchvision's exceptions name no file, and the split's folder is as near as dbench can say.
+        split = "train" if train else "test"
+        raise DbenchError(f"cannot read the {layout.title} {split} files in {folder}: {type(e).__name__}: "
+                          f"{_one_line(e)}; expected CIFAR python-version files") from e
+    # torchvision's (N, 32, 32, 3) is a view of the files' (N, 3, 32, 32) rows: permuted back, no copy.
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(dataset.targets, dtype=torch.int64)
 
 
 def read_cifar(layout: _Layout, data_dir: Path) -> DataSplits:
-    """Validate and read an extracted archive under ``data_dir``."""
+    """Check and read an extracted archive under ``data_dir``."""
     _check_files(layout, data_dir)
-    _check_meta(layout, data_dir)
-    train_x, train_y = _read_split(layout, data_dir, layout.train_files)
-    test_x, test_y = _read_split(layout, data_dir, layout.test_files)
+    train_x, train_y = _read_split(layout, data_dir, train=True)
+    test_x, test_y = _read_split(layout, data_dir, train=False)
     mean, std = channel_stats(train_x)
     return DataSplits(
         name=layout.name,
@@ -237,26 +172,22 @@ def _download(layout: _Layout, data_dir: Path) -> None:
     """Fetch and extract the archive into ``data_dir`` through torchvision (skipped if already intact)."""
     from urllib.error import URLError
 
-    import torchvision
-
-    dataset_class = torchvision.datasets.CIFAR10 if layout is CIFAR10 else torchvision.datasets.CIFAR100
+    cls = layout.dataset_class
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         # train=False: torchvision then loads only the (small) test split into
         # memory after downloading; its integrity check still covers every file.
-        dataset_class(root=str(data_dir), train=False, download=True)
+        cls(root=str(data_dir), train=False, download=True)
     except URLError as e:  # before OSError: URLError is a subclass of it
         raise DbenchError(
-            f"download of {layout.title} from {layout.url} failed: {_one_line(e.reason)}; check the network, "
+            f"download of {layout.title} from {cls.url} failed: {_one_line(e.reason)}; check the network, "
             f"or fetch and extract it into {data_dir} by hand"
         ) from e
     except OSError as e:
-        raise DbenchError(f"download of {layout.title} from {layout.url} into {data_dir} failed: {_one_line(e)}") from e
+        raise DbenchError(f"download of {layout.title} from {cls.url} into {data_dir} failed: {_one_line(e)}") from e
     except RuntimeError as e:
         # torchvision raises RuntimeError when the fetched archive fails its checksum.
-        raise DbenchError(
-            f"download of {layout.title} from {layout.url} gave a corrupt archive: {_one_line(e)}"
-        ) from e
+        raise DbenchError(f"download of {layout.title} from {cls.url} gave a corrupt archive: {_one_line(e)}") from e
 
 
 def _loader(layout: _Layout):
