@@ -144,11 +144,12 @@ def _html_cell(value) -> str:
 
 
 def _html_table(frame: pd.DataFrame) -> str:
-    head = "".join(f"<th>{_e(c)}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_html_cell(v)}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
+    # pandas writes the table; the cells are escaped here rather than by to_html(escape=True) because a cell
+    # the Markdown tables set in bold (the best of a row) must become <b>, not literal asterisks
+    cells = frame.astype(str).map(_html_cell).rename(columns=_e)
+    table = cells.to_html(index=False, escape=False, border=0)
     # a wide table (the verdict's) scrolls inside its own box rather than widening the whole page
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    return f'<div class="scroll">{table}</div>'
 
 
 def _html_runs(names: list[str]) -> str:
