@@ -331,19 +331,19 @@ def _dbench(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 def test_split_from_a_run_reuses_its_cut_bit_for_bit(tmp_path):
-    """A DGL run cut by hand after block 1 (not the default cut), then a run with --split from: it: the same
-    partition recorded, and the very same losses and accuracies, epoch by epoch."""
-    common = ["run", "--method", "dgl", "--model", "cnn", "--gpus", "2", "--epochs", "1", "--batch-size", "1024",
+    """A DGL run cut by hand after block 2 (not the default cut, [0, 1) [1, 3)), then a run with --split from:
+    it: the same partition recorded, and the very same losses and accuracies, epoch by epoch."""
+    common = ["run", "--method", "dgl", "--model", "mlp", "--gpus", "2", "--epochs", "1", "--batch-size", "1024",
               "--engine", "local", "--sigma-every", "0", "--quiet"]
     first, again = tmp_path / "first", tmp_path / "again"
-    done = _dbench(*common, "--split", "1", "--out", str(first))
+    done = _dbench(*common, "--split", "2", "--out", str(first))
     assert done.returncode == 0, done.stderr
     done = _dbench(*common, "--split", f"from:{first}", "--out", str(again))
     assert done.returncode == 0, done.stderr
     import json
 
     configs = [json.loads((p / "config.json").read_text()) for p in (first, again)]
-    assert configs[0]["partition"] == configs[1]["partition"] == [[0, 1], [1, 5]]
+    assert configs[0]["partition"] == configs[1]["partition"] == [[0, 2], [2, 3]]
     rows = [[json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()] for p in (first, again)]
     keys = ("train_loss", "train_acc", "test_loss", "test_acc")
     assert [[r.get(k) for k in keys] for r in rows[0]] == [[r.get(k) for k in keys] for r in rows[1]]
