@@ -25,7 +25,7 @@ def test_expected_models_are_registered():
         "mlp", "cnn",
         "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet164",
         "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-        "wrn28_10",
+        "wrn28_10", "revnet14", "revnet18", "revnet34", "revnet50",
     }
     assert expected <= set(ALL_MODELS)
 

@@ -1,0 +1,79 @@
+"""RevNets in PETRA's layout (docs/ALGORITHMS.md, "PETRA"): counts from the section, the coupling and its inverse
+written out here from the section's equations, and one short run that a method trains them with."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dbench.config import RunConfig
+from dbench.models.base import count_params, describe
+from dbench.models.revnet import Downsampling, Reversible, revnet
+from dbench.registry import MODELS
+
+
+@pytest.mark.parametrize("name, blocks, reversible", [
+    ("revnet18", 10, 5),  # stem, [R, R], [D, R], [D, R], [D, R], head
+    ("revnet34", 18, 13),  # stem, [R×3], [D, R×3], [D, R×5], [D, R×2], head
+    ("revnet50", 18, 12),  # stem, [D, R×2], [D, R×3], [D, R×5], [D, R×2], head
+    ("revnet14", 8, 4),
+])
+def test_the_layouts(name, blocks, reversible):
+    model = MODELS.get(name)()
+    assert describe(name)["blocks"] == blocks == len(model.blocks)
+    kinds = [getattr(b, "reversible", None) for b in model.blocks]
+    assert kinds[0] is None and kinds[-1] is None  # stem and head: neither
+    assert kinds.count(True) == reversible and kinds.count(False) == blocks - 2 - reversible
+
+
+def test_parameter_counts_are_the_released_codes():
+    # counted from the released code's tensors (docs/ALGORITHMS.md, "PETRA", Layouts)
+    assert count_params(MODELS.get("revnet18")(num_classes=10)) == 11_185_802
+    imagenet50 = revnet([3, 4, 6, 3], [64, 128, 256, 512], 1000, "revnet50-imagenet", bottleneck=True, imagenet=True)
+    assert count_params(imagenet50) == 30_421_608
+    # as small as resnet20 (0.27M): the model the tests train
+    assert count_params(MODELS.get("revnet14")()) < 0.3e6
+
+
+def test_a_reversible_block_is_the_coupling_and_its_inverse_recovers_the_input():
+    torch.manual_seed(0)
+    block = MODELS.get("revnet14")().blocks[1]
+    assert isinstance(block, Reversible)
+    h = torch.randn(4, 32, 32, 32, dtype=torch.float64)
+    block = block.double()
+    for mode in ("train", "eval"):
+        block.train(mode == "train")
+        with torch.no_grad():
+            x, x_tilde = h[:, :16], h[:, 16:]
+            out = block(h)
+            # y = x̃ + F(x), ỹ = x, written out from the section
+            assert torch.equal(out[:, 16:], x)
+            assert torch.allclose(out[:, :16], x_tilde + block.residual(x), atol=1e-12)
+            assert torch.allclose(block.inverse(out), h, atol=1e-10)
+
+
+def test_a_downsampling_block_keeps_the_sections_equations():
+    torch.manual_seed(0)
+    basic = Downsampling(16, 32, stride=2).eval()
+    h = torch.randn(2, 32, 16, 16)
+    with torch.no_grad():
+        out = basic(h)
+        inner = basic.first(h[:, :16])
+        assert torch.allclose(out[:, 32:], inner)  # ỹ = h = ReLU(BN(conv3×3_s2(x)))
+        assert torch.allclose(out[:, :32], basic.second(inner) + basic.shortcut(h[:, 16:]))
+    bottleneck = Downsampling(16, 64, stride=1, hidden=16).eval()
+    with torch.no_grad():
+        out = bottleneck(h)
+        assert torch.allclose(out[:, 64:], bottleneck.carry(h[:, :16]))  # ỹ = BN(conv1×1_s(x))
+        assert torch.allclose(out[:, :64], bottleneck.residual(h[:, :16]) + bottleneck.shortcut(h[:, 16:]))
+
+
+def test_a_method_trains_a_revnet(tmp_path):
+    import json
+
+    from dbench import run as runner
+
+    cfg = RunConfig(method="fr", model="revnet14", gpus=2, epochs=1, batch_size=512, engine="local", seed=0,
+                    sigma_every=0)
+    runner.start(cfg, tmp_path / "fr", quiet=True)
+    summary = json.loads((tmp_path / "fr" / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["best_test_acc"] > 0.15  # above chance (0.10)
