@@ -40,8 +40,10 @@ def stop_after(epoch):
                         ("cosine", "1f1b")]
 )
 def test_resume_equals_uninterrupted(tmp_path, schedule, method):
-    """Through the checkpoint file: weights, optimizer, method state and gradients in flight."""
-    cfg = dict(method=method, model="mlp", gpus=3, epochs=3, lr_schedule=schedule, batch_size=256, seed=3)
+    """Through the checkpoint file: weights, optimizer, method state and gradients in flight. Two epochs, cut
+    after the first: the resumed epoch runs on what the checkpoint restored (the step schedule's milestone,
+    at 50% of the epochs, falls on the cut, so the resumed run must also apply it)."""
+    cfg = dict(method=method, model="mlp", gpus=3, epochs=2, lr_schedule=schedule, batch_size=256, seed=3)
     whole = runner.start(RunConfig(**cfg), tmp_path / "whole", quiet=True)
 
     cut = tmp_path / "cut"
