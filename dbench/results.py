@@ -370,6 +370,7 @@ def _ids(run: Run) -> dict:
 def runs_frame(runs: list[Run]) -> pd.DataFrame:
     """One row per run: what it was, how it ended, how fast it went, where it came from."""
     rows = []
+    task_columns = dict.fromkeys(tasks.run_columns())  # every task's columns, None unless the run's task fills them
     for run in runs:
         s, summ = run.settings, run.summary
         done = summ.get("epochs_done") or 0
@@ -421,7 +422,7 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             "host": run.environment.get("host"),
             "time_utc": run.environment.get("time_utc"),
             "path": str(run.path),
-            **dict.fromkeys(tasks.run_columns()), **kind.run_fields(summ, tasks.spec_of(run.task)),
+            **task_columns, **kind.run_fields(summ, tasks.spec_of(run.task)),
         })
     frame = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
     if rows:
@@ -438,6 +439,7 @@ def _settings_key(run: Run) -> str:
 def epochs_frame(runs: list[Run]) -> pd.DataFrame:
     """One row per run and epoch; ``wall_seconds`` is the training time up to the end of that epoch."""
     rows = []
+    task_columns = dict.fromkeys(tasks.epoch_columns())
     for run in runs:
         wall = 0.0
         kind = run.task_object
@@ -459,7 +461,7 @@ def epochs_frame(runs: list[Run]) -> pd.DataFrame:
                 "eval_seconds": r.get("eval_seconds"),
                 "samples_per_s": r.get("samples_per_s"),
                 # every task's per-epoch figures, filled by the run's task (a language model's bits per byte)
-                **dict.fromkeys(tasks.epoch_columns()), **kind.epoch_fields(r),
+                **task_columns, **kind.epoch_fields(r),
             })
     return pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + ["epoch"])
 

@@ -240,6 +240,21 @@ def recorded(task: Task) -> dict:
     return {} if task.default else {"task": task.kind}
 
 
+def shared(rows: Any) -> Task:
+    """The one task that the rows of a runs, epochs or verdict table (a pandas frame with a "task" column)
+    share; rows without the column, or of several tasks, are read as the default task's."""
+    kinds = set(rows["task"]) if "task" in rows.columns else set()
+    return named(kinds.pop()) if len(kinds) == 1 else default()
+
+
+def split(rows: Any) -> list[tuple[Task, Any]]:
+    """The rows of a table (a pandas frame) split by task, the default first, tasks without rows left out; a
+    frame without a "task" column is the default task's, whole. Per-task tables are written from these."""
+    if "task" not in rows.columns:
+        return [(default(), rows)]
+    return [(task, rows[rows["task"] == task.kind]) for task in every() if (rows["task"] == task.kind).any()]
+
+
 def run_columns() -> list[str]:
     """Every registered task's runs-table columns, in ``every``'s order."""
     return list(dict.fromkeys(c for t in every() for c in t.run_columns))

@@ -44,8 +44,7 @@ def _figure(group, model, dataset, k, data: ReportData, out: Path) -> figures.Fi
     colors = data.colors
     # the task's curves (a classification's training loss and test error; a language model's in bits per
     # byte); runs of several tasks in one figure (not written by dbench) are read as the default task's
-    kinds = set(group["task"]) if "task" in group.columns else set()
-    task = tasks.named(kinds.pop()) if len(kinds) == 1 else tasks.default()
+    task = tasks.shared(group)
     metrics = [(m.column, m.name, m.scale) for m in task.curves]
     with theme():
         fig = new_figure(10, 7)

@@ -47,15 +47,8 @@ def summarize(table: pd.DataFrame, task: tasks.Task | None = None) -> pd.DataFra
     return out.rename(columns={"label": "method"})
 
 
-def by_task(table: pd.DataFrame) -> list[tuple[tasks.Task, pd.DataFrame]]:
-    """The runs table split by task (the default first); a table without a task column is the default's."""
-    if "task" not in table.columns:
-        return [(tasks.default(), table)]
-    return [(task, table[table["task"] == task.kind]) for task in tasks.every() if (table["task"] == task.kind).any()]
-
-
 def build(data: ReportData, out: Path) -> Section:
-    parts = by_task(data.table)
+    parts = tasks.split(data.table)
     intro = " ".join(["Best test error (%) over the epochs of each run: mean ± standard deviation over seeds.",
                       *(task.generalization_intro for task, _ in parts if task.generalization_intro)])
     section = Section("generalization", "Generalization", intro)

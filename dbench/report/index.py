@@ -51,8 +51,7 @@ def runs_table(data: ReportData, task: tasks.Task | None = None) -> pd.DataFrame
 def runs_tables(data: ReportData) -> list[tuple[str | None, pd.DataFrame]]:
     """The index's runs tables: one (without a title) where every run is of one task, else one per task with
     its title, so that no column is half empty."""
-    present = [t for t in tasks.every() if "task" in data.table.columns and (data.table["task"] == t.kind).any()]
-    present = present or [tasks.default()]
+    present = [task for task, _ in tasks.split(data.table)] or [tasks.default()]
     if len(present) == 1:
         return [(None, runs_table(data, present[0]))]
     return [(t.runs_title, runs_table(data, t)) for t in present]

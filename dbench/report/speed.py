@@ -169,6 +169,7 @@ def build(data: ReportData, out: Path) -> Section:
                                         "baseline) and over the fastest exact-gradient baseline measured on the same "
                                         "devices, each beside the ideal of ALGORITHMS.md's cost model.")
     numbers = summarize(data.table)
+    rates = {c: named for c, named in rate_columns().items() if numbers[c].notna().any()}  # the tasks present's
     order = data.label_rank(numbers["method"])
     numbers = numbers.assign(_o=numbers["method"].map(order)).sort_values([*GROUP, "_o"]).drop(columns="_o")
     reference = reference_name(numbers)
@@ -177,8 +178,7 @@ def build(data: ReportData, out: Path) -> Section:
         "batch": numbers["batch_size"], "method": numbers["method"], "seeds": numbers["seeds"],
         "s/epoch": numbers["seconds_per_epoch"].map(tables.num),
         "samples/s": numbers["samples_per_s"].map(lambda v: tables.num(v, 0)),
-        **{title: numbers[c].map(lambda v: tables.num(v, 0)) for c, (title, _) in rate_columns().items()
-           if numbers[c].notna().any()},
+        **{title: numbers[c].map(lambda v: tables.num(v, 0)) for c, (title, _) in rates.items()},
         f"× {reference}": [_ratio(v, p) for v, p in zip(numbers["speedup_epoch_time"], numbers["parallel"])],
         "ideal": numbers["ideal_speedup"].map(tables.num),
         "fastest exact": numbers["fastest_exact"].fillna(tables.DASH),
@@ -209,7 +209,7 @@ def build(data: ReportData, out: Path) -> Section:
         shown=shown, numbers=numbers, runs=data.table["run"],
         caption=(f"Means over seeds. × {reference}: its training seconds per epoch over the method's (σ probes "
                  "included; speed.csv also has the ratio of samples/s, warm-up steps and σ probes left out); "
-                 + "".join(words for c, (_, words) in rate_columns().items() if numbers[c].notna().any()) +
+                 + "".join(words for _, words in rates.values()) +
                  "ideal: ALGORITHMS.md's cost model for the method at that K with the options it ran with, as the "
                  f"run recorded it{_no_ideal(numbers)}. " + " ".join(notes)),
     ))

@@ -121,20 +121,13 @@ def _reference_label(group: pd.DataFrame) -> str | None:
     return ref["label"].iloc[0]
 
 
-def comparison_task(group: pd.DataFrame) -> tasks.Task:
-    """The task of a comparison's runs (runs_frame rows): a data set is one task, so they share it; runs
-    without a task column, or of several, are read as the default task's."""
-    kinds = set(group["task"]) if "task" in group.columns else set()
-    return tasks.named(kinds.pop()) if len(kinds) == 1 else tasks.default()
-
-
 def _targets(table: pd.DataFrame, targets: dict[str, float | None]) -> pd.DataFrame:
     """Per comparison: its task, its reference label, the reference's mean best quality (a classification's
     error in %, a language model's bits per byte), and the target with where it comes from (NaN and None: no
     target): the one given for its task, else the task's factor × the reference's mean best."""
     rows = []
     for (model, dataset, k), group in table.groupby(COMPARISON, sort=True):
-        task = comparison_task(group)
+        task = tasks.shared(group)  # a data set is one task: a comparison's runs share it
         q, target = task.quality, task.target
         reference = _reference_label(group)
         of_reference = group[group["label"] == reference]
@@ -237,20 +230,11 @@ def one_name(names: pd.Series) -> str:
 
 def task_of(numbers: pd.DataFrame) -> tasks.Task:
     """The one task of ``numbers``' rows (``table``'s, or a part of it); a frame without a task column is the
-    default task's. Several: a ValueError, as one table never mixes them (see ``by_task``)."""
+    default task's. Several: a ValueError, as one table never mixes them (see ``dbench.task.split``)."""
     kinds = set(numbers["task"]) if "task" in numbers.columns else set()
     if len(kinds) > 1:
-        raise ValueError(f"verdict rows of several tasks ({', '.join(sorted(kinds))}): split them with by_task")
+        raise ValueError(f"verdict rows of several tasks ({', '.join(sorted(kinds))}): split them with dbench.task.split")
     return tasks.named(kinds.pop()) if kinds else tasks.default()
-
-
-def by_task(numbers: pd.DataFrame) -> list[tuple[tasks.Task, pd.DataFrame]]:
-    """``numbers`` split by task, the default first: each part is shown as a table of its own, with its own
-    quality columns (a data set is one task, so a comparison is never split)."""
-    if "task" not in numbers.columns:
-        return [(tasks.default(), numbers)]
-    return [(task, numbers[numbers["task"] == task.kind]) for task in tasks.every()
-            if (numbers["task"] == task.kind).any()]
 
 
 def csv_numbers(numbers: pd.DataFrame, task: tasks.Task) -> pd.DataFrame:
@@ -269,7 +253,8 @@ def quality_columns(task: tasks.Task, reference: str) -> tuple[str, str, str]:
 
 def shown(numbers: pd.DataFrame) -> pd.DataFrame:
     """The verdict table as text cells, one row per row of ``numbers`` (``table``'s, all of one task: see
-    ``by_task``), with that task's quality columns (a language model's in bits per byte)."""
+    ``dbench.task.split``: a data set is one task, so a comparison is never split), with that task's quality
+    columns (a language model's in bits per byte)."""
     task = task_of(numbers)
     speed_ref, error_ref = one_name(numbers["baseline"]), one_name(numbers["reference"])
     out = pd.DataFrame({
@@ -389,7 +374,7 @@ def text(numbers: pd.DataFrame, targets: dict | None = None, width: int = 110, *
     then what the columns mean."""
     chosen = check_targets(targets, **given)
     parts = []
-    for task, part in by_task(numbers):
+    for task, part in tasks.split(numbers):
         cells = shown(part).replace({speed.NOT_PARALLEL: TERMINAL_NOT_PARALLEL, CUDA: TERMINAL_CUDA})
         parts.append((task, part, cells, _terminal_names(task, one_name(part["reference"]))))
     blocks = []
@@ -452,7 +437,7 @@ def build(data: ReportData, out: Path, targets: dict | None = None, **given) -> 
     chosen = check_targets(targets, **given)
     section = Section("verdict", TITLE, INTRO)
     numbers = table(data, chosen)
-    parts = by_task(numbers)
+    parts = tasks.split(numbers)
     section.intro = " ".join([INTRO, *(task.verdict_intro for task, _ in parts if task.verdict_intro)])
     section.notes.extend(notes(numbers, chosen))
     for task, part in parts:  # one table per task (its file: verdict/verdict{suffix})
