@@ -289,7 +289,8 @@ def _torchrun_process(cfg, out: Path | None, resume: Path | None, quiet: bool) -
     # torchrun's agent is this process's parent: if it dies (SIGKILL), nobody supervises the run any more,
     # so the workers stop as they do when dbench's own launcher dies (the same watchdog).
     run_path: list = [resume]
-    threading.Thread(target=launch.watch_launcher, args=(os.getppid(), rank, world, run_path, mark_path),
+    threading.Thread(target=launch.watch_launcher, args=(launch.parent_exits(os.getppid()), rank, world, run_path,
+                                                         mark_path),
                      daemon=True, name="torchrun-agent-watchdog").start()
     if resume is None and cfg.gpus != world:
         raise DbenchError(f"--gpus {cfg.gpus} does not match torchrun's {world} processes: one process per module")

@@ -28,14 +28,13 @@ picks for them.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining import schedules
 
 from dbench.errors import DbenchError
 from dbench.method import DOWN, EXACT_GRADIENT, LOCKED, UP, Stage, StepOutput, StepProgram
@@ -79,35 +78,44 @@ def microbatch_count(options: Any, num_stages: int) -> int:
     return options.microbatches if options.microbatches is not None else 4 * num_stages
 
 
-class _Metered(PipelineStage):
-    """Torch's stage, telling dbench's meter where each compute action starts and ends (see the module's
-    docstring): the runner's waits and transfers fall between them."""
+@functools.cache
+def _pipelining() -> tuple[Any, type]:
+    """torch's ``schedules`` module and dbench's metered ``PipelineStage``, imported at first use: importing
+    torch.distributed.pipelining costs about half a second of CPU (it loads torch._dynamo and DTensor), paid
+    otherwise by every dbench process that loads the method registry, whatever method it runs."""
+    from torch.distributed.pipelining import PipelineStage, schedules
 
-    def __init__(self, owner: "TorchSchedule", *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.owner = owner
+    class _Metered(PipelineStage):
+        """Torch's stage, telling dbench's meter where each compute action starts and ends (see the module's
+        docstring): the runner's waits and transfers fall between them."""
 
-    def forward_one_chunk(self, *args, **kwargs):
-        self.owner.computing()
-        try:
-            return super().forward_one_chunk(*args, **kwargs)
-        finally:
-            self.owner.waiting(UP)
+        def __init__(self, owner: "TorchSchedule", *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.owner = owner
 
-    def backward_one_chunk(self, *args, **kwargs):
-        self.owner.computing()
-        self.owner.before_backward()  # the activations its graph saved are all alive: the memory peak
-        try:
-            return super().backward_one_chunk(*args, **kwargs)
-        finally:
-            self.owner.waiting(DOWN)
+        def forward_one_chunk(self, *args, **kwargs):
+            self.owner.computing()
+            try:
+                return super().forward_one_chunk(*args, **kwargs)
+            finally:
+                self.owner.waiting(UP)
 
-    def backward_weight_one_chunk(self, *args, **kwargs):
-        self.owner.computing()
-        try:
-            return super().backward_weight_one_chunk(*args, **kwargs)
-        finally:
-            self.owner.waiting(DOWN)
+        def backward_one_chunk(self, *args, **kwargs):
+            self.owner.computing()
+            self.owner.before_backward()  # the activations its graph saved are all alive: the memory peak
+            try:
+                return super().backward_one_chunk(*args, **kwargs)
+            finally:
+                self.owner.waiting(DOWN)
+
+        def backward_weight_one_chunk(self, *args, **kwargs):
+            self.owner.computing()
+            try:
+                return super().backward_weight_one_chunk(*args, **kwargs)
+            finally:
+                self.owner.waiting(DOWN)
+
+    return schedules, _Metered
 
 
 class TorchSchedule(Stage):
@@ -155,7 +163,7 @@ class TorchSchedule(Stage):
 
     @classmethod
     def check_run(cls, options: Any, num_stages: int, batch_size: int, devices: list) -> None:
-        if not hasattr(schedules, cls.schedule):  # pyproject's torch bound is pipelining's (2.4), older than some
+        if not hasattr(_pipelining()[0], cls.schedule):  # pyproject's torch bound is pipelining's (2.4), older than some
             raise DbenchError(f"method {cls.name!r} runs torch's {cls.schedule}, which torch {torch.__version__} "
                               f"does not have: install a newer torch (dbench is tested with 2.14)")
         m = microbatch_count(options, num_stages)
@@ -204,8 +212,9 @@ class TorchSchedule(Stage):
         """Torch's schedule for batches of ``batch`` samples: its stages keep buffers of one micro-batch shape,
         so an epoch's smaller last batch gets its own (built once, on every device at the same batch)."""
         if batch not in self.runners:
+            schedules, metered = _pipelining()
             total = self.modules_per_device(self.options) * self.num_stages
-            stages = [_Metered(self, chunk, piece, total, self.device, group=self.pipeline_group)
+            stages = [metered(self, chunk, piece, total, self.device, group=self.pipeline_group)
                       for chunk, piece in zip(self.chunks, self.pieces)]
             m = microbatch_count(self.options, self.num_stages)
             self.runners[batch] = getattr(schedules, self.schedule)(stages, n_microbatches=m, loss_fn=self.loss,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,18 @@ def interrupted_at_step(monkeypatch, step: int):
         yield
     finally:
         monkeypatch.setattr(loop.Progress, "advance", advance)
+
+
+def module_processes(launcher: int, marker: str = "forkserver") -> list[int]:
+    """The module processes of a launcher, in the order they started (rank order).
+
+    dbench's launcher forks them from its fork server (its child whose command line names ``forkserver``;
+    the workers share that command line); torchrun's agent starts them itself (``marker``: "dbench").
+    """
+    table = subprocess.run(["ps", "-e", "-ww", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [(int(pid), int(ppid), args) for pid, ppid, args in (line.split(None, 2) for line in table.splitlines()
+                                                                if len(line.split(None, 2)) == 3)]
+    if marker == "forkserver":
+        servers = {pid for pid, ppid, args in rows if ppid == launcher and "forkserver" in args}
+        return sorted(pid for pid, ppid, _ in rows if ppid in servers)
+    return sorted(pid for pid, ppid, args in rows if ppid == launcher and marker in args)

@@ -1,4 +1,4 @@
-"""Worker processes for the distributed-engine tests (importable by spawned children)."""
+"""Worker processes for the distributed-engine tests (importable by the processes torch.multiprocessing starts)."""
 from __future__ import annotations
 
 import os

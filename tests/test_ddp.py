@@ -31,7 +31,7 @@ def test_ddp_equals_bp_on_the_full_batch(batch, tmp_path):
     """
     out = tmp_path / "ddp.pt"
     runs = [("ddp", "ddp", [(0, 5)], 2, batch, "image-nobn", None)]
-    mp.start_processes(hybrid_worker, args=(2, free_port(), runs, str(out)), nprocs=2, start_method="spawn")
+    mp.start_processes(hybrid_worker, args=(2, free_port(), runs, str(out)), nprocs=2, start_method="forkserver")
     got = torch.load(out, weights_only=True)["ddp"]
     torch.set_num_threads(1)
     bp = Trainer([nn.Sequential(*tiny_blocks(batchnorm=False))], "bp", lr=0.05, momentum=0.9, weight_decay=5e-4)

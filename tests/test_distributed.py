@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import alive, group
+from conftest import alive, group, module_processes
 from distributed_workers import PROBE_AT, RANGES, WORKLOADS, equivalence_worker
 from dbench import Trainer
 from dbench.cpus import module_shares, usable_cpus
@@ -66,7 +66,7 @@ def test_distributed_equals_local_for_every_method(k, tmp_path):
     method state, messages in flight) are bit-identical; both sides use one thread so float sums agree."""
     out = tmp_path / "results.pt"
     mp.start_processes(equivalence_worker, args=(k, free_port(), ALL_METHODS, str(out)), nprocs=k,
-                       start_method="spawn", join=True)
+                       start_method="forkserver", join=True)
     got = torch.load(out, weights_only=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -77,11 +77,6 @@ def test_distributed_equals_local_for_every_method(k, tmp_path):
             assert_same(want, got[method], method)
     finally:
         torch.set_num_threads(threads)
-
-
-def children(pid: int) -> list[int]:
-    found = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in found.splitlines() if "spawn_main" in line]
 
 
 def wait_for_an_epoch(launcher: subprocess.Popen, out: Path) -> None:
@@ -102,7 +97,7 @@ def signal_a_worker(launcher: subprocess.Popen, out: Path, sig: int, pick: int) 
     """
     try:
         wait_for_an_epoch(launcher, out)
-        workers = children(launcher.pid)
+        workers = module_processes(launcher.pid)
         os.kill(workers[pick], sig)
         sent = time.monotonic()
         _, stderr = launcher.communicate(timeout=60)

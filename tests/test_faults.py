@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alive, interrupted_at_step, run_cli
+from conftest import alive, interrupted_at_step, module_processes, run_cli
 from dbench import run as runner
 from dbench.config import RunConfig
 from dbench.errors import DbenchError
@@ -82,7 +82,7 @@ def test_stopping_during_set_up_marks_the_run_interrupted(tmp_path, monkeypatch)
 
 # Every launcher of a distributed run: (the command before `run`'s arguments, what names its workers in `ps`).
 LAUNCHERS = {
-    "dbench": ([DBENCH], "spawn_main"),
+    "dbench": ([DBENCH], "forkserver"),
     "torchrun": ([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", DBENCH],
                  "dbench"),
 }
@@ -104,9 +104,7 @@ def test_workers_stop_by_themselves_when_their_launcher_dies(tmp_path, launcher_
     while not (summary.exists() and json.loads(summary.read_text())["epochs_done"] >= 1):
         assert launcher.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    workers = [int(line.split()[0]) for line in subprocess.run(
-        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(launcher.pid)], capture_output=True, text=True
-    ).stdout.splitlines() if marker in line]
+    workers = module_processes(launcher.pid, marker)
     assert len(workers) == 2
     launcher.kill()
     launcher.communicate()

@@ -172,7 +172,7 @@ def test_the_distributed_engine_equals_the_local_one_with_replicas(tmp_path):
 
     out = tmp_path / "hybrid.pt"
     mp.start_processes(hybrid_worker, args=(4, free_port(), DISTRIBUTED_RUNS, str(out)), nprocs=4,
-                       start_method="spawn", join=True)
+                       start_method="forkserver", join=True)
     got = torch.load(out, weights_only=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

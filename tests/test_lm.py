@@ -76,7 +76,7 @@ def test_distributed_equals_local_on_a_transformer_for_every_method(tmp_path):
     per-token heads: losses, σ, predictions and the whole final state are bit-identical across engines."""
     out = tmp_path / "results.pt"
     mp.start_processes(equivalence_worker, args=(2, free_port(), MODEL_PARALLEL_METHODS, str(out), "text"),
-                       nprocs=2, start_method="spawn", join=True)
+                       nprocs=2, start_method="forkserver", join=True)
     got = torch.load(out, weights_only=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

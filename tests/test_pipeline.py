@@ -81,7 +81,7 @@ def test_same_weights_as_torch_distributed_pipelining(method, tmp_path):
     world, microbatches = 2, 4
     path = str(tmp_path / "torch")
     mp.start_processes(pipelining_worker, args=(world, free_port(), method, microbatches, path), nprocs=world,
-                       start_method="spawn")
+                       start_method="forkserver")
     torch.set_num_threads(1)
     mine = Trainer(group(tiny_blocks(batchnorm=False), RANGES[world]), method, lr=0.05, momentum=0.0,
                    weight_decay=0.0, options={"microbatches": str(microbatches)})

@@ -37,7 +37,7 @@ def gpipe_reference(workload: str, microbatches: int, last: int = 12):
 def trained(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("schedules") / "out.pt")
     runs = [(m, "image-nobn", M) for m in SCHEDULES] + [("zbv", "text", 2)]
-    mp.start_processes(schedules_worker, args=(2, free_port(), runs, path), nprocs=2, start_method="spawn")
+    mp.start_processes(schedules_worker, args=(2, free_port(), runs, path), nprocs=2, start_method="forkserver")
     return torch.load(path, weights_only=False)
 
 
@@ -153,7 +153,7 @@ def test_with_replicas_equals_gpipe_on_the_whole_batch(tmp_path):
     update on the whole batch (BatchNorm-free), for a looped and a V-shaped schedule."""
     path = str(tmp_path / "out.pt")
     runs = [("interleaved-1f1b", "image-nobn", M), ("zbv", "image-nobn", M)]
-    mp.start_processes(schedules_worker, args=(4, free_port(), runs, path, 2, 8), nprocs=4, start_method="spawn")
+    mp.start_processes(schedules_worker, args=(4, free_port(), runs, path, 2, 8), nprocs=4, start_method="forkserver")
     trained = torch.load(path, weights_only=False)
     torch.set_num_threads(1)
     want_losses, want_logits, want_weights = gpipe_reference("image-nobn", M, last=8)

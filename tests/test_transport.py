@@ -13,7 +13,7 @@ from dbench.engine.launch import free_port
 def test_every_message_arrives_bit_equal_with_its_tag_in_channel_order(tmp_path):
     world = 3
     path = str(tmp_path / "got")
-    mp.start_processes(transport_worker, args=(world, free_port(), path), nprocs=world, start_method="spawn")
+    mp.start_processes(transport_worker, args=(world, free_port(), path), nprocs=world, start_method="forkserver")
     for rank in range(world):
         expected = []
         for epoch in range(2):

@@ -28,7 +28,7 @@ interruption, not a failure (SIGTERM marks the run interrupted and resumable; th
 no failure of its own); a root cause that prefers a worker killed by a signal over the peers that failed on
 its broken connection; the run directory marked from outside when the launcher dies (``watch_launcher``).
 These would be wrapped around its context rather than replace code, so this module keeps its own
-supervision (about 150 lines) and uses torch's ``multiprocessing`` spawn context underneath.
+supervision (about 150 lines) on Python's ``multiprocessing`` (a fork server's context: see ``context``).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ from dbench import interrupts
 POLL_S = 0.1  # how often the launcher looks at its workers
 SETTLE_S = 1.0  # after a failure, how long the peers get to fail and report in turn
 GRACE_S = 5.0  # how long a stopped worker gets before SIGKILL
-WATCH_S = 0.5  # how often a worker checks that its launcher is alive
+WATCH_S = 0.5  # how often a torchrun worker checks that its launcher (its parent) is alive
 
 
 def free_port() -> int:
@@ -66,7 +66,7 @@ def free_port() -> int:
 @dataclass(frozen=True)
 class Job:
     """What the launcher runs, given by the application. Both callables are module-level functions, so that
-    a spawned worker can unpickle them (by name)."""
+    a worker process can unpickle them (by name)."""
 
     path: Path  # the run directory
     devices: list[str]  # one per worker process: module (and replica) rank r on devices[r]
@@ -80,16 +80,29 @@ def launch(job: Job, quiet: bool) -> None:
     world = len(job.devices)
     threads = worker_threads(job.devices)
     shares = worker_cpus(job.devices) or [None] * world
-    ctx = mp.get_context("spawn")
+    ctx = context(job)
     reports = ctx.Queue()
     port = free_port()
+    environment = dict(os.environ)  # as the launcher has it now, not as it was when the fork server started
+    # The workers' lifeline: the launcher holds the only write end and never writes, so a worker reads EOF
+    # on it once the launcher is gone, however it ended. (A worker's parent is the fork server, which
+    # outlives the launcher as long as its children do: the parent's pid cannot tell.)
+    lifeline, keep = ctx.Pipe(duplex=False)
     procs = [
-        ctx.Process(target=_worker, args=(job, rank, world, port, quiet, threads, shares[rank], reports),
-                    name=f"module-{rank}")
+        ctx.Process(target=_worker, args=(job, rank, world, port, quiet, threads, shares[rank], reports,
+                                          environment, lifeline), name=f"module-{rank}")
         for rank in range(world)
     ]
     for p in procs:
         p.start()
+    lifeline.close()
+    try:
+        _supervise(job, procs, reports)
+    finally:
+        keep.close()  # after the workers were stopped and the run marked: a worker still alive reads EOF
+
+
+def _supervise(job: Job, procs: list, reports) -> None:
     try:
         failed = _watch(procs, reports)
     except KeyboardInterrupt:
@@ -101,6 +114,24 @@ def launch(job: Job, quiet: bool) -> None:
         _stop(procs)
         job.mark(job.path, "failed", f"module {rank}: {message}")
         raise DbenchError(f"module {rank} failed: {message}; the run is marked failed: {job.path}")
+
+
+def context(job: Job):
+    """How worker processes start: forked from multiprocessing's fork server, which imported the
+    application's module (``job.train``'s: torch, dbench) once, when this launcher first needed it.
+
+    Why not spawn (a fresh interpreter per worker): each spawned worker imported torch and dbench again,
+    about 5 s of CPU per worker on the 2-core machine (benchmarks/RESULTS.md, "Process start-up"); a suite or a
+    test session that launches many runs paid it for every module of every run. Why not plain fork: the
+    launcher may hold threads (a suite's progress bars, torch's pools), and forking a threaded process can
+    deadlock the child; the fork server is a single-threaded process that has run no torch op. What a fork
+    server does not carry over is handled here: each worker gets the launcher's environment as it is at
+    launch (``_worker``), and multiprocessing sends the working directory and ``sys.path`` itself. The
+    server ends when this launcher does (multiprocessing's own pipe), which the workers' watchdog sees.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([job.train.__module__])  # ignored once the server runs (same module here)
+    return ctx
 
 
 def _watch(procs: list, reports) -> tuple[int, str] | None:
@@ -145,15 +176,16 @@ def _stop(procs: list) -> None:
 
 
 def _worker(job: Job, rank: int, world: int, port: int, quiet: bool, threads: int | None,
-            cpus: list[int] | None, reports) -> None:
+            cpus: list[int] | None, reports, environment: dict[str, str], lifeline) -> None:
+    os.environ.clear()
+    os.environ.update(environment)  # the fork server's environment is that of the moment it started
     if cpus is not None:
         pin(cpus)  # first: every thread this process starts from here on inherits the mask
     # Ctrl-C reaches the launcher, which stops the workers with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)
-    launcher = os.getppid()
-    threading.Thread(target=watch_launcher, args=(launcher, rank, world, [job.path], job.mark), daemon=True,
-                     name="launcher-watchdog").start()
+    threading.Thread(target=watch_launcher, args=(lambda: lifeline.poll(None), rank, world, [job.path], job.mark),
+                     daemon=True, name="launcher-watchdog").start()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     if threads is not None:
         torch.set_num_threads(threads)  # the modules share this machine's cores
@@ -164,12 +196,13 @@ def _worker(job: Job, rank: int, world: int, port: int, quiet: bool, threads: in
         code = 130
     except BaseException as e:
         _exiting()
-        if _stopping or os.getppid() != launcher:
+        gone = lifeline.poll()  # EOF: the launcher is gone (it never writes)
+        if _stopping or gone:
             # Told to stop, or the launcher died (whose watchdog stops every worker, each at its own moment):
             # a peer stopped first breaks this module's connections, so what is raised here is the stop's
             # echo, not a failure; nothing failed and no failure file is written. The writer's loop has
             # recorded the run failed as it saw the error: it is interrupted, and resumable.
-            if os.getppid() != launcher and rank == world - 1:
+            if gone and rank == world - 1:
                 job.mark(job.path, "interrupted", LAUNCHER_DIED)
             code = 130
         else:
@@ -195,7 +228,16 @@ def _interrupt(signum, frame) -> None:
     interrupts.request()  # noted too, in case it lands where Python drops exceptions (dbench/interrupts.py)
 
 
-def watch_launcher(launcher: int, rank: int, world: int, run_path: list,
+def parent_exits(parent: int) -> Callable[[], None]:
+    """What blocks until this process's parent (``parent``, its pid now) has ended: a torchrun worker's
+    launcher is its parent, and an orphan is adopted by another process."""
+    def wait() -> None:
+        while os.getppid() == parent:
+            time.sleep(WATCH_S)
+    return wait
+
+
+def watch_launcher(until_gone: Callable[[], object], rank: int, world: int, run_path: list,
                    mark: Callable[[Path, str, str | None], None]) -> None:
     """End this worker soon after its launcher dies (say, SIGKILLed): nobody would supervise or stop the run.
 
@@ -203,11 +245,10 @@ def watch_launcher(launcher: int, rank: int, world: int, run_path: list,
     interrupted and stays resumable). A worker blocked in a collective whose
     peers are gone cannot act on that until its timeout, so after GRACE_S the
     top module's process marks the run interrupted itself (``mark``) and every
-    worker exits. ``run_path``: a one-item list holding the run's directory, or None until it is known
-    (under torchrun, once the run is planned).
+    worker exits. ``until_gone`` blocks until the launcher has ended. ``run_path``: a one-item list holding
+    the run's directory, or None until it is known (under torchrun, once the run is planned).
     """
-    while os.getppid() == launcher:
-        time.sleep(WATCH_S)
+    until_gone()
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(GRACE_S)
     if rank == world - 1 and run_path[0] is not None:  # the writer: the run must not stay "running" with nothing running it
