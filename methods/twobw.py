@@ -220,8 +220,9 @@ class TwoBW(Stage):
         self.updates += 1
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
-        # Both buffers: the memory meter counts the one the parameters point at as parameters (they are the
-        # same storage) and the other, the second weight version, here. The in-flight inputs and graphs are
+        # Both buffers: the memory meter counts as parameters the storages the parameters had at the epoch's
+        # start (one of the two: the parameters alternate between them) and the other one here, so the two
+        # versions count once each whichever buffer holds the newest. The in-flight inputs and graphs are
         # activations, as DDG's.
         return {**super().held_tensors(), "weight_stash": [w for version in self.versions for w in version]}
 
