@@ -303,6 +303,17 @@ def test_two_weight_versions_and_1f1b_activations_are_counted(m):
     assert onefb[0]["activations"] <= twobw[0]["activations"] <= onefb[0]["activations"] + 2 * slice_bytes
 
 
+def test_only_the_current_batch_s_last_microbatches_stay_in_flight():
+    """After iteration t, module k keeps graphs of batch t only (its last w_k micro-batches, built in iteration
+    t), and the top module none: nothing is left unvisited to pile up across iterations."""
+    trainer = Trainer(group(tiny_blocks(), RANGES[3]), "2bw", options={"microbatches": "4"}, measure=True)
+    for t, (x, y) in enumerate(batches(5)):
+        trainer.step(x, y)
+        live = [m.saved for m in trainer.meters.stages]
+        assert live[2].live == {}
+        assert set(live[0].born) == set(live[1].born) == {t}
+
+
 # --- 6. the engines --------------------------------------------------------------------------------------------
 
 
