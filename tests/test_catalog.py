@@ -41,7 +41,7 @@ def test_list_imports_no_torch():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "--method", "nope"], "unknown method 'nope'; known methods: 1f1b, bdfa, bp,"),
+    (["run", "--method", "nope"], "unknown method 'nope'; known methods: 1f1b, 2bw, bdfa, bp,"),
     (["run", "--model", "nope"], "unknown model 'nope'; known models: cnn,"),
     (["run", "--dataset", "nope"], "unknown dataset 'nope'; known datasets: cifar10,"),
     (["report", "no/such/folder"], "no/such/folder does not exist: give run directories"),

@@ -80,6 +80,14 @@ BAD = [
     (["run", "--method", "cdni", "--opt", "synth_lr=nan"], "bad synth_lr nan: must be a finite number > 0"),
     (["run", "--method", "gpipe", "--opt", f"microbatches={HUGE}"],
      f"bad microbatches {HUGE}: a batch of 128 splits into at most 128 micro-batches"),
+    (["run", "--method", "2bw", "--model", "mlp", "--gpus", "3", "--opt", "microbatches=2"],
+     "bad microbatches 2: 2bw needs at least K = 3 micro-batches per batch (K <= M <= batch size"),
+    (["run", "--method", "2bw", "--model", "mlp", "--gpus", "2", "--batch-size", "4"],
+     "bad microbatches 8: a batch of 4 splits into at most 4 micro-batches (K <= M <= batch size)"),
+    # 10000 samples in batches of 9999: the epoch's last holds 1, which cannot make K = 2 micro-batches
+    (["run", "--method", "2bw", "--model", "mlp", "--gpus", "2", "--batch-size", "9999", "--opt", "microbatches=2"],
+     "bad --batch-size for 2bw: a batch (or replica shard) of 1 samples splits into 1 micro-batches, fewer than "
+     "K = 2"),
 ]
 
 

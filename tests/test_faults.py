@@ -131,7 +131,7 @@ def _numbers(path: Path) -> list[dict]:
     return numbers(path)
 
 
-@pytest.mark.parametrize("method", ["fr", "ddg"])
+@pytest.mark.parametrize("method", ["fr", "ddg", "2bw"])  # 2bw: micro-batches in flight at the cut
 def test_a_run_stopped_inside_an_epoch_resumes_from_its_last_mid_epoch_checkpoint(tmp_path, monkeypatch, method):
     """--checkpoint-every N: a stop loses at most N steps, and the resumed run ends with the numbers of an
     unbroken one (losses, accuracies, σ probes, per-module memory; timings aside)."""

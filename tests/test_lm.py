@@ -36,6 +36,12 @@ LEARNS_BELOW = 0.85
 # token about five times the true gradient's, which drifts module 0's residual stream (its norm grows from
 # 0.45 to 3-50) and stalls the top module at the unigram loss. benchmarks/LEARNING.md has the numbers.
 STALLS = {"dni", "cdni"}
+# Measured: 2BW applies every module's gradient one batch late, and with this test's SGD (momentum 0.9, lr 0.03)
+# on gpt-nano that delay overshoots: the training loss, averaged over 20 steps, climbs from 4.96 to 5.76 nats by
+# step 60 and is back to 3.25 at step 120 (1f1b's: 2.22), held-out 3.22 nats, above the unigram entropy. The same
+# delayed loop written in plain torch gives the same losses, and without momentum it learns (3.1 nats over steps
+# 30-39, against 4.9 with momentum 0.9): the method under these settings, not dbench (the paper trains with Adam).
+OVERSHOOTS = {"2bw"}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +62,9 @@ def held_out_loss(trainer: Trainer, splits, batches: int = 4) -> float:
 def test_each_method_at_k2_learns_gpt_nano_on_synthetic_text(method, synthetic_text, request):
     if method in STALLS:
         request.applymarker(pytest.mark.xfail(strict=True, reason="DNI's drift stalls it at the unigram loss"))
+    if method in OVERSHOOTS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="2BW's one-batch delay with momentum 0.9 "
+                                                                  "overshoots in 120 steps"))
     torch.manual_seed(0)
     model = MODELS.get("gpt-nano")()
     # The pipelines with 2 micro-batches instead of 4K: the same exact gradient (test_pipeline.py), half the time.
