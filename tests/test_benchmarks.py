@@ -29,6 +29,7 @@ TINY = {
                       "--link", "pcie4", "--root", "{tmp}/projection"],
     "baselines_parity.py": ["--model", "resnet8", "--k", "2", "--microbatches", "2", "--batch-size", "8", "--rounds",
                             "1", "--steps", "1", "--warmup", "0"],
+    "startup.py": ["--rounds", "1", "--workers", "1"],
     "breakdown.py": ["--model", "mlp", "--k", "2", "--batch-size", "512", "--methods", "ddg", "--split", "blocks",
                      "--device", "cpu", "--root", "{tmp}/breakdown"],
 }
