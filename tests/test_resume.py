@@ -36,7 +36,7 @@ def stop_after(epoch):
 
 
 @pytest.mark.parametrize(
-    "schedule,method", [("cosine", "bp"), ("step", "bp"), ("cosine", "fr"), ("cosine", "ddg"), ("cosine", "cdni"),
+    "schedule,method", [("cosine", "bp"), ("step", "bp"), ("cosine", "fr"), ("cosine", "ddg"), ("cosine", "petra"), ("cosine", "cdni"),
                         ("cosine", "1f1b")]
 )
 def test_resume_equals_uninterrupted(tmp_path, schedule, method):
