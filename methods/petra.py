@@ -51,15 +51,22 @@ class _Flight:
     version: int  # how many updates the module had made before this forward
 
 
-class _Inverse(nn.Module):
-    """``block.inverse`` as a module's forward, so that ``functional_call`` can run it at other weights."""
+class _Method(nn.Module):
+    """A block's method (``inverse``, ``reconstruct``) as a module's forward, so that ``functional_call`` can run
+    it at other weights."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, method: str):
         super().__init__()
         self.block = block
+        self.method = method
 
-    def forward(self, out: torch.Tensor) -> torch.Tensor:
-        return self.block.inverse(out)
+    def forward(self, arg: torch.Tensor):
+        return call(self.block, self.method, arg)
+
+
+def call(block: nn.Module, method: str, arg: torch.Tensor):
+    """``block.method(arg)``; the forward through ``block(arg)``, so that the block's hooks run as usual."""
+    return block(arg) if method == "forward" else getattr(block, method)(arg)
 
 
 def is_reversible(block: nn.Module) -> bool:
@@ -85,6 +92,11 @@ class PETRA(Stage):
     that input with a graph, backpropagates the gradient, adds its weight
     gradient to the module's accumulator and hands (input, gradient at the
     input) to the block below; the module sends the bottom block's pair down.
+    A block with ``reconstruct`` (dbench.models.revnet's ``Reversible``) does
+    the reconstruction and the recompute in one evaluation of its residual
+    function, as RevNet's own backward does (the same numbers, bit for bit,
+    as ``inverse`` then the forward, which a block with only ``inverse``
+    gets).
     Every A backwards (option ``accumulation``) the module updates with the
     mean of their gradients, through the run's optimizer. Module k's first
     backward comes at step 2(K-1)-k and its first update A-1 steps later.
@@ -104,14 +116,16 @@ class PETRA(Stage):
     weights, shared by the forwards made between two updates (the weights
     change once every A steps). The top module stores nothing but the queued
     labels of the K-1 batches still climbing. On a model without reversible
-    blocks every block keeps its input: PETRA is then the input-buffer variant.
+    blocks every block keeps its input: PETRA is then the input-buffer variant
+    (which on gpt-nano diverges where the others learn: tests/test_lm.py).
 
     BatchNorm's running statistics move once per batch, in the forward; the
     reconstruction and the recompute normalize with batch statistics and
     leave them alone (``frozen_running_stats``, as FR's replay). K = 1 is BP
     (with A > 1, BP with gradient accumulation). Nothing drains at an epoch's
     end: the batches in flight continue into the next epoch, as in FDG.
-    Messages are tagged with their batch's index and checked on receipt.
+    Messages are tagged with their batch's index and checked on receipt; with
+    the input buffer no block reconstructs, so only the gradient goes down.
     """
 
     name = "petra"
@@ -124,9 +138,9 @@ class PETRA(Stage):
 
     @staticmethod
     def step_cost(forward: float, backward: float, index: int, num_stages: int) -> float:
-        # Below the top: the forward, the recompute with a graph and the backward (the section's fused
-        # cost, 4 units of F/K; the reconstruction of a reversible block's input costs one more evaluation
-        # of its residual function, which the balanced cost model leaves out). The top: forward, backward.
+        # Below the top: the forward, the recompute with a graph and the backward, 4 units of F/K (the
+        # section's fused cost: a block with ``reconstruct`` rebuilds its input within its recompute; one that
+        # has only ``inverse`` costs one more evaluation of its residual function). The top: forward, backward.
         forwards = 1 if index == num_stages - 1 else 2
         return forwards * forward + backward
 
@@ -256,16 +270,23 @@ class PETRA(Stage):
         for j in reversed(range(len(self.blocks))):
             block = self.blocks[j]
             x = flight.inputs.get(j)
-            if x is None:
-                x = self._reconstruct(j, y, weights)
-            needs_grad = j > 0 or not self.is_first  # module 0's input is the data: no gradient there
-            x = x.detach().requires_grad_(needs_grad)
             # The recompute normalizes with the batch's statistics, which the forward already counted.
             with frozen_running_stats(block):
-                out = block(x) if weights is None else functional_call(block, self._at(j, weights), (x,))
+                if x is None and callable(getattr(block, "reconstruct", None)):
+                    # The block rebuilds its input and recomputes its output in one evaluation of its
+                    # residual function (the section's fused cost), as the input's halves.
+                    leaves, out = self._call(j, "reconstruct", y, weights)
+                else:
+                    if x is None:
+                        x = self._call(j, "inverse", y, weights, graph=False)
+                    needs_grad = j > 0 or not self.is_first  # module 0's input is the data: no gradient there
+                    leaves = (x.detach().requires_grad_(needs_grad),)
+                    out = self._call(j, "forward", leaves[0], weights)
             if out.requires_grad:  # else a block without weights at the data: nothing to differentiate
                 self.backward(out, grad)
-            grad, y = x.grad, x.detach()
+            grads = [leaf.grad for leaf in leaves]
+            grad = None if grads[0] is None else grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+            y = leaves[0].detach() if len(leaves) == 1 else torch.cat([leaf.detach() for leaf in leaves], dim=1)
         if weights is not None:
             for p, w in zip(self.params, weights):
                 if w.grad is not None:
@@ -275,14 +296,16 @@ class PETRA(Stage):
                         p.grad.add_(w.grad)
         return y, grad
 
-    def _reconstruct(self, j: int, out: torch.Tensor, weights: list[torch.Tensor] | None) -> torch.Tensor:
-        """Block j's input from its output ``out``: the inverse at the current weights, or at the stored ones."""
+    def _call(self, j: int, method: str, arg: torch.Tensor, weights: list[torch.Tensor] | None,
+              graph: bool = True):
+        """Block j's ``method`` (forward, inverse, reconstruct) on ``arg``, at the current weights or, with the
+        parameter buffer, at the stored ones; without a graph where ``graph`` is false."""
         block = self.blocks[j]
-        with torch.no_grad(), frozen_running_stats(block):
+        with torch.set_grad_enabled(graph):
             if weights is None:
-                return block.inverse(out)
-            return functional_call(_Inverse(block), {f"block.{n}": w for n, w in self._at(j, weights).items()},
-                                   (out,))
+                return call(block, method, arg)
+            return functional_call(_Method(block, method), {f"block.{n}": w for n, w in self._at(j, weights).items()},
+                                   (arg,))
 
     def _at(self, j: int, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Block j's parameters by name, taken from ``weights`` (in ``self.params`` order)."""

@@ -36,6 +36,11 @@ LEARNS_BELOW = 0.85
 # token about five times the true gradient's, which drifts module 0's residual stream (its norm grows from
 # 0.45 to 3-50) and stalls the top module at the unigram loss. benchmarks/LEARNING.md has the numbers.
 STALLS = {"dni", "cdni"}
+# Measured, and pinned: gpt-nano has no reversible block, so PETRA keeps every block's input and recomputes each
+# block at the current weights on its stored input (docs/ALGORITHMS.md, "PETRA": the input-buffer variant, the
+# released code's DSP). At this lr its train loss jumps at step 80 (4.6 nats) and the held-out loss is 3.08 after
+# 120 steps, above the unigram entropy; with the parameter buffer (the exact delayed gradient) it learns (2.57).
+UNSTABLE = {"petra"}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +61,8 @@ def held_out_loss(trainer: Trainer, splits, batches: int = 4) -> float:
 def test_each_method_at_k2_learns_gpt_nano_on_synthetic_text(method, synthetic_text, request):
     if method in STALLS:
         request.applymarker(pytest.mark.xfail(strict=True, reason="DNI's drift stalls it at the unigram loss"))
+    if method in UNSTABLE:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="stored inputs at the current weights diverge"))
     torch.manual_seed(0)
     model = MODELS.get("gpt-nano")()
     # The pipelines with 2 micro-batches instead of 4K: the same exact gradient (test_pipeline.py), half the time.
