@@ -443,6 +443,27 @@ def test_distributed_equals_local(tmp_path):
     assert_same(want, got, "petra")
 
 
+def test_a_mid_epoch_checkpoint_resumes_to_the_numbers_of_an_unbroken_run(tmp_path, monkeypatch):
+    """Through the runner and the checkpoint file, stopped inside the first epoch with batches in flight, a
+    gradient half accumulated (A = 2) and weight copies stored: the resumed run ends with every number of
+    the unbroken one."""
+    from conftest import interrupted_at_step
+    from dbench import run as runner
+    from dbench.config import RunConfig
+    from test_resume import numbers
+
+    cfg = dict(method="petra", method_options={"accumulation": "2", "param_buffer": "true"}, model="mlp", gpus=3,
+               epochs=1, batch_size=1000, seed=1, sigma_every=0)  # 10 steps
+    whole = runner.start(RunConfig(**cfg), tmp_path / "whole", quiet=True)
+    cut = tmp_path / "cut"
+    # the checkpoint after 4 steps: module 1 has made one backward (step 3) of the two it accumulates, module 0
+    # holds 4 batches in flight with their weights
+    with interrupted_at_step(monkeypatch, 6), pytest.raises(runner.RunInterrupted, match=r"4 step\(s\) of epoch 1"):
+        runner.start(RunConfig(**cfg, checkpoint_every=4), cut, quiet=True)
+    runner.resume(cut, quiet=True)
+    assert numbers(cut) == numbers(whole)
+
+
 # --- options ---------------------------------------------------------------------------------------------
 
 
