@@ -25,6 +25,17 @@ def tiny_blocks(seed: int = 0, batchnorm: bool = True) -> list[nn.Module]:
     ]
 
 
+def tiny_revnet_blocks(seed: int = 0) -> list[nn.Module]:
+    """Five blocks of a small RevNet on 3x8x8 inputs (dbench.models.revnet's pieces): stem, two reversible
+    blocks, a downsampling block, head. Cut [(0, 3), (3, 5)] a module's top block is reversible; cut
+    [(0, 2), (2, 4), (4, 5)] a reconstructed input travels down to a reversible block of the module below."""
+    from dbench.models.revnet import Downsampling, Reversible, basic_residual, head, stem
+
+    torch.manual_seed(seed)
+    return [stem(4, imagenet=False), Reversible(basic_residual(4, 4)), Reversible(basic_residual(4, 4)),
+            Downsampling(4, 8, stride=2), head(8, 10)]
+
+
 def batches(n: int, batch: int = 16, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from conftest import batches, group, tiny_blocks
+from conftest import batches, group, tiny_blocks, tiny_revnet_blocks
 
 STEPS = 5
 PROBE_AT = 3  # the step that also measures σ
@@ -43,7 +43,9 @@ def text_data():
 # name: (blocks, (train batches, σ probe batches, test inputs), classes)
 WORKLOADS = {"image": (tiny_blocks, data, 10), "text": (tiny_gpt_blocks, text_data, 256),
              # BatchNorm-free: a replica's shard then computes what the full batch computes for those samples
-             "image-nobn": (lambda: tiny_blocks(batchnorm=False), data, 10)}
+             "image-nobn": (lambda: tiny_blocks(batchnorm=False), data, 10),
+             # reversible blocks, whose inputs PETRA rebuilds from their outputs
+             "revnet": (tiny_revnet_blocks, data, 10)}
 
 
 def equivalence_worker(rank: int, world: int, port: int, methods: list[str], path: str,

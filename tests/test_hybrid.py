@@ -33,7 +33,7 @@ from dbench.registry import METHODS
 DBENCH = str(Path(sys.executable).parent / "dbench")
 RANGES = [(0, 3), (3, 5)]
 # Methods whose gradients all derive from the loss: with replicas, the full-batch method's (ALGORITHMS.md).
-EXACT_ON_FULL_BATCH = ["bp", "gpipe", "1f1b", "2bw", "fr", "ddg", "fdg", "dfa", "bdfa"]
+EXACT_ON_FULL_BATCH = ["bp", "gpipe", "1f1b", "2bw", "fr", "ddg", "fdg", "petra", "dfa", "bdfa"]
 
 
 def train(method: str, replicas: int, batch: int, workload: str = "image-nobn", ranges=RANGES, options=None):

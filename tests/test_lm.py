@@ -42,6 +42,11 @@ STALLS = {"dni", "cdni"}
 # delayed loop written in plain torch gives the same losses, and without momentum it learns (3.1 nats over steps
 # 30-39, against 4.9 with momentum 0.9): the method under these settings, not dbench (the paper trains with Adam).
 OVERSHOOTS = {"2bw"}
+# Measured, and pinned: gpt-nano has no reversible block, so PETRA keeps every block's input and recomputes each
+# block at the current weights on its stored input (docs/ALGORITHMS.md, "PETRA": the input-buffer variant, the
+# released code's DSP). At this lr its train loss jumps at step 80 (4.6 nats) and the held-out loss is 3.08 after
+# 120 steps, above the unigram entropy; with the parameter buffer (the exact delayed gradient) it learns (2.57).
+UNSTABLE = {"petra"}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +70,8 @@ def test_each_method_at_k2_learns_gpt_nano_on_synthetic_text(method, synthetic_t
     if method in OVERSHOOTS:
         request.applymarker(pytest.mark.xfail(strict=True, reason="2BW's one-batch delay with momentum 0.9 "
                                                                   "overshoots in 120 steps"))
+    if method in UNSTABLE:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="stored inputs at the current weights diverge"))
     torch.manual_seed(0)
     model = MODELS.get("gpt-nano")()
     # The pipelines with 2 micro-batches instead of 4K: the same exact gradient (test_pipeline.py), half the time.

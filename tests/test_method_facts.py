@@ -13,6 +13,7 @@ SPEC = {
     "ddg": lambda k: float(k),
     "fdg": lambda k: float(k),  # no module waits for another within an iteration: period 3F/K
     "2bw": lambda k: float(k),  # 1F1B without flushes: no bubble in steady state, period 3F/K
+    "petra": lambda k: 3 * k / 4,  # forward, recompute, backward below the top: period 4F/K (fused), as FR
     "dfa": lambda k: 3 * k / (k + 2),
     "bdfa": lambda k: 3 * k / (k + 2),
     "dni": lambda k: None,  # (3F + cost of the synthesizers)/K: known only by profiling
@@ -33,7 +34,7 @@ def test_ideal_speedup_follows_the_cost_model(method):
 def test_families_and_order_cover_every_builtin_method():
     facts = {name: cls.facts(2) for name, cls in METHODS.items() if name in SPEC}
     assert [n for n, _ in sorted(facts.items(), key=lambda kv: kv[1]["table_order"])] == \
-        ["bp", "2bw", "fr", "ddg", "fdg", "dni", "cdni", "dfa", "bdfa", "dgl"]
+        ["bp", "2bw", "fr", "ddg", "fdg", "petra", "dni", "cdni", "dfa", "bdfa", "dgl"]
     assert [n for n, f in facts.items() if f["reference"]] == ["bp"]
     assert facts["bp"]["family"] == EXACT_GRADIENT and all(f["family"] for f in facts.values())
 

@@ -14,7 +14,7 @@ from dbench.registry import METHODS
 
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 THREE = [(0, 2), (2, 4), (4, 5)]
-ALL = ["bp", "fr", "ddg", "fdg", "dni", "cdni", "dfa", "bdfa", "dgl"]
+ALL = ["bp", "fr", "ddg", "fdg", "petra", "dni", "cdni", "dfa", "bdfa", "dgl"]
 
 
 def make(method, ranges=THREE, **kw):

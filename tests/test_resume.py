@@ -36,8 +36,8 @@ def stop_after(epoch):
 
 
 @pytest.mark.parametrize(
-    "schedule,method", [("cosine", "bp"), ("step", "bp"), ("cosine", "fr"), ("cosine", "ddg"), ("cosine", "cdni"),
-                        ("cosine", "1f1b"), ("cosine", "2bw")]
+    "schedule,method", [("cosine", "bp"), ("step", "bp"), ("cosine", "fr"), ("cosine", "ddg"), ("cosine", "petra"),
+                        ("cosine", "cdni"), ("cosine", "1f1b"), ("cosine", "2bw")]
 )
 def test_resume_equals_uninterrupted(tmp_path, schedule, method):
     """Through the checkpoint file: weights, optimizer, method state and gradients in flight. Two epochs, cut

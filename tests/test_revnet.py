@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from dbench.models.base import count_params, describe
 from dbench.models.revnet import Downsampling, Reversible, revnet
@@ -48,6 +49,26 @@ def test_a_reversible_block_is_the_coupling_and_its_inverse_recovers_the_input()
             assert torch.equal(out[:, 16:], x)
             assert torch.allclose(out[:, :16], x_tilde + block.residual(x), atol=1e-12)
             assert torch.allclose(block.inverse(out), h, atol=1e-10)
+
+
+def test_reconstruct_is_the_inverse_and_the_forward_with_one_evaluation_of_f():
+    """For a backward without the stored input: the halves are the inverse's, the recomputed output is the
+    block's output, and the gradients through it are those of the forward at the inverse's input."""
+    torch.manual_seed(0)
+    block = Reversible(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())).double()
+    h = torch.randn(3, 8, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        out = block(h)
+    (x, x_tilde), recomputed = block.reconstruct(out)
+    inverse = block.inverse(out).detach().requires_grad_()
+    assert torch.equal(torch.cat([x, x_tilde], dim=1), inverse)
+    delta = torch.randn_like(out)
+    recomputed.backward(delta)
+    grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    block(inverse).backward(delta)
+    assert torch.equal(torch.cat([x.grad, x_tilde.grad], dim=1), inverse.grad)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, block.parameters()))
 
 
 def test_a_downsampling_block_keeps_the_sections_equations():

@@ -64,6 +64,21 @@ class Reversible(nn.Module):
         y, y_tilde = out.chunk(2, dim=1)
         return torch.cat([y_tilde, y - self.residual(y_tilde)], dim=1)
 
+    def reconstruct(self, out: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The inverse and a recomputed forward in one evaluation of F, for a backward (RevNet's own).
+
+        Returns ``((x, x̃), recomputed)``: the input's two halves, recovered from ``out`` as in
+        :meth:`inverse` and made leaves that need a gradient (the input is their concatenation along the
+        channels), and ``x̃ + F(x), x`` computed from them with a graph. F is evaluated once, on
+        ``x = ỹ``, where :meth:`inverse` and then the forward would evaluate it twice on the same values,
+        so the halves, the output's graph and every gradient through it are the same numbers.
+        """
+        y, x = out.detach().chunk(2, dim=1)
+        x.requires_grad_()  # a view of ``out``, laid out as the forward's x was in its input
+        f = self.residual(x)
+        x_tilde = (y - f.detach()).requires_grad_()
+        return (x, x_tilde), torch.cat([x_tilde + f, x], dim=1)
+
 
 class Downsampling(nn.Module):
     """The first block of a stage that changes width or resolution: not reversible.
