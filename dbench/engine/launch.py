@@ -121,7 +121,7 @@ def context(job: Job):
     application's module (``job.train``'s: torch, dbench) once, when this launcher first needed it.
 
     Why not spawn (a fresh interpreter per worker): each spawned worker imported torch and dbench again,
-    about 5 s of CPU per worker on the 2-core machine (benchmarks/RESULTS.md, "Process start-up"); a suite or a
+    about 2.7 s of CPU per worker on the 2-core machine (benchmarks/RESULTS.md, "Process start-up"); a suite or a
     test session that launches many runs paid it for every module of every run. Why not plain fork: the
     launcher may hold threads (a suite's progress bars, torch's pools), and forking a threaded process can
     deadlock the child; the fork server is a single-threaded process that has run no torch op. What a fork
