@@ -6,15 +6,23 @@
   optimizer's in-place updates, and its rebuilding from a checkpoint (DDG's and FDG's stored forwards).
 - ``SynthBatchNorm1d``/``2d``: BatchNorm that accepts a batch of one value per channel (the side models
   of DNI and DGL).
+- ``MicrobatchOptions``: the option (and its default, 4K) of every method that cuts each batch into
+  micro-batches (GPipe, 1F1B, torch's schedules, PipeDream-2BW).
+- ``QueuedLabels``: the top module's labels of the batches still climbing a fully pipelined forward (FDG's
+  and PETRA's schedule).
 """
 from __future__ import annotations
 
 import contextlib
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from dbench.errors import DbenchError
 
 
 @contextlib.contextmanager
@@ -113,3 +121,52 @@ class SynthBatchNorm1d(_SingleValueSafe, nn.BatchNorm1d):
 
 class SynthBatchNorm2d(_SingleValueSafe, nn.BatchNorm2d):
     pass
+
+
+class QueuedLabels:
+    """The top module's labels of the batches still climbing the modules: under a fully pipelined forward
+    (module k forwards batch t-k at iteration t) the top module scores batch t-(K-1) with labels that arrived
+    K-1 iterations earlier. Each entry: (batch, labels, the shard weight of that batch's iteration)."""
+
+    def __init__(self, method: str):
+        self.method = method  # named in the error of a schedule gone wrong
+        self.queue: deque[tuple[int, torch.Tensor, float]] = deque()
+
+    def push(self, t: int, y: torch.Tensor, weight: float) -> None:
+        # A copy: the labels wait K-1 iterations, and whatever made ``y`` may reuse its memory meanwhile.
+        self.queue.append((t, y.clone(), weight))
+
+    def pop(self, batch: int, t: int) -> tuple[torch.Tensor, float]:
+        """The labels and shard weight of ``batch``, which the top module scores at iteration ``t``."""
+        tagged, labels, weight = self.queue.popleft()
+        if tagged != batch:
+            raise RuntimeError(f"{self.method} top module at iteration {t}: queued labels of batch {tagged}, "
+                               f"scoring batch {batch}")
+        return labels, weight
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [labels for _, labels, _ in self.queue]
+
+    def state(self) -> list[list]:
+        return [[b, labels, weight] for b, labels, weight in self.queue]
+
+    def load(self, saved: list, device: torch.device) -> None:
+        # A checkpoint from before replicas holds no weights: 1, as without replicas.
+        self.queue = deque((int(b), labels.to(device), float(rest[0]) if rest else 1.0) for b, labels, *rest in saved)
+
+
+@dataclass(frozen=True)
+class MicrobatchOptions:
+    """The option of a method that cuts every batch into M micro-batches. A method redeclares the field only to
+    state its own bounds in the help text."""
+
+    microbatches: int | None = field(default=None, metadata={
+        "help": "M, micro-batches per batch (1 <= M <= batch size) [default: 4K]"})
+
+    def validate(self) -> None:
+        if self.microbatches is not None and self.microbatches < 1:
+            raise DbenchError(f"bad microbatches {self.microbatches}: must be an integer >= 1")
+
+    def microbatch_count(self, num_stages: int) -> int:
+        """M: the option, or ALGORITHMS.md's default of 4K."""
+        return self.microbatches if self.microbatches is not None else 4 * num_stages

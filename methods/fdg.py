@@ -12,7 +12,7 @@ from dbench.errors import DbenchError
 from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepProgram
 from dbench.registry import METHODS
 # The forward on a snapshot of the weights, whose graph survives the in-place updates (DDG's, see there).
-from dbench.method_tools import forward_on_snapshot, rebuild_stored
+from dbench.method_tools import QueuedLabels, forward_on_snapshot, rebuild_stored
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,7 @@ class FullyDecoupled(Stage):
         # Iterations between module k's forward of a batch and the gradient of that batch reaching it.
         self.delay = 2 * (self.num_stages - 1 - self.index)
         self.stored: deque[_Stored] = deque()
-        # Top module: (batch, labels, shard weight) of the batches not yet scored.
-        self.labels: deque[tuple[int, torch.Tensor, float]] = deque()
+        self.labels = QueuedLabels(self.name)  # the top module's, of the batches not yet scored
 
     def train_step(self, t, x, y) -> StepProgram:
         if self.is_last:
@@ -133,15 +132,11 @@ class FullyDecoupled(Stage):
 
     def _top(self, t, x, y) -> StepProgram:
         """The top module scores batch t-(K-1), whose labels arrived K-1 iterations ago."""
-        # A copy: the labels wait K-1 iterations, and whatever made ``y`` may reuse its memory meanwhile.
-        self.labels.append((t, y.clone(), self.shard_weight))
+        self.labels.push(t, y, self.shard_weight)
         batch = t - (self.num_stages - 1)
         if batch < 0:
             return None  # nothing has reached the top module yet
-        tagged, labels, weight = self.labels.popleft()
-        if tagged != batch:
-            raise RuntimeError(f"fdg top module at iteration {t}: queued labels of batch {tagged}, "
-                               f"scoring batch {batch}")
+        labels, weight = self.labels.pop(batch, t)
         # Its messages tagged with the batch, as every other; its loss weighted as that batch's shard.
         out = yield from self.top_step(batch, x, labels, weight=weight)
         return dataclasses.replace(out, labels=labels)
@@ -152,7 +147,7 @@ class FullyDecoupled(Stage):
         # labels are FDG's too.
         held = {"weight_snapshots": [t for s in self.stored for t in (*s.weights.values(), *s.buffers.values())]}
         if self.is_last and self.num_stages > 1:
-            held["stored_labels"] = [labels for _, labels, _ in self.labels]
+            held["stored_labels"] = self.labels.tensors()
         return held
 
     def state_dict(self) -> dict:
@@ -161,12 +156,10 @@ class FullyDecoupled(Stage):
         kept = [{"batch": s.batch, "x": s.x.detach(), "weights": {n: w.detach() for n, w in s.weights.items()},
                  "buffers": s.buffers} for s in self.stored]
         return {**super().state_dict(), "stored": kept,
-                "labels": [[b, labels, weight] for b, labels, weight in self.labels]}
+                "labels": self.labels.state()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        # A checkpoint from before replicas holds no weights: 1, as without replicas.
-        self.labels = deque((int(b), labels.to(self.device), float(rest[0]) if rest else 1.0)
-                            for b, labels, *rest in state["labels"])
+        self.labels.load(state["labels"], self.device)
         rebuilt = rebuild_stored(self.module, state["stored"], self.device, not self.is_first)
         self.stored = deque(_Stored(int(s["batch"]), *r) for s, r in zip(state["stored"], rebuilt))

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from dbench.errors import DbenchError
 from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepOutput, StepProgram
-from dbench.method_tools import frozen_running_stats
+from dbench.method_tools import QueuedLabels, frozen_running_stats
 from dbench.registry import METHODS
 
 
@@ -158,8 +158,7 @@ class PETRA(Stage):
         self.block_params = [[(n, position[id(p)]) for n, p in b.named_parameters(remove_duplicate=False)]
                              for b in self.blocks]
         self.flights: deque[_Flight] = deque()
-        # Top module: (batch, labels, shard weight) of the batches not yet scored.
-        self.labels: deque[tuple[int, torch.Tensor, float]] = deque()
+        self.labels = QueuedLabels(self.name)  # the top module's, of the batches not yet scored
         self.backwards = 0  # backwards accumulated since the last update
         self.updates = 0  # updates made: the version of the weights
 
@@ -184,15 +183,11 @@ class PETRA(Stage):
 
     def _top(self, t, x, y) -> StepProgram:
         """The top module scores batch t-(K-1), whose labels arrived K-1 iterations ago."""
-        # A copy: the labels wait K-1 iterations, and whatever made ``y`` may reuse its memory meanwhile.
-        self.labels.append((t, y.clone(), self.shard_weight))
+        self.labels.push(t, y, self.shard_weight)
         batch = t - (self.num_stages - 1)
         if batch < 0:
             return None  # nothing has reached the top module yet
-        tagged, labels, weight = self.labels.popleft()
-        if tagged != batch:
-            raise RuntimeError(f"petra top module at iteration {t}: queued labels of batch {tagged}, "
-                               f"scoring batch {batch}")
+        labels, weight = self.labels.pop(batch, t)
         x = yield from self.receive_input(x, t=batch)
         out = self.module(x)
         loss = self.weighted(self.loss_fn(out, labels), weight)
@@ -321,7 +316,7 @@ class PETRA(Stage):
         held = {"stored_inputs": [x for f in self.flights for x in f.inputs.values()],
                 "weight_snapshots": [w for weights in copies.values() for w in weights]}
         if self.is_last and self.num_stages > 1:
-            held["stored_labels"] = [labels for _, labels, _ in self.labels]
+            held["stored_labels"] = self.labels.tensors()
         return held
 
     def state_dict(self) -> dict:
@@ -341,7 +336,7 @@ class PETRA(Stage):
         return {**super().state_dict(), "flights": flights, "weight_copies": copies,
                 # the gradient accumulated since the last update (None where a weight has none yet)
                 "accumulated": [p.grad for p in self.params], "backwards": self.backwards,
-                "updates": self.updates, "labels": [[b, labels, weight] for b, labels, weight in self.labels]}
+                "updates": self.updates, "labels": self.labels.state()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -353,4 +348,4 @@ class PETRA(Stage):
         for p, g in zip(self.params, state["accumulated"], strict=True):
             p.grad = None if g is None else g.to(self.device)
         self.backwards, self.updates = int(state["backwards"]), int(state["updates"])
-        self.labels = deque((int(b), labels.to(self.device), float(weight)) for b, labels, weight in state["labels"])
+        self.labels.load(state["labels"], self.device)

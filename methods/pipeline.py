@@ -18,26 +18,18 @@ import torch
 
 from dbench.errors import DbenchError
 from dbench.method import DOWN, EXACT_GRADIENT, LOCKED, UP, Recv, Send, Stage, StepOutput, StepProgram
+from dbench.method_tools import MicrobatchOptions
 from dbench.registry import METHODS
 
 FORWARD, BACKWARD = "F", "B"
 
 
 @dataclass(frozen=True)
-class PipelineOptions:
+class PipelineOptions(MicrobatchOptions):
     """Options of GPipe and 1F1B."""
 
     microbatches: int | None = field(default=None, metadata={
         "help": "M, micro-batches per batch (1 <= M <= batch size; M=1 is BP) [default: 4K]"})
-
-    def validate(self) -> None:
-        if self.microbatches is not None and self.microbatches < 1:
-            raise DbenchError(f"bad microbatches {self.microbatches}: must be an integer >= 1")
-
-
-def microbatch_count(options: PipelineOptions, num_stages: int) -> int:
-    """M: the option, or ALGORITHMS.md's default of 4K."""
-    return options.microbatches if options.microbatches is not None else 4 * num_stages
 
 
 class Pipeline(Stage):
@@ -65,12 +57,12 @@ class Pipeline(Stage):
     @classmethod
     def ideal_speedup(cls, num_stages: int, options: PipelineOptions | None = None) -> float | None:
         """K·M/(M+K−1) over model-parallel BP: the bubble takes (K−1)/(M+K−1) of the period (ALGORITHMS.md)."""
-        k, m = num_stages, microbatch_count(options or cls.Options(), num_stages)
+        k, m = num_stages, (options or cls.Options()).microbatch_count(num_stages)
         return k * m / (m + k - 1)
 
     @classmethod
     def check_run(cls, options: PipelineOptions, num_stages: int, batch_size: int, devices: list) -> None:
-        m = microbatch_count(options, num_stages)
+        m = options.microbatch_count(num_stages)
         if m > batch_size:
             raise DbenchError(f"bad microbatches {m}: a batch of {batch_size} splits into at most {batch_size} "
                               f"micro-batches (1 <= M <= batch size)")
@@ -80,7 +72,7 @@ class Pipeline(Stage):
         raise NotImplementedError
 
     def train_step(self, t, x, y) -> StepProgram:
-        m = min(microbatch_count(self.options, self.num_stages), len(y))
+        m = min(self.options.microbatch_count(self.num_stages), len(y))
         ys = y.tensor_split(m)
         xs = x.tensor_split(m) if self.is_first else [None] * m
         batch = len(y)

@@ -38,6 +38,7 @@ from torch import nn
 
 from dbench.errors import DbenchError
 from dbench.method import DOWN, EXACT_GRADIENT, LOCKED, UP, Stage, StepOutput, StepProgram
+from dbench.method_tools import MicrobatchOptions
 from dbench.registry import METHODS
 
 # A tensor handed between two processes outside the runner: ndim, then the shape (padded), then the dtype.
@@ -46,15 +47,11 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class ScheduleOptions:
+class ScheduleOptions(MicrobatchOptions):
     """Options of every schedule (the V-shaped ones, whose V is 2, take no more)."""
 
     microbatches: int | None = field(default=None, metadata={
         "help": "M, micro-batches per batch (M <= batch size) [default: 4K]"})
-
-    def validate(self) -> None:
-        if self.microbatches is not None and self.microbatches < 1:
-            raise DbenchError(f"bad microbatches {self.microbatches}: must be an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -71,11 +68,6 @@ class LoopedOptions(ScheduleOptions):
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
-
-
-def microbatch_count(options: Any, num_stages: int) -> int:
-    """M: the option, or 4K as for GPipe and 1F1B."""
-    return options.microbatches if options.microbatches is not None else 4 * num_stages
 
 
 @functools.cache
@@ -154,7 +146,7 @@ class TorchSchedule(Stage):
         options = options or cls.Options()
         if num_stages == 1:
             return 1.0
-        bubble = cls.bubble(num_stages, microbatch_count(options, num_stages), cls.modules_per_device(options))
+        bubble = cls.bubble(num_stages, options.microbatch_count(num_stages), cls.modules_per_device(options))
         return None if bubble is None else num_stages / (1 + bubble)
 
     @classmethod
@@ -166,7 +158,7 @@ class TorchSchedule(Stage):
         if not hasattr(_pipelining()[0], cls.schedule):  # pyproject's torch bound is pipelining's (2.4), older than some
             raise DbenchError(f"method {cls.name!r} runs torch's {cls.schedule}, which torch {torch.__version__} "
                               f"does not have: install a newer torch (dbench is tested with 2.14)")
-        m = microbatch_count(options, num_stages)
+        m = options.microbatch_count(num_stages)
         if m > batch_size:
             raise DbenchError(f"bad microbatches {m}: a batch of {batch_size} splits into at most {batch_size} "
                               f"micro-batches (1 <= M <= batch size)")
@@ -176,7 +168,7 @@ class TorchSchedule(Stage):
     def check_epoch(cls, options: Any, num_stages: int, sizes: set[int]) -> None:
         # torch's runner splits every batch into M micro-batches of one shape (its stages' receive buffers are
         # sized once, from the first), an epoch's smaller last batch too
-        m = microbatch_count(options, num_stages)
+        m = options.microbatch_count(num_stages)
         for size in sorted(sizes):
             if size % m:
                 raise DbenchError(f"bad --batch-size for {cls.name}: a batch (or replica shard) of {size} samples "
@@ -216,7 +208,7 @@ class TorchSchedule(Stage):
             total = self.modules_per_device(self.options) * self.num_stages
             stages = [metered(self, chunk, piece, total, self.device, group=self.pipeline_group)
                       for chunk, piece in zip(self.chunks, self.pieces)]
-            m = microbatch_count(self.options, self.num_stages)
+            m = self.options.microbatch_count(self.num_stages)
             self.runners[batch] = getattr(schedules, self.schedule)(stages, n_microbatches=m, loss_fn=self.loss,
                                                                     scale_grads=False)
         return self.runners[batch]

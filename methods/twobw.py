@@ -9,25 +9,16 @@ from torch.func import functional_call
 
 from dbench.errors import DbenchError
 from dbench.method import DELAYED_GRADIENT, DOWN, UNLOCKED, UP, Recv, Send, Stage, StepOutput, StepProgram
-from dbench.method_tools import forward_with
+from dbench.method_tools import MicrobatchOptions, forward_with
 from dbench.registry import METHODS
 
 
 @dataclass(frozen=True)
-class TwoBWOptions:
+class TwoBWOptions(MicrobatchOptions):
     """Options of PipeDream-2BW."""
 
     microbatches: int | None = field(default=None, metadata={
         "help": "M, micro-batches per batch (K <= M <= batch size: the paper's m >= d) [default: 4K]"})
-
-    def validate(self) -> None:
-        if self.microbatches is not None and self.microbatches < 1:
-            raise DbenchError(f"bad microbatches {self.microbatches}: must be an integer >= 1")
-
-
-def microbatch_count(options: TwoBWOptions, num_stages: int) -> int:
-    """M: the option, or 4K as for GPipe and 1F1B."""
-    return options.microbatches if options.microbatches is not None else 4 * num_stages
 
 
 def check_microbatches(m: int, num_stages: int) -> None:
@@ -104,7 +95,7 @@ class TwoBW(Stage):
 
     @classmethod
     def check_run(cls, options: TwoBWOptions, num_stages: int, batch_size: int, devices: list) -> None:
-        m = microbatch_count(options, num_stages)
+        m = options.microbatch_count(num_stages)
         check_microbatches(m, num_stages)
         if m > batch_size:
             raise DbenchError(f"bad microbatches {m}: a batch of {batch_size} splits into at most {batch_size} "
@@ -121,7 +112,7 @@ class TwoBW(Stage):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.options.validate()  # also when the Options come built, not parsed
-        self.microbatches = microbatch_count(self.options, self.num_stages)
+        self.microbatches = self.options.microbatch_count(self.num_stages)
         check_microbatches(self.microbatches, self.num_stages)
         self.warmup = self.num_stages - 1 - self.index  # w_k
         named = list(self.module.named_parameters())

@@ -46,6 +46,27 @@ def group(blocks: list[nn.Module], ranges: list[tuple[int, int]]) -> list[nn.Mod
     return [nn.Sequential(*blocks[a:b]) for a, b in ranges]
 
 
+# The optimizer of the hand-unrolled references (test_delayed, test_fdg, test_petra), as the trainers under test.
+SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def sgd(module: nn.Module) -> torch.optim.Optimizer:
+    """A reference's own optimizer: torch's SGD with dbench's single-tensor update (bit-identical numbers)."""
+    return torch.optim.SGD(module.parameters(), foreach=False, **SGD)
+
+
+def bn_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.clone() for n, b in module.named_buffers()}
+
+
+def restore_bn(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put saved BatchNorm buffers back. Rebind instead of copy_: a replay's or recompute's graph saved the
+    buffers it read, and an in-place write would trip autograd's version check."""
+    for prefix, sub in module.named_modules():
+        for name, _ in list(sub.named_buffers(recurse=False)):
+            setattr(sub, name, saved[f"{prefix}.{name}" if prefix else name])
+
+
 def record_grads(trainer):
     """Capture what each stage hands its optimizer, keyed by (iteration, module)."""
     seen = {}

@@ -12,27 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import batches, group, record_grads, tiny_blocks
+from conftest import SGD, batches, bn_state, group, record_grads, restore_bn, sgd, tiny_blocks
 from dbench import Trainer
 
-SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 RANGES = {1: [(0, 5)], 2: [(0, 2), (2, 5)], 3: [(0, 1), (1, 3), (3, 5)]}
-
-
-def sgd(module):
-    return torch.optim.SGD(module.parameters(), foreach=False, **SGD)
-
-
-def bn_state(module):
-    return {n: b.clone() for n, b in module.named_buffers()}
-
-
-def restore_bn(module, saved):
-    # Rebind instead of copy_: the replay's graph saved the buffers it read,
-    # and an in-place write would trip autograd's version check.
-    for prefix, sub in module.named_modules():
-        for name, _ in list(sub.named_buffers(recurse=False)):
-            setattr(sub, name, saved[f"{prefix}.{name}" if prefix else name])
 
 
 def top_reference(modules, opts, h, y, t, losses, grads, deltas):

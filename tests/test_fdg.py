@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import batches, group, interrupted_at_step, record_grads, run_cli, tiny_blocks
+from conftest import SGD, batches, group, interrupted_at_step, record_grads, run_cli, sgd, tiny_blocks
 from dbench import Trainer
 from dbench import run as runner
 from dbench.config import RunConfig
@@ -26,12 +26,7 @@ from dbench.errors import DbenchError
 from dbench.method import StepOutput, Stage, parse_options
 from dbench.registry import METHODS
 
-SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 RANGES = {1: [(0, 5)], 2: [(0, 2), (2, 5)], 3: [(0, 1), (1, 3), (3, 5)], 4: [(0, 1), (1, 2), (2, 3), (3, 5)]}
-
-
-def sgd(module):
-    return torch.optim.SGD(module.parameters(), foreach=False, **SGD)
 
 
 def reference_fdg(modules, data, beta):

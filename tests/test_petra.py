@@ -21,33 +21,17 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import batches, group, record_grads, run_cli, tiny_blocks, tiny_revnet_blocks
+from conftest import (SGD, batches, bn_state, group, record_grads, restore_bn, run_cli, sgd, tiny_blocks,
+                      tiny_revnet_blocks)
 from dbench import Trainer
 from dbench.errors import DbenchError
 from dbench.method import parse_options
 from dbench.registry import METHODS
 
-SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 # tiny_revnet_blocks: stem, R, R, D, head
 RANGES = {1: [(0, 5)], 2: [(0, 3), (3, 5)], 3: [(0, 2), (2, 4), (4, 5)], 4: [(0, 1), (1, 2), (2, 3), (3, 5)]}
 VARIANTS = {"petra": {}, "input buffer": {"input_buffer": True}, "param buffer": {"param_buffer": True},
             "both buffers": {"input_buffer": True, "param_buffer": True}}
-
-
-def sgd(module):
-    return torch.optim.SGD(module.parameters(), foreach=False, **SGD)
-
-
-def bn_state(module):
-    return {n: b.clone() for n, b in module.named_buffers()}
-
-
-def restore_bn(module, saved):
-    # Rebind instead of copy_: the recompute's graph saved the buffers it read, and an in-place write would
-    # trip autograd's version check.
-    for prefix, sub in module.named_modules():
-        for name, _ in list(sub.named_buffers(recurse=False)):
-            setattr(sub, name, saved[f"{prefix}.{name}" if prefix else name])
 
 
 def reversible(block):
