@@ -1,6 +1,7 @@
 """What a run ran on: software versions, devices, and the source revision."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import socket
@@ -48,8 +49,6 @@ def device_info(device: torch.device) -> dict:
 
 
 def collect(devices: list[torch.device]) -> dict:
-    import torchvision  # imported here: only the record needs its version
-
     return {
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
@@ -57,7 +56,9 @@ def collect(devices: list[torch.device]) -> dict:
         "python": sys.version.split()[0],
         "dbench": dbench.__version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        # the installed distribution's version, read without importing torchvision: its import pulls in
+        # torch._dynamo (2 s of every run's start on a small CPU) and no model or data set of the run needs it
+        "torchvision": importlib.metadata.version("torchvision"),
         "cuda_runtime": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cuda_available": torch.cuda.is_available(),

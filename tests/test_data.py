@@ -64,6 +64,19 @@ def test_synthetic_is_deterministic(synth):
     assert synth.mean == again.mean and synth.std == again.std
 
 
+def test_synthetic_small_is_the_same_recipe_at_a_fifth_of_the_size(synth):
+    small = DATASETS.get("synthetic-small").load(None, False)
+    assert small.name == "synthetic-small" and small.num_classes == 10
+    assert small.train_x.shape == (2_000, 3, 32, 32) and small.test_x.shape == (400, 3, 32, 32)
+    assert small.train_x.dtype == torch.uint8 and small.train_y.dtype == torch.int64
+    assert torch.bincount(small.test_y, minlength=10).tolist() == [40] * 10  # balanced, clean test labels
+    again = synthetic.generate("synthetic-small")
+    assert all(torch.equal(getattr(small, f), getattr(again, f)) for f in ("train_x", "train_y", "test_x", "test_y"))
+    # the same distribution (the same class templates), not the same images
+    assert not torch.equal(small.train_x, synth.train_x[:2_000])
+    assert all(abs(a - b) < 0.01 for a, b in zip(small.mean + small.std, synth.mean + synth.std))
+
+
 SYNTHETIC_SHA256 = "21aa4b15ae7bf9f5f200374ad77f7904e1331e0681bf0dd3920c20fb6bb038dd"
 
 

@@ -58,6 +58,7 @@ nearest class mean on raw pixels 20.5% (chance is 10%).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -76,6 +77,11 @@ NAME = "synthetic"
 NUM_CLASSES = 10
 NUM_TRAIN = 10_000
 NUM_TEST = 2_000
+# The same recipe at a fifth of the size: a whole run in seconds, for the tests' end-to-end runs and quick
+# tries of a setting. Not a benchmark: 2,000 samples are too few for methods to be told apart reliably.
+SMALL_NAME = "synthetic-small"
+SMALL_TRAIN = 2_000
+SMALL_TEST = 400
 SEED = 20240607  # fixed: the data set is part of the benchmark definition
 SIZE = 32
 
@@ -227,19 +233,22 @@ def _render(s: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
     return out
 
 
-def generate() -> DataSplits:
-    """Build the synthetic data set. Deterministic: same tensors on every call."""
+def generate(name: str = NAME) -> DataSplits:
+    """Build the synthetic data set ``name`` (``synthetic`` or ``synthetic-small``). Deterministic: same
+    tensors on every call. Both draw the same class templates (the generator's first draws); their samples
+    are drawn after, so the small set is another sample of the same distribution, not a prefix of the large."""
+    num_train, num_test = SIZES[name]
     g = torch.Generator(device="cpu").manual_seed(SEED)
     templates = _draw_templates(g)
     # Train and test parameters are drawn in a fixed order from the one generator.
     # Test labels stay clean, so test accuracy measures the model, not the noise.
-    train = _draw_samples(g, templates, NUM_TRAIN, LABEL_NOISE)
-    test = _draw_samples(g, templates, NUM_TEST, 0.0)
+    train = _draw_samples(g, templates, num_train, LABEL_NOISE)
+    test = _draw_samples(g, templates, num_test, 0.0)
     train_x = _render(train, g)
     test_x = _render(test, g)
     mean, std = channel_stats(train_x)
     return DataSplits(
-        name=NAME,
+        name=name,
         num_classes=NUM_CLASSES,
         train_x=train_x,
         train_y=train["observed_label"].contiguous(),
@@ -250,7 +259,7 @@ def generate() -> DataSplits:
     )
 
 
-def cache_path() -> Path | None:
+def cache_path(name: str = NAME) -> Path | None:
     """Where ``load`` keeps the generated tensors between processes; None: not kept (``DBENCH_CACHE=off``).
 
     Generating takes about a second of CPU, and every process of a run needs the data (the planner and
@@ -263,24 +272,24 @@ def cache_path() -> Path | None:
         return None
     root = Path(folder).expanduser() if folder else Path.home() / ".cache" / "dbench"
     recipe = hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    return root / f"{NAME}-{recipe}.pt"
+    return root / f"{name}-{recipe}.pt"
 
 
-def load_cached() -> DataSplits:
-    """``generate()``, read from the cache file when one was written, else generated and written there.
+def load_cached(name: str = NAME) -> DataSplits:
+    """``generate(name)``, read from the cache file when one was written, else generated and written there.
 
     The file is written whole to a temporary name and renamed into place, so a reader sees the whole
     file or none. The tensors are checked against the SHA-256 of their bytes stored beside them; a file
     that fails the check is generated and written again. A cache folder that cannot be written is no
     error: the data set is generated as it would be without a cache.
     """
-    path = cache_path()
+    path = cache_path(name)
     if path is None:
-        return generate()
-    cached = _read_cache(path)
+        return generate(name)
+    cached = _read_cache(path, name)
     if cached is not None:
         return cached
-    splits = generate()
+    splits = generate(name)
     tensors = [splits.train_x, splits.train_y, splits.test_x, splits.test_y]
     buffer = io.BytesIO()
     torch.save({"train_x": tensors[0], "train_y": tensors[1], "test_x": tensors[2], "test_y": tensors[3],
@@ -293,7 +302,7 @@ def load_cached() -> DataSplits:
     return splits
 
 
-def _read_cache(path: Path) -> DataSplits | None:
+def _read_cache(path: Path, name: str) -> DataSplits | None:
     """The cached data set, or None when there is no file or it fails its checksum (or cannot be read)."""
     if not path.exists():
         return None
@@ -304,7 +313,7 @@ def _read_cache(path: Path) -> DataSplits | None:
         return None  # damaged: generated and written again
     if saved.get("sha256") != _digest(tensors):
         return None
-    return DataSplits(name=NAME, num_classes=NUM_CLASSES, train_x=tensors[0], train_y=tensors[1],
+    return DataSplits(name=name, num_classes=NUM_CLASSES, train_x=tensors[0], train_y=tensors[1],
                       test_x=tensors[2], test_y=tensors[3], mean=tuple(saved["mean"]), std=tuple(saved["std"]))
 
 
@@ -315,17 +324,19 @@ def _digest(tensors: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _load(data_dir: Path | None, download: bool) -> DataSplits:
+SIZES = {NAME: (NUM_TRAIN, NUM_TEST), SMALL_NAME: (SMALL_TRAIN, SMALL_TEST)}
+
+
+def _load(name: str, data_dir: Path | None, download: bool) -> DataSplits:
     # Built in: data_dir and download do not apply and are ignored.
-    return load_cached()
+    return load_cached(name)
 
 
-SPEC = DATASETS.register(NAME)(
-    DatasetSpec(
-        name=NAME,
-        num_classes=NUM_CLASSES,
-        description="built-in CIFAR-shaped images of Gabor-part layouts, 10k train / 2k test (generated, no download)",
-        needs_data_dir=False,
-        load=_load,
-    )
-)
+def _spec(name: str, description: str) -> DatasetSpec:
+    return DATASETS.register(name)(DatasetSpec(name=name, num_classes=NUM_CLASSES, description=description,
+                                               needs_data_dir=False, load=functools.partial(_load, name)))
+
+
+SPEC = _spec(NAME, "built-in CIFAR-shaped images of Gabor-part layouts, 10k train / 2k test (generated, no download)")
+SMALL_SPEC = _spec(SMALL_NAME, "the synthetic recipe at a fifth of the size, 2k train / 400 test: a run in seconds, "
+                               "for tests and quick tries, too small to compare methods")
