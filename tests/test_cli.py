@@ -207,3 +207,20 @@ def test_help_and_bad_numbers_do_not_load_torch(args):
             "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch was imported'\n")
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert "torch was imported" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_fork_server_started_early_is_the_one_the_launcher_uses(monkeypatch):
+    """`dbench run --engine distributed` starts the fork server before it imports torch: with the module the
+    launcher's workers run (a server that runs is never restarted, so another module would go unimported)."""
+    from dbench import cli, run
+    from dbench.engine import forkserver
+
+    started = []
+    monkeypatch.setattr(forkserver, "start", started.append)
+    cli._start_fork_server("distributed")
+    cli._start_fork_server("local")
+    cli._start_fork_server("auto")
+    assert started == [run.train_rank.__module__]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # a torchrun worker starts no processes
+    cli._start_fork_server("distributed")
+    assert len(started) == 1

@@ -32,7 +32,6 @@ supervision (about 150 lines) on Python's ``multiprocessing`` (a fork server's c
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -48,6 +47,7 @@ import torch
 
 from dbench.errors import DbenchError, RunInterrupted
 from dbench.cpus import pin
+from dbench.engine import forkserver
 from dbench.placement import worker_cpus, worker_threads
 from dbench import interrupts
 
@@ -118,7 +118,8 @@ def _supervise(job: Job, procs: list, reports) -> None:
 
 def context(job: Job):
     """How worker processes start: forked from multiprocessing's fork server, which imported the
-    application's module (``job.train``'s: torch, dbench) once, when this launcher first needed it.
+    application's module (``job.train``'s: torch, dbench) once, when this launcher first needed it (or
+    earlier: ``dbench run`` starts it before its own imports, ``forkserver.start``).
 
     Why not spawn (a fresh interpreter per worker): each spawned worker imported torch and dbench again,
     about 2.7 s of CPU per worker on the 2-core machine (benchmarks/RESULTS.md, "Process start-up"); a suite or a
@@ -129,9 +130,7 @@ def context(job: Job):
     launch (``_worker``), and multiprocessing sends the working directory and ``sys.path`` itself. The
     server ends when this launcher does (multiprocessing's own pipe), which the workers' watchdog sees.
     """
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([job.train.__module__])  # ignored once the server runs (same module here)
-    return ctx
+    return forkserver.context(job.train.__module__)
 
 
 def _watch(procs: list, reports) -> tuple[int, str] | None:
