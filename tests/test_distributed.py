@@ -114,7 +114,7 @@ def test_a_killed_module_ends_the_run_cleanly(k, tmp_path):
     out = tmp_path / "run"
     launcher = subprocess.Popen(
         [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", str(k), "--model", "mlp",
-         "--batch-size", "512", "--epochs", "50", "--quiet",
+         "--dataset", "synthetic-small", "--batch-size", "512", "--epochs", "50", "--quiet",
          "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
@@ -138,7 +138,7 @@ def test_a_hung_module_ends_the_run_within_the_timeout(tmp_path):
     out = tmp_path / "run"
     launcher = subprocess.Popen(
         [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", "2", "--model", "mlp",
-         "--batch-size", "512", "--epochs", "50", "--quiet",
+         "--dataset", "synthetic-small", "--batch-size", "512", "--epochs", "50", "--quiet",
          "--comm-timeout", "5", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
@@ -156,7 +156,7 @@ def test_launcher_torchrun_and_local_runs_agree(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # one cut for all three (--split auto would profile a cut for the distributed engine only)
     common = ["run", "--gpus", "2", "--model", "mlp", "--epochs", "2", "--quiet", "--method", "fr", "--split", "blocks",
-              "--batch-size", "512"]
+              "--dataset", "synthetic-small", "--batch-size", "512"]
     commands = {
         "distributed": [DBENCH, *common, "--engine", "distributed"],
         "torchrun": [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
@@ -198,9 +198,11 @@ def test_interrupted_distributed_run_resumes_to_the_same_numbers(tmp_path, metho
     (torch's runner too: interleaved-1f1b holds two of the cnn's four modules on each device)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # two epochs: the interrupt lands after the first, so the resumed run restarts inside the run, from the
-    # stopped epoch's mid-epoch checkpoint; a third added nothing the property needs (and 40 s to CI)
+    # stopped epoch's mid-epoch checkpoint; a third added nothing the property needs (and 40 s to CI). The
+    # small data set at a small batch: about as many steps an epoch (16, 32) as the full one gave at 512 and 256 (20, 40),
+    # so the interrupt still lands inside the second epoch, at a quarter of the compute.
     common = ["run", "--engine", "distributed", "--gpus", "2", "--model", model, "--epochs", "2", "--quiet",
-              "--method", method, "--batch-size", "512" if model == "cnn" else "256"]
+              "--method", method, "--dataset", "synthetic-small", "--batch-size", "128" if model == "cnn" else "64"]
     if method != "ddp":  # the same cut for both runs (a whole replica per process has none)
         common += ["--split", "blocks"]
     whole = subprocess.run([DBENCH, *common, "--out", str(tmp_path / "whole")], capture_output=True, text=True,

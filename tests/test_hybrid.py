@@ -198,7 +198,8 @@ def run(tmp_path, name, *args, ok=True):
 
 
 def test_a_run_records_its_layout_and_every_device(tmp_path):
-    run(tmp_path, "r", "--method", "fr", "--gpus", "4", "--replicas", "2", "--engine", "local", "--batch-size", "1024")
+    run(tmp_path, "r", "--method", "fr", "--gpus", "4", "--replicas", "2", "--engine", "local", "--batch-size", "512",
+        "--dataset", "synthetic-small")
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert config["layout"]["devices"] == 4 and config["layout"]["modules"] == 2 and config["layout"]["replicas"] == 2
@@ -210,7 +211,8 @@ def test_a_run_records_its_layout_and_every_device(tmp_path):
 
 
 def test_the_engines_agree_on_a_run_with_replicas_and_it_resumes_exactly(tmp_path):
-    common = ["--method", "ddg", "--gpus", "4", "--replicas", "2", "--split", "blocks", "--batch-size", "1024"]
+    common = ["--method", "ddg", "--gpus", "4", "--replicas", "2", "--split", "blocks", "--batch-size", "256",
+              "--dataset", "synthetic-small"]
     env_one_thread = {"OMP_NUM_THREADS": "1"}
     import os
 
@@ -231,8 +233,8 @@ def test_the_engines_agree_on_a_run_with_replicas_and_it_resumes_exactly(tmp_pat
         if epoch == 1:
             raise KeyboardInterrupt
 
-    cfg = RunConfig(method="ddg", model="mlp", gpus=4, replicas=2, split="blocks", batch_size=1024, epochs=2,
-                    engine="local")
+    cfg = RunConfig(method="ddg", model="mlp", gpus=4, replicas=2, split="blocks", batch_size=256, epochs=2,
+                    engine="local", dataset="synthetic-small")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the runs above (OMP_NUM_THREADS=1): the same float sums
     try:
@@ -271,7 +273,7 @@ def test_torchrun_runs_replicas_as_the_local_engine_does(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["run", "--gpus", "4", "--replicas", "2", "--model", "mlp", "--epochs", "1", "--quiet", "--method",
-              "fr", "--split", "blocks", "--batch-size", "512"]
+              "fr", "--split", "blocks", "--batch-size", "512", "--dataset", "synthetic-small"]
     commands = {"torchrun": [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "4",
                              DBENCH, *common, "--engine", "distributed"],
                 "local": [DBENCH, *common, "--engine", "local"]}
@@ -295,7 +297,7 @@ def test_a_killed_replica_ends_the_run_cleanly(tmp_path):
     out = tmp_path / "run"
     launcher = subprocess.Popen(
         [DBENCH, "run", "--engine", "distributed", "--split", "blocks", "--gpus", "4", "--replicas", "2", "--model",
-         "mlp", "--batch-size", "512", "--epochs", "50", "--quiet", "--out", str(out)],
+         "mlp", "--dataset", "synthetic-small", "--batch-size", "512", "--epochs", "50", "--quiet", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
     workers, stderr, elapsed = signal_a_worker(launcher, out, signal.SIGKILL, pick=0)

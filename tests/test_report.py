@@ -28,9 +28,11 @@ def runs_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("results")
     for method in METHODS:
         for seed in SEEDS:
-            cfg = RunConfig(method=method, model="mlp", gpus=2, epochs=2, batch_size=512, sigma_every=5, seed=seed)
+            cfg = RunConfig(method=method, model="mlp", gpus=2, epochs=2, batch_size=256, sigma_every=3, seed=seed,
+                            dataset="synthetic-small")
             runner.start(cfg, root / f"{method}-s{seed}", quiet=True)
-    cfg = RunConfig(method="dfa", model="mlp", gpus=2, epochs=2, batch_size=512, sigma_every=0)
+    cfg = RunConfig(method="dfa", model="mlp", gpus=2, epochs=2, batch_size=256, sigma_every=0,
+                    dataset="synthetic-small")
     runner.start(cfg, root / "nested" / "dfa-nosigma", quiet=True)  # found by the recursive search
     return root
 
@@ -153,7 +155,7 @@ def test_filters_select_runs(runs_root, tmp_path):
     loaded = results.load_runs([runs_root])
     assert {r.method for r in results.select(loaded.runs, methods=["bp", "fr"])} == {"bp", "fr"}
     assert results.select(loaded.runs, ks=[3]) == []
-    assert len(results.select(loaded.runs, models=["mlp"], datasets=["synthetic"], ks=[2])) == len(loaded.runs)
+    assert len(results.select(loaded.runs, models=["mlp"], datasets=["synthetic-small"], ks=[2])) == len(loaded.runs)
     with pytest.raises(DbenchError, match=r"no run under .* matches --k 3; the 7 usable runs have methods bp, ddg, dfa, fr"):
         build_report([runs_root], tmp_path / "out", ks=[3])
     assert not (tmp_path / "out").exists()  # nothing written
