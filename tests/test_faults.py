@@ -18,7 +18,7 @@ from dbench.errors import DbenchError
 from dbench.record import CHECKPOINT, RunDir
 
 DBENCH = str(Path(sys.executable).parent / "dbench")
-CFG = dict(model="mlp", epochs=2, batch_size=512, sigma_every=0)
+CFG = dict(model="mlp", epochs=2, batch_size=512, sigma_every=0, dataset="synthetic-small")
 
 
 def test_a_second_run_with_the_same_out_is_refused_at_once(tmp_path):
@@ -96,7 +96,7 @@ def test_workers_stop_by_themselves_when_their_launcher_dies(tmp_path, launcher_
     out = tmp_path / "run"
     launcher = subprocess.Popen(
         [*prefix, "run", "--engine", "distributed", "--split", "blocks", "--gpus", "2", "--model", "mlp",
-         "--batch-size", "512", "--epochs", "50", "--quiet", "--out", str(out)],
+         "--dataset", "synthetic-small", "--batch-size", "512", "--epochs", "50", "--quiet", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     summary = out / "summary.json"
@@ -135,7 +135,8 @@ def _numbers(path: Path) -> list[dict]:
 def test_a_run_stopped_inside_an_epoch_resumes_from_its_last_mid_epoch_checkpoint(tmp_path, monkeypatch, method):
     """--checkpoint-every N: a stop loses at most N steps, and the resumed run ends with the numbers of an
     unbroken one (losses, accuracies, σ probes, per-module memory; timings aside)."""
-    cfg = dict(method=method, model="mlp", gpus=3, epochs=2, batch_size=512, seed=1)  # 20 steps an epoch
+    cfg = dict(method=method, model="mlp", gpus=3, epochs=2, batch_size=100, seed=1,
+               dataset="synthetic-small")  # 20 steps an epoch
     whole = runner.start(RunConfig(**cfg), tmp_path / "whole", quiet=True)
 
     cut = tmp_path / "cut"
@@ -171,7 +172,8 @@ def _limited_file_size(limit: int):
 def test_a_full_disk_is_one_line_and_marks_the_run_failed(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run([DBENCH, "run", "--model", "mlp", "--epochs", "2", "--sigma-every", "0", "--quiet",
-                           "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                           "--dataset", "synthetic-small", "--out", str(out)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300,
                           preexec_fn=_limited_file_size(200_000))  # the run's JSON files fit; its checkpoint not
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
