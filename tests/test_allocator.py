@@ -51,6 +51,6 @@ def test_a_run_records_what_its_processes_do_to_the_allocator(tmp_path):
     from dbench import run as runner
     from dbench.config import RunConfig
 
-    path = runner.start(RunConfig(model="mlp", epochs=1, batch_size=512), tmp_path / "run", quiet=True)
+    path = runner.start(RunConfig(model="mlp", epochs=1, batch_size=512, dataset="synthetic-small"), tmp_path / "run", quiet=True)
     recorded = json.loads((path / "environment.json").read_text())["allocator"]
     assert recorded == allocator.keep_freed_memory()

@@ -176,7 +176,8 @@ def test_console_script_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "run"
     done = subprocess.run(
-        [DBENCH, "run", "--model", "mlp", "--gpus", "2", "--epochs", "1", "--quiet", "--out", str(out)],
+        [DBENCH, "run", "--model", "mlp", "--gpus", "2", "--epochs", "1", "--dataset", "synthetic-small", "--quiet",
+         "--out", str(out)],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert done.returncode == 0, done.stderr

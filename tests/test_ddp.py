@@ -46,7 +46,7 @@ def test_ddp_equals_bp_on_the_full_batch(batch, tmp_path):
 
 def test_a_ddp_run_records_every_device_and_sigma_near_one(tmp_path):
     done = subprocess.run([DBENCH, "run", "--method", "ddp", "--model", "mlp", "--gpus", "2", "--epochs", "1",
-                           "--sigma-batches", "4", "--quiet", "--out", str(tmp_path / "run")],
+                           "--dataset", "synthetic-small", "--sigma-batches", "4", "--quiet", "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

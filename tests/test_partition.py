@@ -333,7 +333,8 @@ def _dbench(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_split_from_a_run_reuses_its_cut_bit_for_bit(tmp_path):
     """A DGL run cut by hand after block 2 (not the default cut, [0, 1) [1, 3)), then a run with --split from:
     it: the same partition recorded, and the very same losses and accuracies, epoch by epoch."""
-    common = ["run", "--method", "dgl", "--model", "mlp", "--gpus", "2", "--epochs", "1", "--batch-size", "1024",
+    common = ["run", "--method", "dgl", "--model", "mlp", "--gpus", "2", "--epochs", "1", "--batch-size", "256",
+              "--dataset", "synthetic-small",
               "--engine", "local", "--sigma-every", "0", "--quiet"]
     first, again = tmp_path / "first", tmp_path / "again"
     done = _dbench(*common, "--split", "2", "--out", str(first))

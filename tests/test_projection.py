@@ -167,7 +167,7 @@ def test_recording_changes_no_number():
 
 def test_a_traced_run_equals_an_untraced_one_and_projects(tmp_path):
     common = ["run", "--method", "ddg", "--model", "mlp", "--gpus", "2", "--epochs", "1", "--engine", "local",
-              "--quiet", "--sigma-every", "0", "--batch-size", "1024"]
+              "--quiet", "--sigma-every", "0", "--dataset", "synthetic-small", "--batch-size", "256"]
     for name, extra in (("plain", []), ("traced", ["--trace"])):
         done = subprocess.run([DBENCH, *common, *extra, "--out", str(tmp_path / name)], capture_output=True,
                               text=True, timeout=300)
@@ -205,6 +205,7 @@ def traced_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("traced") / "ddg"
     done = subprocess.run([DBENCH, "run", "--method", "ddg", "--model", "mlp", "--gpus", "2", "--epochs", "1",
                            "--engine", "local", "--quiet", "--sigma-every", "0", "--batch-size", "512", "--trace",
+                           "--dataset", "synthetic-small",
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return out
