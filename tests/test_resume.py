@@ -43,7 +43,8 @@ def test_resume_equals_uninterrupted(tmp_path, schedule, method):
     """Through the checkpoint file: weights, optimizer, method state and gradients in flight. Two epochs, cut
     after the first: the resumed epoch runs on what the checkpoint restored (the step schedule's milestone,
     at 50% of the epochs, falls on the cut, so the resumed run must also apply it)."""
-    cfg = dict(method=method, model="mlp", gpus=3, epochs=2, lr_schedule=schedule, batch_size=256, seed=3)
+    cfg = dict(method=method, model="mlp", gpus=3, epochs=2, lr_schedule=schedule, batch_size=128, seed=3,
+               dataset="synthetic-small")
     whole = runner.start(RunConfig(**cfg), tmp_path / "whole", quiet=True)
 
     cut = tmp_path / "cut"
@@ -61,7 +62,7 @@ def test_resume_equals_uninterrupted(tmp_path, schedule, method):
 
 
 def test_same_seed_same_numbers(tmp_path):
-    cfg = dict(model="mlp", epochs=1, batch_size=256, seed=5)
+    cfg = dict(model="mlp", epochs=1, batch_size=256, seed=5, dataset="synthetic-small")
     a = runner.start(RunConfig(**cfg), tmp_path / "a", quiet=True)
     b = runner.start(RunConfig(**cfg), tmp_path / "b", quiet=True)
     c = runner.start(RunConfig(**{**cfg, "seed": 6}), tmp_path / "c", quiet=True)
@@ -74,7 +75,7 @@ def test_failure_marks_the_run_failed(tmp_path):
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        runner.start(RunConfig(model="mlp", epochs=2, batch_size=256), tmp_path / "f", quiet=True, on_epoch_end=boom)
+        runner.start(RunConfig(model="mlp", epochs=2, batch_size=256, dataset="synthetic-small"), tmp_path / "f", quiet=True, on_epoch_end=boom)
     summary = json.loads((tmp_path / "f" / "summary.json").read_text())
     assert summary["status"] == "failed" and "disk on fire" in summary["error"]
     assert not [p for p in (tmp_path / "f").iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -84,7 +85,7 @@ def test_a_run_in_use_cannot_be_resumed_twice(tmp_path):
     from dbench.record import RunDir
 
     with pytest.raises(runner.RunInterrupted):
-        runner.start(RunConfig(model="mlp", epochs=2, batch_size=256), tmp_path / "r", quiet=True,
+        runner.start(RunConfig(model="mlp", epochs=2, batch_size=256, dataset="synthetic-small"), tmp_path / "r", quiet=True,
                      on_epoch_end=stop_after(1))
     with RunDir.open(tmp_path / "r").exclusive():  # as another process training it would hold it
         with pytest.raises(DbenchError, match="being trained by another process"):
@@ -95,7 +96,7 @@ def test_a_run_in_use_cannot_be_resumed_twice(tmp_path):
 def test_completed_starts_reuses_and_refuses_other_settings(tmp_path):
     import dataclasses
 
-    cfg = RunConfig(model="mlp", epochs=1, batch_size=512, sigma_every=0)
+    cfg = RunConfig(model="mlp", epochs=1, batch_size=512, sigma_every=0, dataset="synthetic-small")
     first = runner.completed(cfg, tmp_path / "run")
     assert first["status"] == "complete"
     stamp = (tmp_path / "run" / "summary.json").stat().st_mtime_ns
@@ -111,7 +112,7 @@ def test_a_run_stopped_after_its_last_checkpoint_is_complete(tmp_path):
     from dbench import loop
     from dbench.record import RunDir
 
-    path = runner.start(RunConfig(model="mlp", epochs=1, batch_size=512), tmp_path / "run", quiet=True)
+    path = runner.start(RunConfig(model="mlp", epochs=1, batch_size=512, dataset="synthetic-small"), tmp_path / "run", quiet=True)
     run = RunDir(path)
     metrics = (path / "metrics.jsonl").read_text()
     checkpoint = (path / "checkpoint.pt").read_bytes()
@@ -128,7 +129,8 @@ def test_a_run_stopped_after_its_last_checkpoint_is_complete(tmp_path):
 def stopped_run(tmp_path_factory):
     """A run that finished 1 of its 2 epochs (marked interrupted, as a stop leaves it): resumable."""
     path = tmp_path_factory.mktemp("stopped") / "run"
-    runner.start(RunConfig(method="ddg", model="mlp", gpus=2, epochs=1, batch_size=512, sigma_every=0), path,
+    runner.start(RunConfig(method="ddg", model="mlp", gpus=2, epochs=1, batch_size=512, sigma_every=0,
+                              dataset="synthetic-small"), path,
                  quiet=True)
     config = json.loads((path / "config.json").read_text())
     config["run"]["epochs"] = 2
