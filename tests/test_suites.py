@@ -24,13 +24,13 @@ TINY = """
 [suite.tiny]
 description = "two methods, a few seconds"
 epochs = 2
-batch_size = 512
+batch_size = 128
 lr = {lr}
 
 [[suite.tiny.grid]]
 methods = ["bp", "fr"]
 models = ["mlp"]
-datasets = ["synthetic"]
+datasets = ["synthetic-small"]
 gpus = [2]
 seeds = [0]
 """
@@ -114,7 +114,7 @@ def test_cli_dry_run_and_errors(tmp_path):
     write(tmp_path, TINY.format(lr=0.05))
     done = subprocess.run([DBENCH, "suite", "tiny", "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "[1/2] bp-mlp-synthetic-k2-s0: missing" in done.stdout and "[2/2] fr-mlp-synthetic-k2-s0: missing" in done.stdout
+    assert "[1/2] bp-mlp-synthetic-small-k2-s0: missing" in done.stdout and "[2/2] fr-mlp-synthetic-small-k2-s0: missing" in done.stdout
     assert not (tmp_path / "results").exists()
     bad = subprocess.run([DBENCH, "suite", "nope"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: bench.toml: no suite 'nope'; suites: tiny"
@@ -132,14 +132,14 @@ def test_interrupted_suite_finishes_every_run_once(tmp_path):
 
     with pytest.raises(RunInterrupted):
         suites.run_suite(suite, root, echo=lambda line: None, on_epoch_end=stop_in_second_run)
-    first = (root / "tiny" / "bp-mlp-synthetic-k2-s0" / "metrics.jsonl").read_text()
+    first = (root / "tiny" / "bp-mlp-synthetic-small-k2-s0" / "metrics.jsonl").read_text()
     assert suites.status(suite.runs[1], root) == "interrupted"
 
     lines = []
     final = suites.run_suite(suite, root, echo=lines.append)
-    assert final == {"bp-mlp-synthetic-k2-s0": "complete", "fr-mlp-synthetic-k2-s0": "complete"}
-    assert "[1/2] bp-mlp-synthetic-k2-s0: complete, skipped" in lines and "[2/2] fr-mlp-synthetic-k2-s0: resuming" in lines
-    assert (root / "tiny" / "bp-mlp-synthetic-k2-s0" / "metrics.jsonl").read_text() == first  # not run again
+    assert final == {"bp-mlp-synthetic-small-k2-s0": "complete", "fr-mlp-synthetic-small-k2-s0": "complete"}
+    assert "[1/2] bp-mlp-synthetic-small-k2-s0: complete, skipped" in lines and "[2/2] fr-mlp-synthetic-small-k2-s0: resuming" in lines
+    assert (root / "tiny" / "bp-mlp-synthetic-small-k2-s0" / "metrics.jsonl").read_text() == first  # not run again
     for run in suite.runs:
         rows = [json.loads(x) for x in (run.path(root) / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
@@ -150,14 +150,14 @@ def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tmp_path):
 [[suite.tiny.grid]]
 methods = ["fr"]
 models = ["mlp"]
-datasets = ["synthetic"]
+datasets = ["synthetic-small"]
 gpus = [2]
 seeds = [0]
 lr = 1e30
 """
     suite = suites.load(write(tmp_path, text), "tiny")
     final = suites.run_suite(suite, tmp_path / "results", echo=lambda line: None)
-    assert final == {"bp-mlp-synthetic-k2-s0": "complete", "fr-mlp-synthetic-k2-s0": "diverged"}
+    assert final == {"bp-mlp-synthetic-small-k2-s0": "complete", "fr-mlp-synthetic-small-k2-s0": "diverged"}
     again = suites.run_suite(suite, tmp_path / "results", echo=lambda line: None)
     assert again == final  # a diverged run is not retried
 
@@ -197,7 +197,7 @@ def test_worse_accuracy_fails_the_check(golden_suite, tmp_path):
 
 def test_bigger_memory_fails_the_check(golden_suite, tmp_path):
     """The same runs with twice the batch: module peaks grow past golden + 5%."""
-    write(tmp_path, TINY.format(lr=0.05).replace("batch_size = 512", "batch_size = 1024"))
+    write(tmp_path, TINY.format(lr=0.05).replace("batch_size = 128", "batch_size = 256"))
     suite = suites.load(tmp_path / "bench.toml", "tiny")
     suites.run_suite(suite, tmp_path / "results", echo=lambda line: None)
     findings, _ = checker.check(suite, tmp_path / "results", golden_suite / "golden")
@@ -222,7 +222,7 @@ def test_missing_runs_and_golden_are_reported(golden_suite, tmp_path):
      "holds the golden figures of no named suite"),
     (lambda good: "[1, 2]", "is not a JSON object (it holds a list)"),
     (lambda good: json.dumps({**json.loads(good), "runs": []}), 'has no "runs" object'),
-    (lambda good: good.replace('"peak_bytes"', '"peak"'), ": run bp-mlp-synthetic-k2-s0 lacks a number best_test_acc, "
+    (lambda good: good.replace('"peak_bytes"', '"peak"'), ": run bp-mlp-synthetic-small-k2-s0 lacks a number best_test_acc, "
                                                          "a memory_kind or a list of numbers peak_bytes"),
     (lambda good: "\udcff", "is not text (not UTF-8)"),
 ], ids=["truncated", "empty-object", "other-suite", "no-suite", "list", "runs-list", "run-entry", "binary"])
@@ -239,7 +239,7 @@ def test_a_damaged_golden_file_is_one_line_exit_2(golden_suite, tmp_path, damage
 
 
 @pytest.mark.parametrize("file,content,message", [
-    ("summary.json", "{}", "summary.json has no status: run fr-mlp-synthetic-k2-s0 of suite tiny can be neither "
+    ("summary.json", "{}", "summary.json has no status: run fr-mlp-synthetic-small-k2-s0 of suite tiny can be neither "
                            "skipped nor resumed"),
     ("summary.json", '{"status": "complete"}', "summary.json says complete but lacks a number best_test_acc"),
     ("environment.json", '{"devices": [', "environment.json is not valid JSON ("),
@@ -248,7 +248,7 @@ def test_a_damaged_golden_file_is_one_line_exit_2(golden_suite, tmp_path, damage
 def test_a_damaged_run_fails_the_check_naming_its_file(golden_suite, tmp_path, file, content, message, monkeypatch,
                                                       capsys):
     shutil.copytree(golden_suite / "results", tmp_path / "results")
-    damaged = tmp_path / "results" / "tiny" / "fr-mlp-synthetic-k2-s0" / file
+    damaged = tmp_path / "results" / "tiny" / "fr-mlp-synthetic-small-k2-s0" / file
     damaged.write_text(content)
     code, out, err = run_cli(["check", "tiny", "--file", str(golden_suite / "bench.toml"), "--golden",
                               str(golden_suite / "golden")], monkeypatch, capsys, cwd=tmp_path)
@@ -277,7 +277,8 @@ def test_resuming_a_diverged_run_is_refused_and_leaves_it_untouched(tmp_path):
     out = tmp_path / "run"
     # the local engine: refusing to resume depends on the recorded status, not on the processes that ran
     done = subprocess.run([dbench, "run", "--method", "fr", "--model", "mlp", "--gpus", "2", "--epochs", "2",
-                           "--lr", "1e30", "--engine", "local", "--quiet", "--out", str(out)], capture_output=True,
+                           "--lr", "1e30", "--engine", "local", "--dataset", "synthetic-small", "--quiet",
+                           "--out", str(out)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode != 0 and json.loads((out / "summary.json").read_text())["status"] == "diverged"
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
