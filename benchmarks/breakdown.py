@@ -1,6 +1,7 @@
 """Where each decoupled method's time goes, per module, at K=2 and K=4: the gap to the ideal, explained.
 
 Each method (and model-parallel BP, the reference) trains the same model on
+the same data set (``--dataset``, default the built-in ``synthetic``) on
 the distributed engine, one process per module (on a CPU each gets
 ``cores // K`` threads), cut by ``--split``. Every module's wall-clock is
 split by dbench's meters into compute (forward, backward, replay, update),
@@ -39,7 +40,7 @@ from dbench import run as runner
 from dbench.cli import run_command
 from dbench.config import RunConfig
 from dbench.method import EXACT_GRADIENT, MODEL_PARALLEL
-from dbench.registry import METHODS
+from dbench.registry import DATASETS, METHODS
 
 BUSY = ("compute_s", "comm_s")
 SHARES = ("compute_s", "comm_s", "wait_input_s", "wait_grad_s", "data_s", "idle_s")
@@ -56,8 +57,9 @@ def reference() -> str:
     return next(name for name, cls in METHODS.items() if cls.reference)
 
 
-def config(name: str, model: str, k: int, epochs: int, batch: int, split: str, device: str | None) -> RunConfig:
-    return RunConfig(method=name, model=model, gpus=k, epochs=epochs, batch_size=batch, split=split,
+def config(name: str, model: str, k: int, epochs: int, batch: int, split: str, device: str | None,
+           dataset: str = RunConfig.dataset) -> RunConfig:
+    return RunConfig(method=name, model=model, dataset=dataset, gpus=k, epochs=epochs, batch_size=batch, split=split,
                      engine="distributed", sigma_every=0, devices=[device] * k if device else None)
 
 
@@ -99,6 +101,7 @@ def table(k: int, names: list[str], runs: dict[str, tuple[dict, int]]) -> list[s
 @click.option("--k", "ks", type=click.IntRange(min=2), multiple=True, default=[2, 4], show_default=True,
               help="Modules (processes); repeat for several.")
 @click.option("--methods", "wanted", default=None, help="Comma-separated (default: every decoupled method installed).")
+@click.option("--dataset", default=RunConfig.dataset, show_default=True, help="Data set (see `dbench list`).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--split", default="time", show_default=True, help="Partition (time: balanced by profiling).")
@@ -107,17 +110,18 @@ def table(k: int, names: list[str], runs: dict[str, tuple[dict, int]]) -> list[s
                    "Modules sharing a GPU time-share it: the table then shows each method's work and transport on "
                    "that GPU, not a parallel speedup.")
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/breakdown"), show_default=True)
-def main(model: str, ks: tuple[int, ...], wanted: str | None, epochs: int, batch_size: int, split: str,
-         device: str | None, root: Path) -> None:
+def main(model: str, ks: tuple[int, ...], wanted: str | None, dataset: str, epochs: int, batch_size: int,
+         split: str, device: str | None, root: Path) -> None:
+    DATASETS.get(dataset)  # an unknown name fails here, before the first run starts
     names = wanted.split(",") if wanted else decoupled()
     for name in names:
         METHODS.get(name)  # an unknown name fails here, before the first run starts
     everyone = [reference(), *(n for n in names if n != reference())]
     for k in ks:
         for name in everyone:  # every setting is checked before the first run starts
-            config(name, model, k, epochs, batch_size, split, device).validate()
+            config(name, model, k, epochs, batch_size, split, device, dataset).validate()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    click.echo(f"### Time breakdown, {model}, batch {batch_size}, {split} partition, distributed engine "
+    click.echo(f"### Time breakdown, {model}, {dataset}, batch {batch_size}, {split} partition, distributed engine "
                f"({date.today().isoformat()})\n")
     click.echo(f"Machine: {usable_cpus()} cores ({platform.processor() or platform.machine()}, "
                f"{platform.platform()})" + (f", {gpu}" if gpu else "") + f", torch {torch.__version__}. "
@@ -127,9 +131,10 @@ def main(model: str, ks: tuple[int, ...], wanted: str | None, epochs: int, batch
     for k in ks:
         runs = {}
         for name in everyone:
-            cfg = config(name, model, k, epochs, batch_size, split, device)
+            cfg = config(name, model, k, epochs, batch_size, split, device, dataset)
             placed = f"-{device.replace(':', '')}" if device else ""
-            folder = root / f"{name}-{model}-k{k}-b{batch_size}-e{epochs}-{split}{placed}"
+            data = "" if dataset == RunConfig.dataset else f"-{dataset}"  # the default's folders keep their names
+            folder = root / f"{name}-{model}{data}-k{k}-b{batch_size}-e{epochs}-{split}{placed}"
             summary = runner.completed(cfg, folder)
             runs[name] = (summary, steps_of(folder))
             click.echo(f"K={k} {name}: {summary['samples_per_s']:.1f} samples/s", err=True)

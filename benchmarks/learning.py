@@ -24,7 +24,7 @@ from dbench import run as runner
 from dbench.cli import run_command
 from dbench.config import RunConfig
 from dbench.method import parse_options
-from dbench.registry import METHODS
+from dbench.registry import DATASETS, METHODS
 
 
 def method_order() -> list[str]:
@@ -57,7 +57,7 @@ def variant(text: str) -> tuple[str, dict[str, str]]:
 @click.option("--methods", default=lambda: ",".join(method_order()), show_default="every method",
               help="Comma separated; a variant names its options in brackets, ';' between them: fdg[shrink=0.5].")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dataset", default="synthetic", show_default=True)
+@click.option("--dataset", default="synthetic", show_default=True, help="Data set (see `dbench list`).")
 @click.option("--context", type=int, default=None, help="Text data: bytes per sequence [default: the model's].")
 @click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True)
 @click.option("--lr", type=float, default=RunConfig.lr, show_default=True)
@@ -69,6 +69,7 @@ def main(model: str, epochs: int, ks: str, methods: str, seed: int, dataset: str
         k_values = [int(v) for v in ks.split(",")]
     except ValueError:
         raise click.BadParameter(f"expected integers separated by commas, e.g. 2,4, got {ks!r}", param_hint="--ks") from None
+    DATASETS.get(dataset)  # an unknown name fails here, before the first run starts
     variants = [variant(text) for text in methods.split(",")]
     for name, options in variants:  # every method and option is checked before the first run starts
         parse_options(METHODS.get(name), options)

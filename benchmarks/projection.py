@@ -24,6 +24,7 @@ engine's own (serial) seconds for scale. The trace's own cost: the same
 local run without ``--trace`` in the same round (traced over untraced
 seconds, minus 1). Both runs use equal block counts
 (``--split blocks``) so that they train the same cut, and no σ probe.
+Every run trains on ``--dataset`` (default the built-in ``synthetic``).
 
     python benchmarks/projection.py --model resnet20 --k 2 --rounds 3
 """
@@ -46,7 +47,7 @@ import torch
 from dbench.cli import run_command
 from dbench.cpus import usable_cpus
 from dbench.errors import DbenchError
-from dbench.registry import METHODS, MODELS
+from dbench.registry import DATASETS, METHODS, MODELS
 
 DBENCH = str(Path(sys.executable).parent / "dbench")
 RELAID = "ddp (1 device laid out on K)"
@@ -65,17 +66,19 @@ def _run(args: list[str], out: Path, env: dict, prefix: list[str] | None = None)
 @click.option("--model", default="resnet20", show_default=True)
 @click.option("--k", type=click.IntRange(min=2), default=2, show_default=True)
 @click.option("--methods", default=DEFAULT_METHODS, show_default=True)
+@click.option("--dataset", default="synthetic", show_default=True, help="Data set (see `dbench list`).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--link", "link_name", default=None, help="A link profile [default: probe this machine now].")
 @click.option("--relayout/--no-relayout", default=True, show_default=True,
               help="Also check ddp traced on one device laid out on K replicas against ddp on K processes.")
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/projection-check"), show_default=True)
-def main(model: str, k: int, methods: str, batch_size: int, rounds: int, link_name: str | None, relayout: bool,
-         root: Path) -> None:
+def main(model: str, k: int, methods: str, dataset: str, batch_size: int, rounds: int, link_name: str | None,
+         relayout: bool, root: Path) -> None:
     from dbench import probe, projection
 
     MODELS.get(model)
+    DATASETS.get(dataset)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
         if METHODS.get(name).parallelism != "model":
@@ -89,8 +92,8 @@ def main(model: str, k: int, methods: str, batch_size: int, rounds: int, link_na
         link_name = str(stored)
     profile = projection.link(link_name)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["--model", model, "--gpus", str(k), "--epochs", "1", "--batch-size", str(batch_size), "--split",
-              "blocks", "--sigma-every", "0"]
+    common = ["--model", model, "--dataset", dataset, "--gpus", str(k), "--epochs", "1", "--batch-size",
+              str(batch_size), "--split", "blocks", "--sigma-every", "0"]
     contenders = [*names, *([RELAID] if relayout else [])]
     if relayout and batch_size % k:
         raise click.BadParameter(f"{batch_size}: --relayout traces ddp at batch B/K; B must be a multiple of K",
@@ -107,12 +110,13 @@ def main(model: str, k: int, methods: str, batch_size: int, rounds: int, link_na
                 shutil.rmtree(path, ignore_errors=True)
             pin = ["taskset", "-c", str(cpus[0])]
             if name == RELAID:  # ddp on one device at B/K, laid out on K replicas; measured: ddp on K processes
-                one = ["--model", model, "--method", "ddp", "--gpus", "1", "--epochs", "1", "--batch-size",
-                       str(batch_size // k), "--sigma-every", "0", "--engine", "local"]
+                one = ["--model", model, "--dataset", dataset, "--method", "ddp", "--gpus", "1", "--epochs", "1",
+                       "--batch-size", str(batch_size // k), "--sigma-every", "0", "--engine", "local"]
                 local = _run([*one, "--trace"], traced, env, prefix=pin)
                 plain = _run(one, untraced, env, prefix=pin)
-                dist = _run(["--model", model, "--method", "ddp", "--gpus", str(k), "--epochs", "1", "--batch-size",
-                             str(batch_size), "--sigma-every", "0", "--engine", "distributed"], measured, env)
+                dist = _run(["--model", model, "--dataset", dataset, "--method", "ddp", "--gpus", str(k), "--epochs",
+                             "1", "--batch-size", str(batch_size), "--sigma-every", "0", "--engine", "distributed"],
+                            measured, env)
                 projected = projection.load(traced, profile, devices=k).projection.seconds
                 results[name].append((projected, dist["train_seconds"], local["train_seconds"],
                                       plain["train_seconds"]))
@@ -122,7 +126,7 @@ def main(model: str, k: int, methods: str, batch_size: int, rounds: int, link_na
             dist = _run([*common, "--method", name, "--engine", "distributed"], measured, env)
             projected = projection.load(traced, profile).projection.seconds
             results[name].append((projected, dist["train_seconds"], local["train_seconds"], plain["train_seconds"]))
-    click.echo(f"### Projection against measurement: {model}, K={k}, batch {batch_size}, one epoch "
+    click.echo(f"### Projection against measurement: {model}, {dataset}, K={k}, batch {batch_size}, one epoch "
                f"({date.today()})\n")
     click.echo(f"Machine: {usable_cpus()} usable of {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}, "
                f"{platform.platform()}), torch {torch.__version__}. Link: {profile.describe()}. {rounds} round(s); "

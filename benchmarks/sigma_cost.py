@@ -1,6 +1,7 @@
 """What the σ probe costs at its default frequency, as a share of the epoch's training time.
 
-Runs one epoch per method through dbench's runner (as ``dbench run``), with the default probe
+Runs one epoch per method through dbench's runner (as ``dbench run``) on
+``--dataset`` (default the built-in ``synthetic``), with the default probe
 settings (4 probes an epoch, 2 probe batches) and reads the run's own
 accounting: ``probe_s`` (the probes' extra plain-BP passes, timed apart) over
 ``train_seconds``. A probe costs about ``sigma_batches`` forward+backward
@@ -26,21 +27,24 @@ import methods as _registering  # noqa: F401  (registers the built-in methods; `
 from dbench import run as runner
 from dbench.cli import run_command
 from dbench.config import RunConfig
-from dbench.registry import METHODS
+from dbench.registry import DATASETS, METHODS
 
 
 @click.command()
 @click.option("--model", default="resnet20", show_default=True)
 @click.option("--k", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--methods", default="bp,fr", show_default=True)
+@click.option("--dataset", default=RunConfig.dataset, show_default=True, help="Data set (see `dbench list`).")
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/sigma-cost"), show_default=True)
-def main(model: str, k: int, methods: str, root: Path) -> None:
+def main(model: str, k: int, methods: str, dataset: str, root: Path) -> None:
+    DATASETS.get(dataset)  # an unknown name fails here, before the first run starts
     rows = []
     for method in methods.split(","):
         METHODS.get(method)  # an unknown name fails here, before the first run starts
     for method in methods.split(","):
-        out = root / f"{method}-{model}-k{k}"
-        summary = runner.completed(RunConfig(method=method, model=model, gpus=k, epochs=1), out)
+        data = "" if dataset == RunConfig.dataset else f"-{dataset}"  # the default's folders keep their names
+        out = root / f"{method}-{model}{data}-k{k}"
+        summary = runner.completed(RunConfig(method=method, model=model, dataset=dataset, gpus=k, epochs=1), out)
         config = json.loads((out / "config.json").read_text())
         epoch = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["kind"] == "epoch"][0]
@@ -50,7 +54,7 @@ def main(model: str, k: int, methods: str, root: Path) -> None:
         per_probe = probe / epoch["probes"]
         rows.append((method, steps, epoch["probes"], config["sigma_probe_samples"], epoch["train_seconds"], probe,
                      per_probe / per_step))
-    click.echo(f"### σ probe cost, {model}, K={k}, default frequency ({date.today().isoformat()})\n")
+    click.echo(f"### σ probe cost, {model}, {dataset}, K={k}, default frequency ({date.today().isoformat()})\n")
     click.echo(f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                f"{platform.platform()}, torch {torch.__version__}, local engine.\n")
     click.echo("| method | steps/epoch | probes | probe samples | train s | probe s | share of epoch | one probe, in steps | share at 391 steps/epoch |")

@@ -1,6 +1,7 @@
 """Speedup of each method over model-parallel BP and over the fastest exact-gradient baseline, on the same devices.
 
-Every contender trains the same model for the same epochs, in folders under
+Every contender trains the same model on the same data set (``--dataset``,
+default the built-in ``synthetic``) for the same epochs, in folders under
 ``--root`` that later calls reuse:
 - each method of ``--methods`` at K devices on the distributed engine (one
   process per module, or per replica for ddp; on a CPU each process gets
@@ -43,18 +44,18 @@ from dbench.cli import run_command
 from dbench.config import RunConfig
 from dbench.method import DATA_PARALLEL, EXACT_GRADIENT
 from dbench.record import CONFIG, RunDir
-from dbench.registry import METHODS
+from dbench.registry import DATASETS, METHODS
 
 ONE_DEVICE = "bp@1"  # the whole model on one device
 
 
 def config(name: str, model: str, k: int, epochs: int, batch: int, split: str,
-           devices: list[str] | None = None) -> RunConfig:
+           devices: list[str] | None = None, dataset: str = RunConfig.dataset) -> RunConfig:
     if name == ONE_DEVICE:
-        return RunConfig(method="bp", model=model, gpus=1, epochs=epochs, batch_size=batch, sigma_every=0,
-                         devices=devices[:1] if devices else None)
+        return RunConfig(method="bp", model=model, dataset=dataset, gpus=1, epochs=epochs, batch_size=batch,
+                         sigma_every=0, devices=devices[:1] if devices else None)
     whole = METHODS.get(name).parallelism == DATA_PARALLEL  # every device holds the whole model: no cut
-    return RunConfig(method=name, model=model, gpus=k, epochs=epochs, batch_size=batch,
+    return RunConfig(method=name, model=model, dataset=dataset, gpus=k, epochs=epochs, batch_size=batch,
                      split="auto" if whole else split, engine="distributed", sigma_every=0, devices=devices)
 
 
@@ -65,6 +66,7 @@ def contenders(names: list[str], reference: str) -> list[str]:
 @click.command()
 @click.option("--model", default="resnet20", show_default=True)
 @click.option("--k", type=click.IntRange(min=2), default=2, show_default=True)
+@click.option("--dataset", default=RunConfig.dataset, show_default=True, help="Data set (see `dbench list`).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--split", default="time", show_default=True, help="Partition (time: balanced by profiling).")
@@ -76,8 +78,9 @@ def contenders(names: list[str], reference: str) -> list[str]:
                    "time-share the GPU (over gloo, messages staged through the host), so the table measures each "
                    "method's extra work and transport on that GPU, not a parallel speedup.")
 @click.option("--root", type=click.Path(path_type=Path), default=Path("results/speedup"), show_default=True)
-def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: str, devices: str | None,
-         rounds: int, root: Path) -> None:
+def main(model: str, k: int, dataset: str, epochs: int, batch_size: int, split: str, methods: str,
+         devices: str | None, rounds: int, root: Path) -> None:
+    DATASETS.get(dataset)  # an unknown name fails here, before the first run starts
     names = methods.split(",")
     placed = devices.split(",") if devices else None
     for name in names:
@@ -90,14 +93,15 @@ def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: 
     reference = references[0]
     everyone = contenders(names, reference)
     for name in everyone:  # every setting is checked before the first run starts
-        config(name, model, k, epochs, batch_size, split, placed).validate()
+        config(name, model, k, epochs, batch_size, split, placed, dataset).validate()
     rates: dict[str, list[float]] = {name: [] for name in everyone}
     balances: dict[str, list[float]] = {name: [] for name in everyone}
     last: dict[str, dict] = {}
     for r in range(rounds):
         for name in everyone:
-            cfg = config(name, model, k, epochs, batch_size, split, placed)
-            folder = root / f"r{r}" / f"{name}-{model}-k{cfg.gpus}-b{batch_size}-e{epochs}-{cfg.split}"
+            cfg = config(name, model, k, epochs, batch_size, split, placed, dataset)
+            data = "" if dataset == RunConfig.dataset else f"-{dataset}"  # the default's folders keep their names
+            folder = root / f"r{r}" / f"{name}-{model}{data}-k{cfg.gpus}-b{batch_size}-e{epochs}-{cfg.split}"
             last[name] = runner.completed(cfg, folder)
             rates[name].append(last[name]["samples_per_s"])
             # The cut's balance as timed at set-up (--split time): slowest module's step over the mean.
@@ -115,8 +119,8 @@ def main(model: str, k: int, epochs: int, batch_size: int, split: str, methods: 
     fastest = max(exact, key=lambda n: median[n]) if exact else None
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    click.echo(f"### Speedup, {model}, K={k}, batch {batch_size}, {split} partition, {rounds} interleaved round(s) "
-               f"({date.today().isoformat()})\n")
+    click.echo(f"### Speedup, {model}, {dataset}, K={k}, batch {batch_size}, {split} partition, {rounds} interleaved "
+               f"round(s) ({date.today().isoformat()})\n")
     click.echo(f"Machine: {usable_cpus()} cores ({cpu}, {platform.platform()})" + (f", {gpu}" if gpu else "")
                + f", torch {torch.__version__}. Distributed engine at K={k} (one process per module or replica"
                + (f", {max(1, usable_cpus() // k)} thread(s) each" if gpu is None else "")
