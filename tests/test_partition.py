@@ -357,7 +357,9 @@ def test_split_from_a_run_reuses_its_cut_bit_for_bit(tmp_path):
     ("other-k", ["--gpus", "3"], "that run cut resnet8 into 2 modules, but this run has K = 3"),
     ("empty-name", [], "name the run whose cut to reuse"),
 ])
-def test_split_from_refuses_in_one_line_and_writes_nothing(tmp_path, make_source, extra, message):
+def test_split_from_refuses_in_one_line_and_writes_nothing(tmp_path, make_source, extra, message, monkeypatch, capsys):
+    from conftest import run_cli
+
     import json
 
     source = tmp_path / "source"
@@ -370,10 +372,10 @@ def test_split_from_refuses_in_one_line_and_writes_nothing(tmp_path, make_source
         (source / "config.json").write_text(json.dumps({"run": {"model": model}, "partition": [[0, 2], [2, 5]]}))
     spec = "from:" if make_source == "empty-name" else f"from:{source}"
     out = tmp_path / "out"
-    done = _dbench("run", "--method", "fr", "--model", "resnet8", "--gpus", "2", *extra, "--split", spec,
-                   "--out", str(out), "--quiet")
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+    code, _, err = run_cli(["run", "--method", "fr", "--model", "resnet8", "--gpus", "2", *extra, "--split", spec,
+                            "--out", str(out), "--quiet"], monkeypatch, capsys)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_a_row_that_averages_runs_cut_differently_is_warned_of():

@@ -192,11 +192,13 @@ def test_a_traced_run_equals_an_untraced_one_and_projects(tmp_path):
     (["project", "{run}", "--devices", "8", "--replicas", "2"], "would be K=4 (another cut"),
     (["project", "{run}", "--replicas", "0"], "--replicas"),
 ])
-def test_bad_projection_input_is_one_line(args, message, tmp_path, traced_run):
-    done = subprocess.run([DBENCH, *[a.replace("{tmp}", str(tmp_path)).replace("{run}", str(traced_run))
-                                     for a in args]], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+def test_bad_projection_input_is_one_line(args, message, tmp_path, traced_run, monkeypatch, capsys):
+    from conftest import run_cli
+
+    code, _, err = run_cli([a.replace("{tmp}", str(tmp_path)).replace("{run}", str(traced_run)) for a in args],
+                           monkeypatch, capsys, cwd=tmp_path)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
