@@ -312,12 +312,10 @@ PATH_CASES = {
 
 @pytest.mark.parametrize("refusal", ["too-long", "link-loop"])
 @pytest.mark.parametrize("case", sorted(PATH_CASES))
-def test_every_user_path_the_os_refuses_is_one_line_exit_2(tmp_path, case, refusal):
+def test_every_user_path_the_os_refuses_is_one_line_exit_2(tmp_path, case, refusal, monkeypatch, capsys):
     """Every path a user gives, × every way the OS refuses to look one up (a name longer than the file
     system takes; a loop of symbolic links): one line, exit 2, no traceback, nothing written."""
     import os
-    import subprocess
-    import sys
 
     work = tmp_path / "work"
     work.mkdir()
@@ -329,9 +327,8 @@ def test_every_user_path_the_os_refuses_is_one_line_exit_2(tmp_path, case, refus
         bad = work / "a" / "inside"
     before = sorted(p.name for p in work.iterdir())
     args = [a.replace("{p}", str(bad)).replace("{tmp}", str(tmp_path)) for a in PATH_CASES[case]]
-    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dbench"), *args], capture_output=True,
-                          text=True, timeout=300, cwd=work)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    code, _, err = run_cli(args, monkeypatch, capsys, cwd=work)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
     assert sorted(p.name for p in work.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
