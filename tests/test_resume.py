@@ -188,21 +188,20 @@ WRONG_SHAPES = {
 
 
 @pytest.mark.parametrize("case", sorted(WRONG_SHAPES))
-def test_resuming_a_run_file_of_the_wrong_shape_is_one_line_and_changes_nothing(stopped_run, tmp_path, case):
-    import os
+def test_resuming_a_run_file_of_the_wrong_shape_is_one_line_and_changes_nothing(stopped_run, tmp_path, case,
+                                                                                  monkeypatch, capsys):
     import shutil
-    import subprocess
-    import sys
+
+    from conftest import run_cli
 
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
     damage, message = WRONG_SHAPES[case]
     damage(run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dbench"), "run", "--resume", str(run)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    code, _, err = run_cli(["run", "--resume", str(run)], monkeypatch, capsys)
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 

@@ -294,7 +294,7 @@ def test_resuming_a_diverged_run_is_refused_and_leaves_it_untouched(tmp_path):
     'datasets = ["cifar10"]\ndata_dir = "{tmp}"',  # a folder that exists but does not hold the data set
     'datasets = ["text"]\ndata_dir = "{tmp}/no-such-file.txt"',
 ])
-def test_a_suite_refused_for_a_later_grid_writes_nothing(tmp_path, grid):
+def test_a_suite_refused_for_a_later_grid_writes_nothing(tmp_path, grid, monkeypatch, capsys):
     """The first grid is fine; the second names data the loader could not find: the suite is refused in one
     line before its first run starts, and nothing is written under results/."""
     text = TINY.format(lr=0.05) + "\n[[suite.tiny.grid]]\nmethods = [\"bp\"]\nmodels = [\"resnet8\"]\n" \
@@ -302,7 +302,7 @@ def test_a_suite_refused_for_a_later_grid_writes_nothing(tmp_path, grid):
     if '"text"' in grid:
         text = text.replace('models = ["resnet8"]', 'models = ["gpt-nano"]')
     write(tmp_path, text)
-    done = subprocess.run([DBENCH, "suite", "tiny"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert "data" in done.stderr and "run bp-" in done.stderr
+    code, _, err = run_cli(["suite", "tiny"], monkeypatch, capsys, cwd=tmp_path)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "data" in err and "run bp-" in err
     assert not (tmp_path / "results").exists()
