@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 import sys
 import typing
 from pathlib import Path
@@ -120,7 +119,9 @@ def _start_fork_server(engine: str) -> None:
     two imports overlap on two cores instead of running one after the other: about 3 s less per run on the
     2-core machine. Not under torchrun, where this process is one of the workers and starts none, nor for
     ``auto``, which is decided after the imports (the launcher starts the server then, as it needs it)."""
-    if engine == "distributed" and "TORCHELASTIC_RUN_ID" not in os.environ:  # placement.under_torchrun's test
+    from dbench import placement  # torch-free until a device is read
+
+    if engine == "distributed" and not placement.under_torchrun():
         from dbench.engine import forkserver
 
         forkserver.start("dbench.run")  # the module of run.train_rank, what the workers run

@@ -1,21 +1,26 @@
 """Where a run's processes go: the placement policy the planner, the runner and the launcher share.
 
-A leaf module (torch and ``dbench.cpus`` only), so that planning a run does not import the launcher.
+A leaf module (``dbench.cpus`` only, and torch once a device is read), so that planning a run does not import
+the launcher, and the CLI can ask ``under_torchrun`` before it imports torch.
 """
 from __future__ import annotations
 
 import os
 
-import torch
-
 from dbench.cpus import module_shares, usable_cpus
+
+
+def _on_the_cpu(devices: list) -> bool:
+    import torch  # here, not at the top: see the module's docstring
+
+    return all(torch.device(d).type == "cpu" for d in devices)
 
 
 def worker_threads(devices: list) -> int | None:
     """Torch threads of each worker process when every module is on the CPU: the CPUs of its share; where
     there are no shares (fewer CPUs than modules, or no affinity mask to read, as on macOS) the CPUs split
     evenly, at least one each. Else None (as is)."""
-    if all(torch.device(d).type == "cpu" for d in devices):
+    if _on_the_cpu(devices):
         shares = worker_cpus(devices)
         return min(len(share) for share in shares) if shares else max(1, usable_cpus() // len(devices))
     return None
@@ -25,7 +30,7 @@ def worker_cpus(devices: list) -> list[list[int]] | None:
     """The CPUs each worker process is pinned to: a share of this process's affinity mask per module when
     every module is on the CPU and there are CPUs enough (``dbench.cpus.module_shares``), else None (as is).
     Module k on device k: on the CPU, a module's device is its share of the cores."""
-    if all(torch.device(d).type == "cpu" for d in devices):
+    if _on_the_cpu(devices):
         return module_shares(len(devices))
     return None
 

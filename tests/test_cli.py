@@ -223,5 +223,6 @@ def test_the_fork_server_started_early_is_the_one_the_launcher_uses(monkeypatch)
     cli._start_fork_server("auto")
     assert started == [run.train_rank.__module__]
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # a torchrun worker starts no processes
+    monkeypatch.setenv("RANK", "0")
     cli._start_fork_server("distributed")
     assert len(started) == 1

@@ -82,6 +82,7 @@ NUM_TEST = 2_000
 SMALL_NAME = "synthetic-small"
 SMALL_TRAIN = 2_000
 SMALL_TEST = 400
+SIZES = {NAME: (NUM_TRAIN, NUM_TEST), SMALL_NAME: (SMALL_TRAIN, SMALL_TEST)}  # (train, test) of each set
 SEED = 20240607  # fixed: the data set is part of the benchmark definition
 SIZE = 32
 
@@ -322,9 +323,6 @@ def _digest(tensors: list[torch.Tensor]) -> str:
     for t in tensors:
         h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-SIZES = {NAME: (NUM_TRAIN, NUM_TEST), SMALL_NAME: (SMALL_TRAIN, SMALL_TEST)}
 
 
 def _load(name: str, data_dir: Path | None, download: bool) -> DataSplits:
