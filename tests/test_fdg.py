@@ -248,7 +248,9 @@ def synthetic_once():
 def quick_data(synthetic_once, monkeypatch):
     from dbench.data import synthetic
 
-    monkeypatch.setattr(synthetic, "generate", lambda: synthetic_once)
+    real = synthetic.generate
+    monkeypatch.setattr(synthetic, "generate",
+                        lambda name=synthetic.NAME: synthetic_once if name == synthetic.NAME else real(name))
 
 
 def test_cli_run(quick_data, tmp_path, monkeypatch, capsys):
