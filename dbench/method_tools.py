@@ -144,6 +144,15 @@ class QueuedLabels:
                                f"scoring batch {batch}")
         return labels, weight
 
+    def arrive(self, t: int, y: torch.Tensor, weight: float, delay: int) -> tuple[int, torch.Tensor, float] | None:
+        """Queue iteration ``t``'s labels; return (batch, labels, shard weight) of the batch the top module scores
+        now, ``delay`` (K-1) iterations back, or None while no batch has reached it yet."""
+        self.push(t, y, weight)
+        batch = t - delay
+        if batch < 0:
+            return None
+        return (batch, *self.pop(batch, t))
+
     def tensors(self) -> list[torch.Tensor]:
         return [labels for _, labels, _ in self.queue]
 

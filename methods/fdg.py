@@ -132,11 +132,10 @@ class FullyDecoupled(Stage):
 
     def _top(self, t, x, y) -> StepProgram:
         """The top module scores batch t-(K-1), whose labels arrived K-1 iterations ago."""
-        self.labels.push(t, y, self.shard_weight)
-        batch = t - (self.num_stages - 1)
-        if batch < 0:
+        due = self.labels.arrive(t, y, self.shard_weight, self.num_stages - 1)
+        if due is None:
             return None  # nothing has reached the top module yet
-        labels, weight = self.labels.pop(batch, t)
+        batch, labels, weight = due
         # Its messages tagged with the batch, as every other; its loss weighted as that batch's shard.
         out = yield from self.top_step(batch, x, labels, weight=weight)
         return dataclasses.replace(out, labels=labels)
